@@ -1,0 +1,99 @@
+"""The model's parameters and loss hyperparameters, shared by the SGD and WALS solvers.
+
+The objective both solvers minimise (see README, "The objective"):
+
+    L = Σ_obs w_ij (a_ij − p_ij)²  +  w0 Σ_unobs p_ij²
+        + Σ_i λ_i ‖u_i‖² + Σ_j λ_j ‖v_j‖²  [+ λ_b (Σ_i n_i b_i² + Σ_j m_j c_j²)]
+
+explicit: p_ij = μ + b_i + c_j + ⟨u_i, v_j⟩, w0 = 0, w_ij = the event's weight (default 1)
+implicit: p_ij = ⟨u_i, v_j⟩, a_ij = 1, w_ij = 1 + α·s_ij (s_ij: accumulated strength), w0 > 0
+
+The model's row regularisation is "weighted-λ" (ALS-WR): λ_i = λ·n_i with n_i the number of observed
+entries in row i (m_j for item columns). That is exactly the sum of a constant per-observation L2 term,
+which is what a per-event SGD step applies, so both solvers descend one loss. The kernels take λ_i as a
+per-row vector, so a plain constant λ (as in other ALS libraries) is just another vector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Mode = Literal["explicit", "implicit"]
+DTYPE = np.float32
+
+
+@dataclass(frozen=True)
+class LossParams:
+    mode: Mode
+    reg: float = 0.05
+    reg_bias: float = 0.01
+    alpha: float = 10.0
+    w0: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("explicit", "implicit"):
+            raise ValueError(f"mode must be 'explicit' or 'implicit', got {self.mode!r}")
+        for name in ("reg", "reg_bias", "alpha", "w0"):
+            value = getattr(self, name)
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+
+    @property
+    def unobserved_weight(self) -> float:
+        """w0 of the objective: zero in explicit mode (unobserved entries are unknown, not zero)."""
+        return self.w0 if self.mode == "implicit" else 0.0
+
+    def confidence(self, strength: np.ndarray) -> np.ndarray:
+        """Implicit-mode observation weight w_ij = 1 + α·s_ij."""
+        return (1.0 + self.alpha * np.asarray(strength, dtype=np.float64)).astype(DTYPE)
+
+
+@dataclass
+class Factors:
+    """Dense factor matrices of one model version (rows indexed by the caller's id maps)."""
+
+    user: np.ndarray  # (n_users, k) float32
+    item: np.ndarray  # (n_items, k) float32
+    user_bias: np.ndarray  # (n_users,) float32, zeros in implicit mode
+    item_bias: np.ndarray  # (n_items,) float32, zeros in implicit mode
+    global_mean: float = 0.0
+
+    @property
+    def k(self) -> int:
+        return int(self.user.shape[1])
+
+    def copy(self) -> Factors:
+        return Factors(
+            self.user.copy(), self.item.copy(), self.user_bias.copy(), self.item_bias.copy(), self.global_mean
+        )
+
+    def check_finite(self) -> None:
+        """Refuse to publish NaN/inf factors (a diverged solve must never reach readers)."""
+        for name in ("user", "item", "user_bias", "item_bias"):
+            if not np.all(np.isfinite(getattr(self, name))):
+                raise NonFiniteFactorsError(f"{name} factors contain NaN or inf")
+        if not np.isfinite(self.global_mean):
+            raise NonFiniteFactorsError("global mean is NaN or inf")
+
+
+class NonFiniteFactorsError(ArithmeticError):
+    """A solver produced NaN or inf; nothing derived from it may be stored."""
+
+
+def init_rows(ids: list[str] | np.ndarray, k: int, std: float, seed: int, side: str) -> np.ndarray:
+    """Deterministic initial rows, one per id, independent of arrival order and of which process asks.
+
+    Seeded from (seed, side, id) so the daemon, `evaluate` and every replica create the same row for the
+    same new user or item.
+    """
+    import hashlib
+
+    out = np.empty((len(ids), k), dtype=DTYPE)
+    for row, ident in enumerate(ids):
+        digest = hashlib.blake2b(f"{seed}:{side}:{ident}".encode(), digest_size=8).digest()
+        rng = np.random.default_rng(int.from_bytes(digest, "little"))
+        out[row] = rng.normal(0.0, std, size=k)
+    return out

@@ -1,0 +1,198 @@
+"""One batch of events through the model: read state → SGD step → atomic apply (retry on a version flip).
+
+Used by the daemon (Redis store) and by `streammf evaluate` (in-memory store): the same code path, so the
+two produce the same factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from streammf.events import Event
+from streammf.factors import DTYPE, LossParams, init_rows
+from streammf.sgd import SgdBatch, SgdParams, sgd_step
+from streammf.store import ApplyOutcome, BatchState, BatchUpdate, FactorStore
+
+
+@dataclass(frozen=True)
+class LearnerParams:
+    sgd: SgdParams
+    init_std: float = 0.05
+    seed: int = 42
+
+    @property
+    def loss(self) -> LossParams:
+        return self.sgd.loss
+
+
+@dataclass(frozen=True)
+class StepResult:
+    outcome: ApplyOutcome
+    predictions: np.ndarray  # p before each event's step (prequential)
+    errors: np.ndarray  # explicit: value − p; implicit: 1 − p
+    version: int
+
+
+class VersionChurnError(RuntimeError):
+    """The model version kept changing under a batch; the caller backs off and retries."""
+
+
+class Learner:
+    def __init__(self, store: FactorStore, params: LearnerParams, max_version_retries: int = 5) -> None:
+        self.store = store
+        self.params = params
+        self.k = store.meta().k
+        self.max_version_retries = max_version_retries
+
+    def learn(self, events: Sequence[Event], offsets: dict[int, tuple[int, int]]) -> StepResult:
+        """Apply `events` (already validated, in partition order) covering `offsets` exactly once."""
+        plan = _BatchPlan.of(events)
+        for _ in range(self.max_version_retries):
+            state = self.store.read_batch_state(plan.users, plan.items, plan.pairs)
+            update, predictions = self.compute(plan, state, offsets)
+            outcome = self.store.apply(update)
+            if outcome is not ApplyOutcome.STALE_VERSION:
+                targets = plan.values if self.params.loss.mode == "explicit" else np.ones(len(predictions))
+                return StepResult(outcome, predictions, targets - predictions, state.version)
+        raise VersionChurnError(f"model version changed {self.max_version_retries} times during one batch")
+
+    def compute(
+        self, plan: _BatchPlan, state: BatchState, offsets: dict[int, tuple[int, int]]
+    ) -> tuple[BatchUpdate, np.ndarray]:
+        """Pure: the update one batch produces from `state` (no store calls)."""
+        implicit = self.params.loss.mode == "implicit"
+        user_rows = _with_initial_rows(state.user_rows, state.user_present, plan.users, self.params, "user")
+        item_base = _with_initial_rows(state.item_rows, state.item_present, plan.items, self.params, "item")
+        item_rows = item_base.copy()
+        user_bias = state.user_bias.copy()
+        item_bias = state.item_bias.copy()
+        user_counts = state.user_counts.copy()
+        item_counts = state.item_counts.copy()
+        k = self.k
+        item_gram = np.zeros((k, k)) if state.item_gramian is None else state.item_gramian.copy()
+        user_gram = np.zeros((k, k)) if state.user_gramian is None else state.user_gramian.copy()
+        if implicit:
+            # Rows entering the model enter the Gramians too (they take part in the unobserved term).
+            fresh_users = user_rows[~state.user_present].astype(np.float64)
+            fresh_items = item_base[~state.item_present].astype(np.float64)
+            user_gram += fresh_users.T @ fresh_users
+            item_gram += fresh_items.T @ fresh_items
+
+        new_pair = plan.first_of_pair & np.isnan(state.pair_values[plan.event_pair])
+        batch = SgdBatch(
+            user_rows=user_rows,
+            user_bias=user_bias,
+            user_counts=user_counts,
+            item_rows=item_rows,
+            item_bias=item_bias,
+            item_counts=item_counts,
+            event_user=plan.event_user,
+            event_item=plan.event_item,
+            event_value=plan.values,
+            event_weight=plan.weights,
+            event_new_pair=new_pair,
+            value_sum=state.value_sum,
+            value_count=state.value_count,
+            item_gramian=item_gram,
+            user_gramian=user_gram,
+        )
+        predictions, value_sum, value_count = sgd_step(batch, self.params.sgd)
+
+        if implicit:
+            pair_values = np.bincount(plan.event_pair, plan.values * plan.weights, minlength=len(plan.pairs))
+        else:
+            pair_values = plan.values[plan.last_event_of_pair]
+        update = BatchUpdate(
+            version=state.version,
+            offsets=dict(offsets),
+            users=plan.users,
+            user_rows=user_rows,
+            user_bias=user_bias,
+            items=plan.items,
+            item_base=item_base,
+            item_delta=item_rows.astype(np.float64) - item_base.astype(np.float64),
+            item_bias_delta=item_bias.astype(np.float64) - state.item_bias.astype(np.float64),
+            item_count_delta=item_counts - state.item_counts,
+            pair_users=[plan.users[plan.pair_user[p]] for p in range(len(plan.pairs))],
+            pair_items=[plan.items[plan.pair_item[p]] for p in range(len(plan.pairs))],
+            pair_values=pair_values.astype(np.float64),
+            value_sum_delta=value_sum - state.value_sum,
+            value_count_delta=value_count - state.value_count,
+            events_applied=len(plan.values),
+            item_gramian_delta=item_gram - _or_zero(state.item_gramian, k) if implicit else None,
+            user_gramian_delta=user_gram - _or_zero(state.user_gramian, k) if implicit else None,
+        )
+        return update, predictions
+
+
+def _or_zero(gram: np.ndarray | None, k: int) -> np.ndarray:
+    return np.zeros((k, k)) if gram is None else gram
+
+
+def _with_initial_rows(
+    rows: np.ndarray, present: np.ndarray, ids: list[str], params: LearnerParams, side: str
+) -> np.ndarray:
+    out = rows.astype(DTYPE, copy=True)
+    absent = np.flatnonzero(~present)
+    if len(absent):
+        out[absent] = init_rows([ids[i] for i in absent], out.shape[1], params.init_std, params.seed, side)
+    return out
+
+
+@dataclass(frozen=True)
+class _BatchPlan:
+    """A batch's events as local indices: unique users, items and (user, item) pairs in first-seen order."""
+
+    users: list[str]
+    items: list[str]
+    pairs: list[tuple[str, str]]
+    event_user: np.ndarray
+    event_item: np.ndarray
+    event_pair: np.ndarray
+    pair_user: np.ndarray
+    pair_item: np.ndarray
+    first_of_pair: np.ndarray  # the event is its pair's first in the batch
+    last_event_of_pair: np.ndarray  # (n_pairs,) index of each pair's last event
+    values: np.ndarray
+    weights: np.ndarray
+
+    @classmethod
+    def of(cls, events: Sequence[Event]) -> _BatchPlan:
+        user_index: dict[str, int] = {}
+        item_index: dict[str, int] = {}
+        pair_index: dict[tuple[str, str], int] = {}
+        n = len(events)
+        ev_user = np.empty(n, dtype=np.int64)
+        ev_item = np.empty(n, dtype=np.int64)
+        ev_pair = np.empty(n, dtype=np.int64)
+        first = np.zeros(n, dtype=bool)
+        last_of_pair: list[int] = []
+        for t, event in enumerate(events):
+            ev_user[t] = user_index.setdefault(event.user_id, len(user_index))
+            ev_item[t] = item_index.setdefault(event.item_id, len(item_index))
+            key = (event.user_id, event.item_id)
+            pair = pair_index.get(key)
+            if pair is None:
+                pair = pair_index[key] = len(pair_index)
+                first[t] = True
+                last_of_pair.append(t)
+            ev_pair[t] = pair
+            last_of_pair[pair] = t
+        pairs = list(pair_index)
+        return cls(
+            users=list(user_index),
+            items=list(item_index),
+            pairs=pairs,
+            event_user=ev_user,
+            event_item=ev_item,
+            event_pair=ev_pair,
+            pair_user=np.array([user_index[u] for u, _ in pairs], dtype=np.int64),
+            pair_item=np.array([item_index[i] for _, i in pairs], dtype=np.int64),
+            first_of_pair=first,
+            last_event_of_pair=np.array(last_of_pair, dtype=np.int64),
+            values=np.array([e.value for e in events], dtype=np.float64),
+            weights=np.array([e.weight for e in events], dtype=np.float64),
+        )

@@ -1,0 +1,200 @@
+"""Online SGD on the weighted-MF objective (see `streammf.factors`), one event at a time, in order.
+
+Each event's step descends the change in L that the event causes, evaluated at the current factors
+("increment rule"), plus its share of the implicit-mode unobserved term:
+
+explicit, prediction p = μ + b_u + c_i + ⟨u, v⟩, error e = a − p, event weight w:
+    ℓ = w·e²  [+ λ(‖u‖² + ‖v‖²) + λ_b(b_u² + c_i²)  when the (u, i) pair is new: the pair adds one observed
+               entry, so n_u and m_i grow by one and weighted-λ regularisation grows by exactly that]
+implicit, p = ⟨u, v⟩, target 1, strength added s (value × weight):
+    new pair: ℓ = (1 + α·s)(1 − p)² − w0·p² + λ(‖u‖² + ‖v‖²)   (entry moves from unobserved to observed)
+    old pair: ℓ = α·s·(1 − p)²                                  (its confidence grows by α·s)
+    gravity:  + (w0/n_u)·uᵀ G_V u + (w0/m_i)·vᵀ G_U v
+The gravity share spreads the unobserved term w0·Σ_u uᵀG_V u (and its item-side twin) over a row's events,
+so a pass over the data applies it once per row; it is never computed by densifying or sampling negatives.
+G_V = VᵀV and G_U = UᵀU are kept current by exact rank-one updates after every step
+(G += v'v'ᵀ − vvᵀ) inside the kernel, stored as deltas, and recomputed exactly at every WALS refresh.
+
+The step is the gradient halved (absorbed into the learning rate): x ← x − η·½∇ℓ. The global mean μ is
+the running mean of all values seen before the event.
+
+Events run strictly in order, so a batch gives the same result as applying its events one by one, whatever
+the batch boundaries: the daemon and `streammf evaluate` agree exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from streammf.factors import DTYPE, LossParams
+
+
+@dataclass(frozen=True)
+class SgdParams:
+    loss: LossParams
+    learning_rate: float = 0.01
+    bias_learning_rate: float = 0.04
+    bias_damping: float = 5.0  # β in the bias step η_b + 1/(n + β)
+
+
+@dataclass
+class SgdBatch:
+    """Local rows of one batch (indexed 0..n-1) and its events, which refer to those rows.
+
+    The kernel updates the arrays in place; `predictions` receives p before each event's step.
+    """
+
+    user_rows: np.ndarray  # (n_users, k) float32
+    user_bias: np.ndarray  # (n_users,) float32
+    user_counts: np.ndarray  # (n_users,) int64, n_u before the batch
+    item_rows: np.ndarray  # (n_items, k) float32
+    item_bias: np.ndarray  # (n_items,) float32
+    item_counts: np.ndarray  # (n_items,) int64
+    event_user: np.ndarray  # (n_events,) int64 local row
+    event_item: np.ndarray  # (n_events,) int64 local row
+    event_value: np.ndarray  # (n_events,) float64: rating or strength
+    event_weight: np.ndarray  # (n_events,) float64
+    event_new_pair: np.ndarray  # (n_events,) bool: first observation of (user, item) ever
+    value_sum: float  # running sums for μ, before the batch
+    value_count: int
+    item_gramian: np.ndarray  # (k, k) float64 (unused in explicit mode)
+    user_gramian: np.ndarray  # (k, k) float64
+
+
+def sgd_step(batch: SgdBatch, params: SgdParams) -> tuple[np.ndarray, float, int]:
+    """Run the batch's events in order. Returns (predictions before each step, value_sum, value_count)."""
+    predictions = np.empty(len(batch.event_user), dtype=np.float64)
+    loss = params.loss
+    value_sum, value_count = _sgd_kernel(
+        batch.user_rows,
+        batch.user_bias,
+        batch.user_counts,
+        batch.item_rows,
+        batch.item_bias,
+        batch.item_counts,
+        batch.event_user,
+        batch.event_item,
+        batch.event_value,
+        batch.event_weight,
+        batch.event_new_pair,
+        float(batch.value_sum),
+        int(batch.value_count),
+        batch.item_gramian,
+        batch.user_gramian,
+        loss.mode == "explicit",
+        params.learning_rate,
+        params.bias_learning_rate,
+        params.bias_damping,
+        loss.reg,
+        loss.reg_bias,
+        loss.alpha,
+        loss.w0,
+        predictions,
+    )
+    return predictions, value_sum, value_count
+
+
+@njit(cache=True)
+def _sgd_kernel(
+    U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_val, ev_w, ev_new, value_sum, value_count,
+    G_V, G_U, explicit, lr, lr_b, bias_damping, reg, reg_b, alpha, w0, predictions,
+):  # fmt: skip
+    k = U.shape[1]
+    u_old = np.empty(k, dtype=np.float64)
+    v_old = np.empty(k, dtype=np.float64)
+    for t in range(ev_u.shape[0]):
+        a = ev_u[t]
+        b = ev_i[t]
+        new = ev_new[t]
+        if new:
+            n_u[a] += 1
+            m_i[b] += 1
+        reg_on = 1.0 if new else 0.0
+        dot = 0.0
+        for f in range(k):
+            u_old[f] = U[a, f]
+            v_old[f] = V[b, f]
+            dot += u_old[f] * v_old[f]
+        if explicit:
+            mu = value_sum / value_count if value_count > 0 else 0.0
+            p = mu + bu[a] + bv[b] + dot
+            predictions[t] = p
+            # ½ dℓ/dp = −w·e
+            g = -ev_w[t] * (ev_val[t] - p)
+            # Bias step η_b + 1/(n + β): a damped running mean of the residuals while a row is young,
+            # a constant-rate tracker once it is old (ratings drift).
+            step_u = lr_b + 1.0 / (n_u[a] + bias_damping)
+            step_i = lr_b + 1.0 / (m_i[b] + bias_damping)
+            bu_old = bu[a]
+            bu[a] = bu_old - step_u * (g + reg_on * reg_b * bu_old)
+            bv[b] = bv[b] - step_i * (g + reg_on * reg_b * bv[b])
+            for f in range(k):
+                U[a, f] = u_old[f] - lr * (g * v_old[f] + reg_on * reg * u_old[f])
+                V[b, f] = v_old[f] - lr * (g * u_old[f] + reg_on * reg * v_old[f])
+        else:
+            p = dot
+            predictions[t] = p
+            s = ev_val[t] * ev_w[t]
+            g = -(1.0 + alpha * s) * (1.0 - p) - w0 * p if new else -alpha * s * (1.0 - p)
+            gu = w0 / n_u[a] if n_u[a] > 0 else w0
+            gv = w0 / m_i[b] if m_i[b] > 0 else w0
+            for f in range(k):
+                grav_u = 0.0
+                grav_v = 0.0
+                for h in range(k):
+                    grav_u += G_V[f, h] * u_old[h]
+                    grav_v += G_U[f, h] * v_old[h]
+                U[a, f] = u_old[f] - lr * (g * v_old[f] + reg_on * reg * u_old[f] + gu * grav_u)
+                V[b, f] = v_old[f] - lr * (g * u_old[f] + reg_on * reg * v_old[f] + gv * grav_v)
+            # Keep the Gramians exact: swap the old rows' outer products for the new (float32-rounded) ones.
+            for f in range(k):
+                for h in range(k):
+                    G_V[f, h] += np.float64(V[b, f]) * V[b, h] - v_old[f] * v_old[h]
+                    G_U[f, h] += np.float64(U[a, f]) * U[a, h] - u_old[f] * u_old[h]
+        value_sum += ev_val[t]
+        value_count += 1
+    return value_sum, value_count
+
+
+def event_loss_reference(
+    u: np.ndarray,
+    v: np.ndarray,
+    bu: float,
+    bv: float,
+    value: float,
+    weight: float,
+    new_pair: bool,
+    mu: float,
+    n_u: int,
+    m_i: int,
+    item_gramian: np.ndarray,
+    user_gramian: np.ndarray,
+    params: LossParams,
+) -> float:
+    """ℓ of one event (the function the kernel's step descends), in plain numpy for gradient checks.
+
+    n_u and m_i are the counts *including* this event's pair.
+    """
+    reg_on = 1.0 if new_pair else 0.0
+    if params.mode == "explicit":
+        p = mu + bu + bv + float(u @ v)
+        return (
+            weight * (value - p) ** 2
+            + reg_on * params.reg * (u @ u + v @ v)
+            + reg_on * params.reg_bias * (bu * bu + bv * bv)
+        )
+    p = float(u @ v)
+    s = value * weight
+    data = (
+        (1 + params.alpha * s) * (1 - p) ** 2 - params.w0 * p * p
+        if new_pair
+        else params.alpha * s * (1 - p) ** 2
+    )
+    gravity = params.w0 / n_u * (u @ item_gramian @ u) + params.w0 / m_i * (v @ user_gramian @ v)
+    return data + reg_on * params.reg * (u @ u + v @ v) + gravity
+
+
+__all__ = ["DTYPE", "SgdBatch", "SgdParams", "event_loss_reference", "sgd_step"]

@@ -2,15 +2,68 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import click
 
 from streammf import __version__
+from streammf.config import ModelSettings, Settings
+from streammf.factors import LossParams
+from streammf.learner import LearnerParams
+from streammf.sgd import SgdParams
+
+
+def learner_params(model: ModelSettings) -> LearnerParams:
+    loss = LossParams(mode=model.mode, reg=model.reg, reg_bias=model.reg_bias, alpha=model.alpha, w0=model.w0)
+    sgd = SgdParams(loss, model.learning_rate, model.bias_learning_rate, model.bias_damping)
+    return LearnerParams(sgd, init_std=model.init_std, seed=model.seed)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="streammf")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """streammf: a streaming online matrix-factorisation recommender (Kafka -> SGD -> Redis, WALS refresh)."""
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    ctx.obj = settings
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--mode", type=click.Choice(["explicit", "implicit"]), help="Overrides STREAMMF_MODEL__MODE.")
+@click.option("--factors", "-k", type=int, help="Overrides STREAMMF_MODEL__FACTORS.")
+@click.option("--batch-size", type=int, default=500, show_default=True)
+@click.option("--refresh-every", type=int, default=0, show_default=True, help="WALS refresh every N events.")
+@click.option("--refresh-iterations", type=int, default=None, help="Default: STREAMMF_REFRESH__ITERATIONS.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.pass_obj
+def evaluate(
+    settings: Settings,
+    file: Path,
+    mode: str | None,
+    factors: int | None,
+    batch_size: int,
+    refresh_every: int,
+    refresh_iterations: int | None,
+    progress: bool,
+) -> None:
+    """Prequential evaluation of a rating log (MovieLens u.data, ratings.dat, ratings.csv): every event is
+    predicted, then learned, through the daemon's own update code on an in-memory store."""
+    from streammf.evaluate import evaluate as run_evaluation
+    from streammf.ratings import load_ratings
+    from streammf.store import MemoryStore
+
+    overrides = {key: value for key, value in {"mode": mode, "factors": factors}.items() if value is not None}
+    model = settings.model.model_copy(update=overrides)
+    params = learner_params(model)
+    log = load_ratings(file)
+    store = MemoryStore(model.name, model.mode, model.factors)
+    iterations = refresh_iterations if refresh_iterations is not None else settings.refresh.iterations
+    report = run_evaluation(log, store, params, batch_size, refresh_every, iterations, progress)
+    for line in report.lines():
+        click.echo(line)
 
 
 def main() -> None:

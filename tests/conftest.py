@@ -1,0 +1,251 @@
+"""Shared pytest fixtures: a real Kafka broker and Redis server for the integration tests.
+
+Endpoints, in this order:
+  1. env STREAMMF_TEST_KAFKA_BOOTSTRAP / STREAMMF_TEST_REDIS_URL (set by `eval "$(deploy/local/stack up)"`);
+  2. testcontainers, when a Docker engine answers;
+  3. otherwise the test fails (never skips) and says how to start the local stack.
+
+Every test under tests/integration/ is marked `integration`, so `pytest -m "not integration"` runs the
+unit tests alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import redis
+
+if TYPE_CHECKING:  # imported lazily below, after pytest_configure has silenced its import-time warnings
+    from kafka import KafkaAdminClient
+
+KAFKA_ENV = "STREAMMF_TEST_KAFKA_BOOTSTRAP"
+REDIS_ENV = "STREAMMF_TEST_REDIS_URL"
+KAFKA_IMAGE = "apache/kafka:4.1.1"
+REDIS_IMAGE = "redis:7"
+START_HINT = (
+    'start the local stack first: eval "$(deploy/local/stack up)" '
+    "(or run the whole suite with: bash deploy/local/test)"
+)
+
+_INTEGRATION_DIR = Path(__file__).parent / "integration"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # kafka-python 3.0 loads its protocol schemas with deprecated importlib.resources calls: ~200 warnings
+    # per run that are not ours to fix.
+    for message in ("read_text is deprecated", "open_text is deprecated"):
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:DeprecationWarning")
+
+
+@pytest.hookimpl(tryfirst=True)  # before the mark plugin applies -m "not integration"
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _INTEGRATION_DIR in item.path.parents:
+            item.add_marker(pytest.mark.integration)
+
+
+# ------------------------------------------------------------------------------------------- endpoints
+
+
+def _docker_available() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+def _kafka_container(stack: contextlib.ExitStack) -> str:
+    """apache/kafka in KRaft mode. testcontainers' KafkaContainer only drives Confluent images, so a
+    generic container: the advertised listener must name the host port, hence a fixed free port."""
+    import socket
+
+    from testcontainers.core.container import DockerContainer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    container = (
+        DockerContainer(KAFKA_IMAGE)
+        .with_bind_ports(9092, port)
+        .with_envs(
+            KAFKA_NODE_ID="1",
+            KAFKA_PROCESS_ROLES="broker,controller",
+            KAFKA_LISTENERS="PLAINTEXT://:9092,CONTROLLER://:9093",
+            KAFKA_ADVERTISED_LISTENERS=f"PLAINTEXT://localhost:{port}",
+            KAFKA_CONTROLLER_LISTENER_NAMES="CONTROLLER",
+            KAFKA_LISTENER_SECURITY_PROTOCOL_MAP="CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            KAFKA_CONTROLLER_QUORUM_VOTERS="1@localhost:9093",
+            KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR="1",
+            KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR="1",
+            KAFKA_TRANSACTION_STATE_LOG_MIN_ISR="1",
+            KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR="1",
+            KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR="1",
+            KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS="0",
+            KAFKA_NUM_PARTITIONS="1",
+        )
+    )
+    try:  # testcontainers >= 4.13 wait strategies; older versions poll the logs after start
+        from testcontainers.core.wait_strategies import LogMessageWaitStrategy
+
+        container.waiting_for(LogMessageWaitStrategy("Kafka Server started").with_startup_timeout(120))
+        stack.enter_context(container)
+    except ImportError:
+        from testcontainers.core.waiting_utils import wait_for_logs
+
+        stack.enter_context(container)
+        wait_for_logs(container, "Kafka Server started", timeout=120)
+    return f"localhost:{port}"
+
+
+def _redis_container(stack: contextlib.ExitStack) -> str:
+    try:
+        from testcontainers.community.redis import RedisContainer
+    except ImportError:  # testcontainers < 4.14
+        from testcontainers.redis import RedisContainer
+
+    container = stack.enter_context(RedisContainer(REDIS_IMAGE))
+    return f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0"
+
+
+def _check_kafka(bootstrap: str, timeout_s: float = 20.0) -> None:
+    from kafka import KafkaAdminClient
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, bootstrap_timeout_ms=5000)
+            try:
+                admin.list_topics()
+                return
+            finally:
+                admin.close()
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"Kafka at {bootstrap} does not answer a metadata request ({exc!r}); {START_HINT}"
+                )
+            time.sleep(1)
+
+
+def _check_redis(url: str) -> None:
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis at {url} does not answer PING ({exc!r}); {START_HINT}")
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def _endpoints() -> Iterator[tuple[str, str]]:
+    kafka_env, redis_env = os.environ.get(KAFKA_ENV), os.environ.get(REDIS_ENV)
+    with contextlib.ExitStack() as stack:
+        if kafka_env and redis_env:
+            bootstrap, url = kafka_env, redis_env
+        elif _docker_available():
+            bootstrap = kafka_env or _kafka_container(stack)
+            url = redis_env or _redis_container(stack)
+        else:
+            missing = " and ".join(n for n, v in ((KAFKA_ENV, kafka_env), (REDIS_ENV, redis_env)) if not v)
+            pytest.fail(
+                f"integration tests need a real Kafka and Redis: {missing} not set and no Docker engine; "
+                f"{START_HINT}"
+            )
+        _check_kafka(bootstrap)
+        _check_redis(url)
+        yield bootstrap, url
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(_endpoints: tuple[str, str]) -> str:
+    """host:port of a Kafka broker that answered a metadata request."""
+    return _endpoints[0]
+
+
+@pytest.fixture(scope="session")
+def redis_url(_endpoints: tuple[str, str]) -> str:
+    """redis:// URL of a Redis server that answered PING."""
+    return _endpoints[1]
+
+
+# ------------------------------------------------------------------------------------- per-test helpers
+
+
+def _sanitised_test_name(request: pytest.FixtureRequest, max_len: int = 60) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name).strip("-")[:max_len]
+
+
+@pytest.fixture
+def topic_name(request: pytest.FixtureRequest) -> str:
+    """A topic name unique to this test run, e.g. test-test_foo-1a2b3c4d."""
+    return f"test-{_sanitised_test_name(request)}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def kafka_admin(kafka_bootstrap: str) -> Iterator[KafkaAdminClient]:
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    yield admin
+    admin.close()
+
+
+@pytest.fixture
+def make_topic(kafka_admin: KafkaAdminClient) -> Iterator[Callable[[str, int], str]]:
+    """make_topic(name, partitions) creates the topic, waits until every partition has a leader, and
+    returns the name. Topics are deleted after the test (best effort)."""
+    created: list[str] = []
+
+    def make(name: str, partitions: int = 1) -> str:
+        kafka_admin.create_topics(
+            {name: {"num_partitions": partitions, "replication_factor": 1}}, wait_for_metadata=True
+        )
+        created.append(name)
+        return name
+
+    yield make
+    if created:
+        with contextlib.suppress(Exception):
+            kafka_admin.delete_topics(created)
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def redis_prefix(request: pytest.FixtureRequest, redis_client: redis.Redis) -> Iterator[str]:
+    """A key prefix unique to this test; all keys under it are deleted afterwards (SCAN + DEL)."""
+    prefix = f"test:{_sanitised_test_name(request)}:{uuid.uuid4().hex[:8]}:"
+    yield prefix
+    with contextlib.suppress(redis.RedisError):  # best effort: a test may have left Redis stopped
+        _delete_prefix(redis_client, prefix)
+
+
+def _delete_prefix(client: redis.Redis, prefix: str) -> None:
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=prefix + "*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            client.delete(*batch)
+            batch.clear()
+    if batch:
+        client.delete(*batch)

@@ -38,6 +38,7 @@ class SgdParams:
     learning_rate: float = 0.01
     bias_learning_rate: float = 0.04
     bias_damping: float = 5.0  # β in the bias step η_b + 1/(n + β)
+    fit_biases: bool = True  # explicit mode; False: p = ⟨u, v⟩ (no μ, biases held at their values)
 
 
 @dataclass
@@ -85,6 +86,7 @@ def sgd_step(batch: SgdBatch, params: SgdParams) -> tuple[np.ndarray, float, int
         batch.item_gramian,
         batch.user_gramian,
         loss.mode == "explicit",
+        params.fit_biases,
         params.learning_rate,
         params.bias_learning_rate,
         params.bias_damping,
@@ -100,7 +102,7 @@ def sgd_step(batch: SgdBatch, params: SgdParams) -> tuple[np.ndarray, float, int
 @njit(cache=True)
 def _sgd_kernel(
     U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_val, ev_w, ev_new, value_sum, value_count,
-    G_V, G_U, explicit, lr, lr_b, bias_damping, reg, reg_b, alpha, w0, predictions,
+    G_V, G_U, explicit, fit_biases, lr, lr_b, bias_damping, reg, reg_b, alpha, w0, predictions,
 ):  # fmt: skip
     k = U.shape[1]
     u_old = np.empty(k, dtype=np.float64)
@@ -119,7 +121,7 @@ def _sgd_kernel(
             v_old[f] = V[b, f]
             dot += u_old[f] * v_old[f]
         if explicit:
-            mu = value_sum / value_count if value_count > 0 else 0.0
+            mu = value_sum / value_count if value_count > 0 and fit_biases else 0.0
             p = mu + bu[a] + bv[b] + dot
             predictions[t] = p
             # ½ dℓ/dp = −w·e
@@ -128,9 +130,10 @@ def _sgd_kernel(
             # a constant-rate tracker once it is old (ratings drift).
             step_u = lr_b + 1.0 / (n_u[a] + bias_damping)
             step_i = lr_b + 1.0 / (m_i[b] + bias_damping)
-            bu_old = bu[a]
-            bu[a] = bu_old - step_u * (g + reg_on * reg_b * bu_old)
-            bv[b] = bv[b] - step_i * (g + reg_on * reg_b * bv[b])
+            if fit_biases:
+                bu_old = bu[a]
+                bu[a] = bu_old - step_u * (g + reg_on * reg_b * bu_old)
+                bv[b] = bv[b] - step_i * (g + reg_on * reg_b * bv[b])
             for f in range(k):
                 U[a, f] = u_old[f] - lr * (g * v_old[f] + reg_on * reg * u_old[f])
                 V[b, f] = v_old[f] - lr * (g * u_old[f] + reg_on * reg * v_old[f])

@@ -122,16 +122,29 @@ class RefreshableStore(FactorStore, Protocol):
 
     Build: `begin_version()` (a number never reused), `write_rows` / `write_gramian` for it, then
     `publish(version, expected_current)`: a compare-and-set of the current version, refused (False) when
-    another version was published meanwhile or `version` is not newer. After a publish, updates computed
-    against the old version get `ApplyOutcome.STALE_VERSION`. A new version holds only what was written to
-    it; interactions, item counts, stats and offsets are shared by all versions.
+    another version was published meanwhile, `version` is not newer, or it is not being built (never begun,
+    or superseded by a newer publish). After a publish, updates computed against the old version get
+    `ApplyOutcome.STALE_VERSION`. A new version holds only what was written to it; interactions, item
+    counts, stats and offsets are shared by all versions.
     """
 
     def iter_interactions(self, batch: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(users, items, values) chunks covering about `batch` users each; values float64."""
         ...
 
-    def begin_version(self) -> int: ...
+    def current_version(self) -> int: ...
+
+    def read_all_rows(self, side: Side) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(ids, (n, k) float32 factors, (n,) float32 biases) of every row of the live version."""
+        ...
+
+    def global_mean(self) -> float:
+        """value_sum / value_count of all applied events; 0.0 before any."""
+        ...
+
+    def begin_version(self, source: str = "wals") -> int:
+        """`source` says what builds the version (stores that keep version metadata record it)."""
+        ...
 
     def write_rows(
         self, version: int, side: Side, ids: Sequence[str], rows: np.ndarray, biases: np.ndarray | None = None
@@ -257,7 +270,19 @@ class MemoryStore:
                 np.array([c[2] for c in chunk], dtype=np.float64),
             )
 
-    def begin_version(self) -> int:
+    def current_version(self) -> int:
+        return self._meta.version
+
+    def read_all_rows(self, side: Side) -> tuple[list[str], np.ndarray, np.ndarray]:
+        rows = self.user_rows if side == "users" else self.item_rows
+        ids = list(rows)
+        factors, bias, _ = _gather(rows, ids, self._meta.k)
+        return ids, factors, bias
+
+    def global_mean(self) -> float:
+        return self.value_sum / self.value_count if self.value_count else 0.0
+
+    def begin_version(self, source: str = "wals") -> int:
         self._last_version += 1
         implicit = self._meta.mode == "implicit"
         k = self._meta.k
@@ -286,9 +311,9 @@ class MemoryStore:
             draft.item_gramian = value
 
     def publish(self, version: int, expected_current: int) -> bool:
-        if self._meta.version != expected_current or version <= expected_current:
+        draft = self._drafts.get(version)
+        if self._meta.version != expected_current or version <= expected_current or draft is None:
             return False
-        draft = self._draft(version)
         self.user_rows, self.item_rows = draft.users, draft.items
         self.user_gramian, self.item_gramian = draft.user_gramian, draft.item_gramian
         self._meta = replace(self._meta, version=version)

@@ -1,0 +1,247 @@
+"""`StreamMFClient`: a small reader of a model's factors in Redis for services that recommend.
+
+It reads the public layout (`streammf.redis_store`) and never writes. The item matrix is copied to the
+client and refreshed when older than `item_cache_ttl_s` or when the live version changes; a user's vector,
+seen items and the version number come from one Lua call, so they are from one moment. A recommendation
+never combines a user vector of one version with item vectors of another: when the two differ the item
+matrix of the user's version is loaded, and if that version was deleted meanwhile the user is read again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import redis
+from redis.commands.core import Script
+
+from streammf.redis_store import (
+    LUA_PRELUDE,
+    SCAN_ROWS_LUA,
+    ModelKeys,
+    StoredModel,
+    join_ids,
+    parse_float,
+    parse_int,
+    read_current_version,
+    read_model_meta,
+    require_binary_client,
+    rows_from_blob,
+    scan_version_rows,
+    split_ids,
+    store_error_from,
+)
+
+# Reads the live version number and, from that version, the user's row; the user's seen items and the
+# stats for the global mean come along in the same call.
+# KEYS: current.  ARGV: key prefix, user, k, '1' to include the user's seen items.
+# Returns version, row, mask, NUL-joined seen items, their number, value_sum, value_count.
+_READ_USER_LUA = (
+    LUA_PRELUDE
+    + """
+local version = redis.call('GET', KEYS[1])
+if not version then return bad(KEYS[1], 'is missing: no live version') end
+local users_key, row_bytes = ARGV[1] .. 'v' .. version .. ':users', 4 * (tonumber(ARGV[3]) + 1)
+local row, mask, err = gather_rows(users_key, {ARGV[2]}, row_bytes)
+if err then return err end
+local seen = {}
+if mask == '1' and ARGV[4] == '1' then seen = redis.call('HKEYS', ARGV[1] .. 'inter:' .. ARGV[2]) end
+local stats = redis.call('HMGET', ARGV[1] .. 'stats', 'value_sum', 'value_count')
+return {version, row, mask, table.concat(seen, NUL), #seen, stats[1], stats[2]}
+"""
+)
+
+# KEYS: current.  ARGV: key prefix, k, number of items, NUL-joined items.
+# Returns the version and the rows of those items in it (concatenated, with a mask).
+_READ_ITEMS_LUA = (
+    LUA_PRELUDE
+    + """
+local version = redis.call('GET', KEYS[1])
+if not version then return bad(KEYS[1], 'is missing: no live version') end
+local key = ARGV[1] .. 'v' .. version .. ':items'
+local rows, mask, err = gather_rows(key, split(ARGV[4], tonumber(ARGV[3])), 4 * (tonumber(ARGV[2]) + 1))
+if err then return err end
+return {version, rows, mask}
+"""
+)
+
+
+class VersionUnavailableError(RuntimeError):
+    """Every version the reader was pointed at was deleted before it could be read."""
+
+
+@dataclass(frozen=True)
+class _UserRead:
+    version: int
+    row: np.ndarray | None  # (k+1,) float32: factors then bias
+    seen: list[str]
+    global_mean: float
+
+
+@dataclass(frozen=True)
+class _ItemMatrix:
+    """The client-side copy of one version's item rows."""
+
+    version: int
+    loaded_at: float  # time.monotonic()
+    ids: list[str]
+    index: dict[str, int]
+    factors: np.ndarray  # (n, k) float32
+    bias: np.ndarray  # (n,) float32
+
+    @cached_property
+    def unit_factors(self) -> np.ndarray:
+        """Rows scaled to unit length (zero rows stay zero), for cosine similarity."""
+        norms = np.linalg.norm(self.factors, axis=1, keepdims=True)
+        return np.divide(self.factors, norms, out=np.zeros_like(self.factors), where=norms > 0)
+
+
+class StreamMFClient:
+    """Read-only access to one model. Safe to share between threads."""
+
+    def __init__(
+        self, redis_client: redis.Redis, name: str, item_cache_ttl_s: float = 1.0, max_attempts: int = 5
+    ) -> None:
+        require_binary_client(redis_client)
+        self._redis = redis_client
+        self.keys = ModelKeys(name)
+        self.model: StoredModel = read_model_meta(redis_client, self.keys)
+        self._ttl_s = item_cache_ttl_s
+        self._max_attempts = max_attempts
+        self._read_user_script = redis_client.register_script(_READ_USER_LUA)
+        self._read_items_script = redis_client.register_script(_READ_ITEMS_LUA)
+        self._scan_rows_script = redis_client.register_script(SCAN_ROWS_LUA)
+        self._cache: _ItemMatrix | None = None
+
+    def current_version(self) -> int:
+        return read_current_version(self._redis, self.keys)
+
+    def user_vector(self, user: str) -> np.ndarray | None:
+        """The user's k factors (float32) in the live version; None for an unknown user."""
+        row = self._read_user(user, with_seen=False).row
+        return None if row is None else row[: self.model.k].copy()
+
+    def item_vectors(self, items: list[str]) -> dict[str, np.ndarray]:
+        """item -> k factors (float32) in the live version, all from one version; unknown items left out."""
+        if not items:
+            return {}
+        k = self.model.k
+        _, blob, mask = self._call(
+            self._read_items_script, [self.keys.prefix, k, len(items), join_ids(items)]
+        )
+        rows, present = rows_from_blob(blob, mask, len(items), k)
+        return {item: rows[i, :k].copy() for i, item in enumerate(items) if present[i]}
+
+    def recommend(self, user: str, k: int = 10, exclude_seen: bool = True) -> list[tuple[str, float]]:
+        """Top-`k` items by predicted score for `user`, best first; [] for an unknown user.
+
+        score = item bias + ⟨u, v_j⟩, plus user bias and global mean in explicit mode (the model's
+        prediction; the additions are constant per user, so they change scores, not the order).
+        """
+        tried: list[int] = []
+        for _ in range(self._max_attempts):
+            read = self._read_user(user, with_seen=exclude_seen)
+            if read.row is None:
+                return []
+            matrix = self._matrix(read.version)
+            if matrix is None:  # deleted after the user read: re-read the pointer
+                tried.append(read.version)
+                continue
+            factors, bias = read.row[: self.model.k], float(read.row[self.model.k])
+            scores = (matrix.factors @ factors).astype(np.float64) + matrix.bias
+            if self.model.mode == "explicit":
+                scores += bias + read.global_mean
+            excluded = [matrix.index[item] for item in read.seen if item in matrix.index]
+            return _top(scores, matrix.ids, k, excluded)
+        raise self._unavailable(tried)
+
+    def similar_items(self, item: str, k: int = 10) -> list[tuple[str, float]]:
+        """The `k` items with the highest cosine similarity of factors to `item`; [] for an unknown item."""
+        tried: list[int] = []
+        for _ in range(self._max_attempts):
+            version = self.current_version()
+            matrix = self._matrix(version)
+            if matrix is None:
+                tried.append(version)
+                continue
+            row = matrix.index.get(item)
+            if row is None:
+                return []
+            unit = matrix.unit_factors
+            return _top((unit @ unit[row]).astype(np.float64), matrix.ids, k, [row])
+        raise self._unavailable(tried)
+
+    # ----------------------------------------------------------------------------------- internals
+
+    def _call(self, script: Script, args: list[str | int | bytes], keys: list[str] | None = None) -> list:
+        try:
+            return script(keys=keys or [self.keys.current], args=args)
+        except redis.ResponseError as exc:
+            raise store_error_from(exc) or exc from None
+
+    def _read_user(self, user: str, with_seen: bool) -> _UserRead:
+        k = self.model.k
+        version, blob, mask, seen, n_seen, value_sum, value_count = self._call(
+            self._read_user_script, [self.keys.prefix, user, k, "1" if with_seen else "0"]
+        )
+        rows, present = rows_from_blob(blob, mask, 1, k)
+        count = parse_int(value_count, self.keys.stats, "field 'value_count'")
+        total = parse_float(value_sum, self.keys.stats, "field 'value_sum'")
+        return _UserRead(
+            version=int(version),
+            row=rows[0] if present[0] else None,
+            seen=split_ids(seen, n_seen),
+            global_mean=total / count if count else 0.0,
+        )
+
+    def _matrix(self, version: int) -> _ItemMatrix | None:
+        """The item matrix of `version`, from the cache while fresh; None if the version is gone."""
+        cached = self._cache
+        if (
+            cached is not None
+            and cached.version == version
+            and time.monotonic() - cached.loaded_at < self._ttl_s
+        ):
+            return cached
+        loaded = self._load_matrix(version)
+        if loaded is not None:
+            self._cache = loaded
+        return loaded
+
+    def _load_matrix(self, version: int) -> _ItemMatrix | None:
+        loaded_at = time.monotonic()
+        scanned = scan_version_rows(self._scan_rows_script, self.keys, version, "items", self.model.k)
+        if scanned is None:
+            return None
+        ids, rows = scanned
+        k = self.model.k
+        return _ItemMatrix(
+            version=version,
+            loaded_at=loaded_at,
+            ids=ids,
+            index={item: i for i, item in enumerate(ids)},
+            factors=np.ascontiguousarray(rows[:, :k]),
+            bias=rows[:, k].copy(),
+        )
+
+    def _unavailable(self, tried: list[int]) -> VersionUnavailableError:
+        return VersionUnavailableError(
+            f"model {self.keys.name!r}: versions {tried} were deleted before they could be read "
+            f"({self._max_attempts} attempts); is the garbage-collection grace period shorter than a read?"
+        )
+
+
+def _top(scores: np.ndarray, ids: list[str], k: int, excluded: list[int]) -> list[tuple[str, float]]:
+    """The `k` best (id, score) pairs, best first, leaving out the `excluded` rows."""
+    if excluded:
+        scores = scores.copy()
+        scores[excluded] = -np.inf
+    available = int(np.isfinite(scores).sum()) if excluded else len(scores)
+    count = min(k, available)
+    if count <= 0:
+        return []
+    best = np.argpartition(-scores, count - 1)[:count]
+    best = best[np.argsort(-scores[best], kind="stable")]
+    return [(ids[i], float(scores[i])) for i in best]

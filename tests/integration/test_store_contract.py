@@ -1,0 +1,320 @@
+"""The store contract (streammf.store), run against the in-memory twin and the Redis store alike."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import redis
+
+from streammf.factors import Mode
+from streammf.redis_store import RedisStore
+from streammf.store import ApplyOutcome, BatchState, BatchUpdate, MemoryStore, RefreshableStore
+
+K = 3
+MakeStore = Callable[[Mode], RefreshableStore]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_store(request: pytest.FixtureRequest) -> MakeStore:
+    if request.param == "memory":
+        return lambda mode: MemoryStore("contract", mode, K, {"reg": 0.05})
+    client: redis.Redis = request.getfixturevalue("redis_client")
+    name: str = request.getfixturevalue("model_name")
+    return lambda mode: RedisStore.open(client, name, mode, K, {"reg": 0.05})
+
+
+def make_update(
+    *,
+    version: int = 1,
+    offsets: dict[int, tuple[int, int]] | None = None,
+    users: dict[str, list[float]] | None = None,
+    items: dict[str, tuple[list[float], list[float], int]] | None = None,
+    pairs: list[tuple[str, str, float]] | None = None,
+    value_sum: float = 0.0,
+    value_count: int = 0,
+    gramian_deltas: tuple[np.ndarray, np.ndarray] | None = None,
+) -> BatchUpdate:
+    """users: id -> k factors + bias; items: id -> (base k factors, delta k factors + bias, count delta)."""
+    users = users or {}
+    items = items or {}
+    pairs = pairs or []
+    user_rows = np.array(list(users.values()), dtype=np.float32).reshape(len(users), K + 1)
+    item_base = np.array([base for base, _, _ in items.values()], dtype=np.float32).reshape(len(items), K)
+    item_delta = np.array([delta for _, delta, _ in items.values()], dtype=np.float64).reshape(
+        len(items), K + 1
+    )
+    return BatchUpdate(
+        version=version,
+        offsets=offsets if offsets is not None else {0: (0, 1)},
+        users=list(users),
+        user_rows=user_rows[:, :K],
+        user_bias=user_rows[:, K],
+        items=list(items),
+        item_base=item_base,
+        item_delta=item_delta[:, :K],
+        item_bias_delta=item_delta[:, K],
+        item_count_delta=np.array([count for _, _, count in items.values()], dtype=np.int64),
+        pair_users=[u for u, _, _ in pairs],
+        pair_items=[i for _, i, _ in pairs],
+        pair_values=np.array([v for _, _, v in pairs], dtype=np.float64),
+        value_sum_delta=value_sum,
+        value_count_delta=value_count,
+        events_applied=len(pairs),
+        item_gramian_delta=None if gramian_deltas is None else gramian_deltas[0],
+        user_gramian_delta=None if gramian_deltas is None else gramian_deltas[1],
+    )
+
+
+def read_all(store: RefreshableStore) -> BatchState:
+    users, items = ["alice", "bob", "carol"], ["x", "y", "z"]
+    return store.read_batch_state(users, items, [(u, i) for u in users for i in items])
+
+
+def assert_same_state(a: BatchState, b: BatchState) -> None:
+    for name in a.__dataclass_fields__:
+        left, right = getattr(a, name), getattr(b, name)
+        if isinstance(left, np.ndarray):
+            assert left.dtype == right.dtype, name
+            np.testing.assert_array_equal(left, right, err_msg=name)
+        else:
+            assert left == right, name
+
+
+def test_apply_then_read_back(make_store: MakeStore) -> None:
+    store = make_store("explicit")
+    update = make_update(
+        offsets={0: (0, 2), 3: (10, 11)},
+        users={"alice": [0.1, 0.2, 0.3, 0.5]},
+        items={"x": ([1.0, 2.0, 3.0], [0.1, 0.2, 0.3, 0.25], 2)},
+        pairs=[("alice", "x", 4.0), ("bob", "x", 3.5)],
+        value_sum=7.5,
+        value_count=2,
+    )
+    assert store.apply(update) is ApplyOutcome.APPLIED
+
+    state = store.read_batch_state(["alice", "bob"], ["x", "y"], [("alice", "x"), ("bob", "x"), ("bob", "y")])
+    assert state.version == 1
+    np.testing.assert_array_equal(state.user_rows[0], np.float32([0.1, 0.2, 0.3]))
+    assert state.user_bias[0] == np.float32(0.5)
+    assert state.user_present.tolist() == [True, False]
+    np.testing.assert_array_equal(state.user_rows[1], np.zeros(K, dtype=np.float32))
+    assert state.user_counts.tolist() == [1, 1]  # one observed entry each
+    expected_x = np.add([1.0, 2.0, 3.0], [0.1, 0.2, 0.3]).astype(np.float32)
+    np.testing.assert_array_equal(state.item_rows[0], expected_x)
+    assert state.item_bias[0] == np.float32(0.25)
+    assert state.item_present.tolist() == [True, False]
+    assert state.item_counts.tolist() == [2, 0]
+    np.testing.assert_array_equal(state.pair_values, [4.0, 3.5, np.nan])
+    assert (state.value_sum, state.value_count) == (7.5, 2)
+    assert state.item_gramian is None and state.user_gramian is None
+    assert store.applied_offsets() == {0: 2, 3: 11}
+    assert store.events_applied() == 2
+    assert store.meta().version == 1 and store.meta().k == K and store.meta().mode == "explicit"
+
+
+def test_offset_fencing(make_store: MakeStore) -> None:
+    store = make_store("explicit")
+
+    def at(offsets: dict[int, tuple[int, int]], rating: float) -> BatchUpdate:
+        return make_update(offsets=offsets, pairs=[("alice", "x", rating)], value_sum=rating, value_count=1)
+
+    assert store.apply(at({0: (0, 10), 1: (0, 5)}, 1.0)) is ApplyOutcome.APPLIED
+    before = read_all(store)
+    assert store.apply(at({0: (0, 10), 1: (0, 5)}, 2.0)) is ApplyOutcome.DUPLICATE
+    assert store.apply(at({0: (3, 10)}, 2.0)) is ApplyOutcome.DUPLICATE  # a sub-range of applied offsets
+    assert store.apply(at({0: (5, 15)}, 2.0)) is ApplyOutcome.CONFLICT  # partly applied
+    assert store.apply(at({0: (0, 10), 1: (5, 6)}, 2.0)) is ApplyOutcome.CONFLICT  # one behind, one ahead
+    assert store.apply(at({1: (2, 9)}, 2.0)) is ApplyOutcome.CONFLICT
+    assert_same_state(before, read_all(store))
+    assert store.applied_offsets() == {0: 10, 1: 5}
+    assert store.events_applied() == 1
+
+    assert store.apply(at({0: (20, 30), 2: (7, 8)}, 3.0)) is ApplyOutcome.APPLIED  # gap and new partition
+    assert store.applied_offsets() == {0: 30, 1: 5, 2: 8}
+    assert read_all(store).pair_values[0] == 3.0
+
+
+def test_stale_version_after_publish(make_store: MakeStore) -> None:
+    store = make_store("implicit")
+    assert store.apply(make_update(users={"alice": [1, 1, 1, 0]})) is ApplyOutcome.APPLIED
+
+    version = store.begin_version()
+    assert version > 1
+    store.write_rows(version, "users", ["bob"], np.float32([[2, 2, 2]]))
+    store.write_rows(version, "items", ["x"], np.float32([[3, 3, 3]]))
+    gramian = np.arange(K * K, dtype=np.float64).reshape(K, K)
+    store.write_gramian(version, "items", gramian)
+    assert store.meta().version == 1  # a version being built is invisible
+    assert store.publish(version, expected_current=1)
+    assert store.meta().version == version
+
+    late = make_update(offsets={0: (1, 2)}, users={"alice": [5, 5, 5, 0]}, pairs=[("alice", "y", 1.0)])
+    before = read_all(store)
+    assert store.apply(late) is ApplyOutcome.STALE_VERSION
+    assert_same_state(before, read_all(store))
+    assert store.applied_offsets() == {0: 1}
+
+    state = store.read_batch_state(["alice", "bob"], ["x"], [])
+    assert state.version == version
+    assert state.user_present.tolist() == [False, True]  # the new version holds only what was written
+    np.testing.assert_array_equal(state.user_rows[1], [2, 2, 2])
+    np.testing.assert_array_equal(state.item_rows[0], [3, 3, 3])
+    np.testing.assert_array_equal(state.item_gramian, gramian)
+    np.testing.assert_array_equal(state.user_gramian, np.zeros((K, K)))
+
+    late.version = version
+    assert store.apply(late) is ApplyOutcome.APPLIED
+
+
+def test_publish_is_a_compare_and_set(make_store: MakeStore) -> None:
+    store = make_store("explicit")
+    first, second = store.begin_version(), store.begin_version()
+    assert second > first > 1
+    assert not store.publish(second, expected_current=7)  # current is 1, not 7
+    assert store.publish(second, expected_current=1)
+    assert not store.publish(first, expected_current=second)  # older than current
+    assert not store.publish(second, expected_current=second)  # not newer than itself
+    assert not store.publish(999, expected_current=second)  # never begun
+    assert store.begin_version() > second  # numbers are never reused
+    assert store.meta().version == second
+
+
+def test_absent_item_starts_from_item_base(make_store: MakeStore) -> None:
+    store = make_store("explicit")
+    base, delta = [0.5, -0.25, 1.0], [0.125, 0.125, 0.125, 1.5]
+    store.apply(make_update(items={"x": (base, delta, 1)}))
+    np.testing.assert_array_equal(read_all(store).item_rows[0], [0.625, -0.125, 1.125])
+    assert read_all(store).item_bias[0] == 1.5
+
+    # Present now: the base of the next update is ignored, the delta adds to the stored row.
+    store.apply(make_update(offsets={0: (1, 2)}, items={"x": ([9.0, 9.0, 9.0], delta, 1)}))
+    state = read_all(store)
+    np.testing.assert_array_equal(state.item_rows[0], [0.75, 0.0, 1.25])
+    assert state.item_bias[0] == 3.0
+    assert state.item_counts[0] == 2
+
+
+def test_item_deltas_round_to_float32_after_each_add(make_store: MakeStore) -> None:
+    store = make_store("explicit")
+    tiny = 2.0**-30  # below float32 resolution at 1.0: lost on every add, as in the twin
+    for offset in range(3):
+        items = {"x": ([1.0, 1.0, 1.0], [tiny, 0.1, -0.1, 1e-3], 0)}
+        store.apply(make_update(offsets={0: (offset, offset + 1)}, items=items))
+    expected = np.float32([1.0, 1.0, 1.0, 0.0])
+    for _ in range(3):
+        expected = np.add(expected.astype(np.float64), [tiny, 0.1, -0.1, 1e-3]).astype(np.float32)
+    state = read_all(store)
+    np.testing.assert_array_equal(np.append(state.item_rows[0], state.item_bias[0]), expected)
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("implicit", 5.5), ("explicit", 2.5)])
+def test_interactions_add_in_implicit_and_set_in_explicit(
+    make_store: MakeStore, mode: Mode, expected: float
+) -> None:
+    store = make_store(mode)
+    store.apply(make_update(pairs=[("alice", "x", 1.0), ("alice", "x", 2.0)]))  # repeated in one update
+    store.apply(make_update(offsets={0: (1, 2)}, pairs=[("alice", "x", 2.5)]))
+    state = store.read_batch_state(["alice"], [], [("alice", "x")])
+    assert state.pair_values.tolist() == [expected]
+    assert state.user_counts.tolist() == [1]
+
+
+def test_implicit_gramians_add_deltas(make_store: MakeStore) -> None:
+    store = make_store("implicit")
+    rng = np.random.default_rng(7)
+    deltas = [(rng.normal(size=(K, K)), rng.normal(size=(K, K))) for _ in range(3)]
+    for offset, pair in enumerate(deltas):
+        store.apply(make_update(offsets={0: (offset, offset + 1)}, gramian_deltas=pair))
+    state = read_all(store)
+    item_sum, user_sum = np.zeros((K, K)), np.zeros((K, K))
+    for item_delta, user_delta in deltas:
+        item_sum += item_delta
+        user_sum += user_delta
+    np.testing.assert_array_equal(state.item_gramian, item_sum)
+    np.testing.assert_array_equal(state.user_gramian, user_sum)
+
+
+def test_read_all_rows_and_global_mean(make_store: MakeStore) -> None:
+    store = make_store("explicit")
+    assert store.global_mean() == 0.0
+    assert store.read_all_rows("items")[0] == []
+    store.apply(
+        make_update(
+            users={"alice": [1, 2, 3, 0.5], "bob": [4, 5, 6, -0.5]},
+            items={"x": ([1, 1, 1], [0, 0, 0, 0.25], 1)},
+            value_sum=9.0,
+            value_count=4,
+        )
+    )
+    ids, factors, biases = store.read_all_rows("users")
+    by_id = {ident: (factors[i].tolist(), float(biases[i])) for i, ident in enumerate(ids)}
+    assert by_id == {"alice": ([1, 2, 3], 0.5), "bob": ([4, 5, 6], -0.5)}
+    assert factors.dtype == biases.dtype == np.float32
+    assert store.read_all_rows("items")[0] == ["x"]
+    assert store.global_mean() == 2.25
+
+    version = store.begin_version("wals")
+    store.write_rows(version, "items", ["y", "z"], np.float32([[1, 2, 3], [4, 5, 6]]), np.float32([7, 8]))
+    assert store.read_all_rows("items")[0] == ["x"]  # still the live version
+    assert store.publish(version, expected_current=store.current_version())
+    ids, factors, biases = store.read_all_rows("items")
+    assert sorted(ids) == ["y", "z"]
+    assert biases[ids.index("z")] == 8
+
+
+def test_iter_interactions_yields_every_pair(make_store: MakeStore) -> None:
+    store = make_store("implicit")
+    pairs = [(f"u{u}", f"i{i}", float(u * 10 + i)) for u in range(25) for i in range(u % 4)]
+    store.apply(make_update(pairs=pairs))
+    seen = set()
+    for users, items, values in store.iter_interactions(batch=4):
+        assert len(users) == len(items) == len(values)
+        seen |= set(zip(users.tolist(), items.tolist(), values.tolist(), strict=True))
+    assert seen == set(pairs)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("mode", ["explicit", "implicit"])
+def test_redis_equals_memory_bit_for_bit(
+    redis_client: redis.Redis, model_name: str, mode: Mode, seed: int
+) -> None:
+    """Random update streams (repeated items and pairs included) leave both stores in identical states."""
+    rng = np.random.default_rng(seed)
+    stores: list[RefreshableStore] = [
+        MemoryStore(model_name, mode, K),
+        RedisStore.open(redis_client, model_name, mode, K),
+    ]
+    for step in range(30):
+        users = {f"u{u}": rng.normal(size=K + 1).tolist() for u in rng.integers(0, 8, 3)}
+        items = {
+            f"i{i}": (
+                rng.normal(size=K).tolist(),
+                (rng.normal(size=K + 1) * 0.01).tolist(),
+                int(rng.integers(0, 3)),
+            )
+            for i in rng.integers(0, 10, 4)
+        }
+        pairs = [(f"u{u}", f"i{i}", float(rng.exponential())) for u, i in rng.integers(0, 8, (6, 2))]
+        update = make_update(
+            offsets={step % 2: (step, step + 1)},
+            users=users,
+            items=items,
+            pairs=pairs,
+            value_sum=float(rng.normal()),
+            value_count=len(pairs),
+            gramian_deltas=(rng.normal(size=(K, K)), rng.normal(size=(K, K))),
+        )
+        assert [s.apply(update) for s in stores] == [ApplyOutcome.APPLIED] * 2
+    users, items = [f"u{u}" for u in range(9)], [f"i{i}" for i in range(11)]
+    pairs = [(u, i) for u in users for i in items]
+    memory, stored = (s.read_batch_state(users, items, pairs) for s in stores)
+    for name in memory.__dataclass_fields__:
+        left, right = getattr(memory, name), getattr(stored, name)
+        if isinstance(left, np.ndarray):
+            np.testing.assert_array_equal(left, right, err_msg=name)
+        else:
+            assert left == right, name
+    assert stores[0].applied_offsets() == stores[1].applied_offsets()
+    assert stores[0].events_applied() == stores[1].events_applied()

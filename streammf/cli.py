@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
 
 from streammf import __version__
+from streammf.cli_client import recommend, similar
+from streammf.cli_stream import generate, replay_command
 from streammf.config import ModelSettings, Settings
 from streammf.factors import LossParams
 from streammf.learner import LearnerParams
+from streammf.logs import configure_logging
 from streammf.sgd import SgdParams
 
 
@@ -26,7 +28,7 @@ def learner_params(model: ModelSettings) -> LearnerParams:
 def cli(ctx: click.Context) -> None:
     """streammf: a streaming online matrix-factorisation recommender (Kafka -> SGD -> Redis, WALS refresh)."""
     settings = Settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     ctx.obj = settings
 
 
@@ -66,5 +68,47 @@ def evaluate(
         click.echo(line)
 
 
+@cli.command()
+@click.pass_obj
+def run(settings: Settings) -> None:
+    """Run the daemon: consume events from Kafka, learn, keep the factors in Redis fresh.
+
+    Configured entirely by STREAMMF_* environment variables (see README); stops cleanly on SIGTERM/SIGINT.
+    """
+    from streammf.daemon import run_daemon
+
+    run_daemon(settings, learner_params(settings.model))
+
+
+@cli.command()
+@click.option("--iterations", type=int, default=None, help="Default: STREAMMF_REFRESH__ITERATIONS.")
+@click.pass_obj
+def refresh(settings: Settings, iterations: int | None) -> None:
+    """One WALS refresh of the live model in Redis: snapshot -> WALS -> new version -> pointer flip."""
+    from streammf.daemon import open_store, redis_client
+    from streammf.refresh import refresh as run_refresh
+
+    params = learner_params(settings.model)
+    store = open_store(settings, redis_client(settings), params)
+    report = run_refresh(
+        store, params.loss, iterations or settings.refresh.iterations, params.init_std, params.seed
+    )
+    state = "published" if report.published else "NOT published (another version won the race)"
+    click.echo(
+        f"version {report.version} {state}: {report.users} users, {report.items} items, "
+        f"objective {report.objective_before:.4g} -> {report.objective_after:.4g} in {report.seconds:.1f} s"
+    )
+
+
+cli.add_command(generate)
+cli.add_command(replay_command)
+cli.add_command(recommend)
+cli.add_command(similar)
+
+
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -32,6 +32,8 @@ class KafkaSettings(_Section):
     max_poll_records: int = Field(500, ge=1)
     poll_timeout_ms: int = Field(200, ge=1)
     max_record_bytes: int = Field(4096, ge=64)
+    # How soon a crashed replica's partitions move to a live one (the broker's minimum is 6 s).
+    session_timeout_ms: int = Field(10000, ge=1000)
 
     @property
     def dead_letter_topic(self) -> str:

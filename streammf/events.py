@@ -32,7 +32,9 @@ def _id_to_str(value: object) -> object:
 
 
 Identifier = Annotated[
-    str, BeforeValidator(_id_to_str), Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[^\x00-\x1f]+$")
+    str,
+    BeforeValidator(_id_to_str),
+    Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[^\x00-\x1f]+$"),
 ]
 
 
@@ -60,7 +62,7 @@ def decode(raw: bytes | None, max_bytes: int) -> Event | Invalid:
         return Invalid("oversized", f"{len(raw)} bytes > limit {max_bytes}")
     try:
         payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, over-long int literal
         return Invalid("undecodable", f"not JSON: {exc}"[:200])
     if not isinstance(payload, dict):
         return Invalid("schema", f"expected a JSON object, got {type(payload).__name__}")
@@ -68,7 +70,9 @@ def decode(raw: bytes | None, max_bytes: int) -> Event | Invalid:
         return Event.model_validate(payload)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
-        reason: InvalidReason = "non_finite" if any(e["type"] == "finite_number" for e in errors) else "schema"
+        reason: InvalidReason = (
+            "non_finite" if any(e["type"] == "finite_number" for e in errors) else "schema"
+        )
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
         return Invalid(reason, detail[:300])
 

@@ -74,12 +74,6 @@ class Learner:
         k = self.k
         item_gram = np.zeros((k, k)) if state.item_gramian is None else state.item_gramian.copy()
         user_gram = np.zeros((k, k)) if state.user_gramian is None else state.user_gramian.copy()
-        if implicit:
-            # Rows entering the model enter the Gramians too (they take part in the unobserved term).
-            fresh_users = user_rows[~state.user_present].astype(np.float64)
-            fresh_items = item_base[~state.item_present].astype(np.float64)
-            user_gram += fresh_users.T @ fresh_users
-            item_gram += fresh_items.T @ fresh_items
 
         new_pair = plan.first_of_pair & np.isnan(state.pair_values[plan.event_pair])
         batch = SgdBatch(
@@ -94,6 +88,10 @@ class Learner:
             event_value=plan.values,
             event_weight=plan.weights,
             event_new_pair=new_pair,
+            # A row absent from the store enters the Gramians at its first event, not earlier: so batch
+            # boundaries don't matter.
+            event_new_user=plan.first_of_user & ~state.user_present[plan.event_user],
+            event_new_item=plan.first_of_item & ~state.item_present[plan.event_item],
             value_sum=state.value_sum,
             value_count=state.value_count,
             item_gramian=item_gram,
@@ -155,6 +153,8 @@ class _BatchPlan:
     pair_user: np.ndarray
     pair_item: np.ndarray
     first_of_pair: np.ndarray  # the event is its pair's first in the batch
+    first_of_user: np.ndarray  # the event is its user's first in the batch
+    first_of_item: np.ndarray
     last_event_of_pair: np.ndarray  # (n_pairs,) index of each pair's last event
     values: np.ndarray
     weights: np.ndarray
@@ -170,7 +170,11 @@ class _BatchPlan:
         ev_pair = np.empty(n, dtype=np.int64)
         first = np.zeros(n, dtype=bool)
         last_of_pair: list[int] = []
+        first_user = np.zeros(n, dtype=bool)
+        first_item = np.zeros(n, dtype=bool)
         for t, event in enumerate(events):
+            first_user[t] = event.user_id not in user_index
+            first_item[t] = event.item_id not in item_index
             ev_user[t] = user_index.setdefault(event.user_id, len(user_index))
             ev_item[t] = item_index.setdefault(event.item_id, len(item_index))
             key = (event.user_id, event.item_id)
@@ -192,6 +196,8 @@ class _BatchPlan:
             pair_user=np.array([user_index[u] for u, _ in pairs], dtype=np.int64),
             pair_item=np.array([item_index[i] for _, i in pairs], dtype=np.int64),
             first_of_pair=first,
+            first_of_user=first_user,
+            first_of_item=first_item,
             last_event_of_pair=np.array(last_of_pair, dtype=np.int64),
             values=np.array([e.value for e in events], dtype=np.float64),
             weights=np.array([e.weight for e in events], dtype=np.float64),

@@ -12,14 +12,13 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from streammf.factors import DTYPE, Factors, LossParams, init_rows
 from streammf.interactions import Interactions
 from streammf.objective import objective
-from streammf.store import Side
+from streammf.store import RefreshableStore
 from streammf.wals import wals
 
 log = logging.getLogger(__name__)
@@ -95,19 +94,6 @@ def _warm_rows(
     return rows, bias
 
 
-class RefreshableStore(Protocol):
-    def iter_interactions(self, batch: int = ...) -> Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]: ...
-    def read_all_rows(self, side: Side) -> tuple[list[str], np.ndarray, np.ndarray]: ...
-    def global_mean(self) -> float: ...
-    def current_version(self) -> int: ...
-    def begin_version(self, source: str = ...) -> int: ...
-    def write_rows(
-        self, version: int, side: Side, ids: list[str], rows: np.ndarray, biases: np.ndarray | None = ...
-    ) -> None: ...
-    def write_gramian(self, version: int, side: Side, gramian: np.ndarray) -> None: ...
-    def publish(self, version: int, expected_current: int) -> bool: ...
-
-
 @dataclass(frozen=True)
 class RefreshReport:
     version: int
@@ -134,7 +120,7 @@ def refresh(
         init_std,
         seed,
     )
-    version = store.begin_version("wals")
+    version = store.begin_version()
     f = fitted.factors
     store.write_rows(version, "users", fitted.users, f.user, f.user_bias)
     store.write_rows(version, "items", fitted.items, f.item, f.item_bias)

@@ -59,6 +59,8 @@ class SgdBatch:
     event_value: np.ndarray  # (n_events,) float64: rating or strength
     event_weight: np.ndarray  # (n_events,) float64
     event_new_pair: np.ndarray  # (n_events,) bool: first observation of (user, item) ever
+    event_new_user: np.ndarray  # (n_events,) bool: the user's row enters the model here (implicit Gramian)
+    event_new_item: np.ndarray  # (n_events,) bool
     value_sum: float  # running sums for μ, before the batch
     value_count: int
     item_gramian: np.ndarray  # (k, k) float64 (unused in explicit mode)
@@ -81,6 +83,8 @@ def sgd_step(batch: SgdBatch, params: SgdParams) -> tuple[np.ndarray, float, int
         batch.event_value,
         batch.event_weight,
         batch.event_new_pair,
+        batch.event_new_user,
+        batch.event_new_item,
         float(batch.value_sum),
         int(batch.value_count),
         batch.item_gramian,
@@ -101,7 +105,7 @@ def sgd_step(batch: SgdBatch, params: SgdParams) -> tuple[np.ndarray, float, int
 
 @njit(cache=True)
 def _sgd_kernel(
-    U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_val, ev_w, ev_new, value_sum, value_count,
+    U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_val, ev_w, ev_new, ev_new_u, ev_new_i, value_sum, value_count,
     G_V, G_U, explicit, fit_biases, lr, lr_b, bias_damping, reg, reg_b, alpha, w0, predictions,
 ):  # fmt: skip
     k = U.shape[1]
@@ -138,6 +142,15 @@ def _sgd_kernel(
                 U[a, f] = u_old[f] - lr * (g * v_old[f] + reg_on * reg * u_old[f])
                 V[b, f] = v_old[f] - lr * (g * u_old[f] + reg_on * reg * v_old[f])
         else:
+            # A row entering the model joins the unobserved term: add it to its Gramian first.
+            if ev_new_u[t]:
+                for f in range(k):
+                    for h in range(k):
+                        G_U[f, h] += u_old[f] * u_old[h]
+            if ev_new_i[t]:
+                for f in range(k):
+                    for h in range(k):
+                        G_V[f, h] += v_old[f] * v_old[h]
             p = dot
             predictions[t] = p
             s = ev_val[t] * ev_w[t]

@@ -1,0 +1,150 @@
+"""The daemon's metric set, registered on an injected registry, and the /metrics + /healthz server.
+
+No user or item ids ever become labels (unbounded cardinality); partitions and reasons are bounded.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+# Milliseconds matter for update latency; freshness spans ms (live) to hours (a replayed backlog).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+FRESHNESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0)
+BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+LOSS_EMA_DECAY = 0.999
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.events_consumed = Counter(
+            "streammf_events_consumed_total", "Records polled from Kafka", registry=r
+        )
+        self.events_applied = Counter(
+            "streammf_events_applied_total", "Events applied to the model", registry=r
+        )
+        self.events_invalid = Counter(
+            "streammf_events_invalid_total", "Records that failed validation", ["reason"], registry=r
+        )
+        self.events_dead_lettered = Counter(
+            "streammf_events_dead_lettered_total", "Records written to the dead-letter topic", registry=r
+        )
+        self.batches = Counter("streammf_batches_total", "Batches by store outcome", ["outcome"], registry=r)
+        self.batch_size = Histogram(
+            "streammf_batch_size_events", "Valid events per batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.update_latency = Histogram(
+            "streammf_update_latency_seconds",
+            "Poll returned -> Redis apply acknowledged",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.freshness = Histogram(
+            "streammf_freshness_seconds",
+            "Event timestamp -> applied to the model",
+            buckets=FRESHNESS_BUCKETS,
+            registry=r,
+        )
+        self.redis_latency = Histogram(
+            "streammf_redis_call_seconds", "Redis call latency", ["op"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.squared_error = Counter(
+            "streammf_prequential_squared_error_total",
+            "Sum of squared prequential errors (predict before learn); RMSE = sqrt(rate(this)/rate(count))",
+            registry=r,
+        )
+        self.predictions = Counter(
+            "streammf_prequential_predictions_total", "Number of prequential predictions", registry=r
+        )
+        self.loss_ema = Gauge(
+            "streammf_prequential_loss_ema", "Exponential moving average of the squared error", registry=r
+        )
+        self.lag = Gauge(
+            "streammf_consumer_lag_records", "High watermark - position", ["partition"], registry=r
+        )
+        self.model_version = Gauge(
+            "streammf_model_version", "Model version the last batch applied to", registry=r
+        )
+        self.retries = Counter(
+            "streammf_retries_total", "Retries after a dependency failed", ["dependency"], registry=r
+        )
+        self.refreshes = Counter(
+            "streammf_refreshes_total", "WALS refreshes by outcome", ["outcome"], registry=r
+        )
+        self.last_progress = Gauge(
+            "streammf_last_progress_timestamp_seconds", "When the poll loop last made progress", registry=r
+        )
+        self._ema: float | None = None
+
+    def observe_errors(self, total: float, count: int) -> None:
+        """Record prequential squared errors (sum and count for PromQL, plus an EMA for dashboards)."""
+        if count == 0:
+            return
+        self.squared_error.inc(total)
+        self.predictions.inc(count)
+        mean = total / count
+        # One EMA step per batch, weighted as `count` individual steps would be.
+        decay = LOSS_EMA_DECAY**count
+        self._ema = mean if self._ema is None else decay * self._ema + (1 - decay) * mean
+        self.loss_ema.set(self._ema)
+
+
+class Heartbeat:
+    """The poll loop beats after every poll; /healthz is healthy while beats are recent."""
+
+    def __init__(self, max_silence_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_silence_s = max_silence_s
+        self._clock = clock
+        self._last = clock()
+
+    def beat(self) -> None:
+        self._last = self._clock()
+
+    def healthy(self) -> bool:
+        return self._clock() - self._last <= self.max_silence_s
+
+    def silence_s(self) -> float:
+        return self._clock() - self._last
+
+
+def serve_metrics(
+    registry: CollectorRegistry, heartbeat: Heartbeat, host: str, port: int
+) -> ThreadingHTTPServer:
+    """Start /metrics and /healthz on a daemon thread; returns the server (to read its address, stop it)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/metrics"):
+                body, status, kind = generate_latest(registry), 200, CONTENT_TYPE_LATEST
+            elif self.path.startswith("/healthz"):
+                ok = heartbeat.healthy()
+                body = f"{'ok' if ok else 'stalled'} {heartbeat.silence_s():.1f}s\n".encode()
+                status, kind = (200 if ok else 503), "text/plain; charset=utf-8"
+            else:
+                body, status, kind = b"not found\n", 404, "text/plain; charset=utf-8"
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # scrapes are not operator news
+            return
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

@@ -1,0 +1,46 @@
+"""A FactorStore wrapper that times every store call into a labelled histogram (op = method name)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Histogram
+
+from streammf.store import ApplyOutcome, BatchState, BatchUpdate, FactorStore, ModelMeta
+
+
+class TimedStore:
+    def __init__(self, store: FactorStore, latency: Histogram) -> None:
+        self.inner = store
+        self._read = latency.labels("read_batch_state")
+        self._apply = latency.labels("apply")
+        self._offsets = latency.labels("applied_offsets")
+
+    def meta(self) -> ModelMeta:
+        return self.inner.meta()
+
+    def read_batch_state(
+        self, users: list[str], items: list[str], pairs: list[tuple[str, str]]
+    ) -> BatchState:
+        started = time.perf_counter()
+        try:
+            return self.inner.read_batch_state(users, items, pairs)
+        finally:
+            self._read.observe(time.perf_counter() - started)
+
+    def apply(self, update: BatchUpdate) -> ApplyOutcome:
+        started = time.perf_counter()
+        try:
+            return self.inner.apply(update)
+        finally:
+            self._apply.observe(time.perf_counter() - started)
+
+    def applied_offsets(self) -> dict[int, int]:
+        started = time.perf_counter()
+        try:
+            return self.inner.applied_offsets()
+        finally:
+            self._offsets.observe(time.perf_counter() - started)
+
+    def events_applied(self) -> int:
+        return self.inner.events_applied()

@@ -1,0 +1,385 @@
+"""The daemon against the real broker and server: same results as `evaluate`, exactly-once under
+crashes and outages, dead letters, sharing work, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from streammf.cli import learner_params
+from streammf.config import KafkaSettings, MetricsSettings, ModelSettings, RedisSettings, Settings
+from streammf.daemon import run_daemon
+from streammf.evaluate import evaluate
+from streammf.ratings import RatingsLog, load_ratings
+from streammf.redis_store import ModelKeys, RedisStore
+from streammf.store import MemoryStore
+
+ML100K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ml-100k" / "u.data"
+
+
+@pytest.fixture(scope="module")
+def movielens() -> RatingsLog:
+    if not ML100K.exists():
+        pytest.fail(f"MovieLens 100k is expected at {ML100K} (the shared data folder beside the repo)")
+    return load_ratings(ML100K)
+
+
+@pytest.fixture(scope="module")
+def evaluated(movielens: RatingsLog) -> MemoryStore:
+    """The uninterrupted reference: `streammf evaluate`'s code path on an in-memory store."""
+    model = ModelSettings()
+    store = MemoryStore("reference", model.mode, model.factors)
+    evaluate(movielens, store, learner_params(model), batch_size=500)
+    return store
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _settings(kafka_bootstrap: str, redis_url: str, topic: str, model: str, port: int) -> Settings:
+    return Settings(
+        kafka=KafkaSettings(
+            bootstrap_servers=kafka_bootstrap, topic=topic, group_id=f"g-{model}", session_timeout_ms=6000
+        ),
+        redis=RedisSettings(url=redis_url, socket_timeout_s=2.0),
+        model=ModelSettings(name=model),
+        metrics=MetricsSettings(host="127.0.0.1", port=port),
+    )
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        STREAMMF_KAFKA__BOOTSTRAP_SERVERS=settings.kafka.bootstrap_servers,
+        STREAMMF_KAFKA__TOPIC=settings.kafka.topic,
+        STREAMMF_KAFKA__GROUP_ID=settings.kafka.group_id,
+        STREAMMF_KAFKA__SESSION_TIMEOUT_MS=str(settings.kafka.session_timeout_ms),
+        STREAMMF_REDIS__URL=settings.redis.url,
+        STREAMMF_MODEL__NAME=settings.model.name,
+        STREAMMF_METRICS__HOST="127.0.0.1",
+        STREAMMF_METRICS__PORT=str(_free_port()),
+    )
+    return env
+
+
+def _produce(bootstrap: str, topic: str, payloads: list[tuple[bytes, bytes]]) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=256 * 1024)
+    for key, value in payloads:
+        producer.send(topic, key=key, value=value)
+    producer.flush(timeout=120)
+    producer.close()
+
+
+def _ratings_payloads(log: RatingsLog, limit: int | None = None) -> list[tuple[bytes, bytes]]:
+    n = len(log) if limit is None else limit
+    return [
+        (
+            str(log.users[t]).encode(),
+            json.dumps(
+                {
+                    "user_id": str(log.users[t]),
+                    "item_id": str(log.items[t]),
+                    "value": float(log.values[t]),
+                    "timestamp": float(log.timestamps[t]),
+                }
+            ).encode(),
+        )
+        for t in range(n)
+    ]
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def _scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+class _InProcessDaemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            run_daemon(self.settings, learner_params(self.settings.model), self.stop)
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+
+    def __enter__(self) -> _InProcessDaemon:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "daemon did not stop within 30 s of the stop request"
+        if self.error is not None:
+            raise self.error
+
+
+def _store(redis_client: redis.Redis, name: str) -> RedisStore:
+    return RedisStore.attach(redis_client, name)
+
+
+def _stored_rows(redis_client: redis.Redis, name: str, side: str) -> dict[str, np.ndarray]:
+    """Rows read through the documented layout (what a Go or Java reader would do)."""
+    keys = ModelKeys(name)
+    version = int(redis_client.get(keys.current))
+    raw = redis_client.hgetall(keys.rows(version, side))  # type: ignore[arg-type]
+    return {k.decode(): np.frombuffer(v, dtype="<f4") for k, v in raw.items()}
+
+
+def _assert_same_factors(redis_client: redis.Redis, name: str, reference: MemoryStore) -> None:
+    users = _stored_rows(redis_client, name, "users")
+    items = _stored_rows(redis_client, name, "items")
+    assert users.keys() == reference.user_rows.keys()
+    assert items.keys() == reference.item_rows.keys()
+    for ident, row in reference.user_rows.items():
+        np.testing.assert_allclose(users[ident], row, rtol=0, atol=1e-5, err_msg=f"user {ident}")
+    for ident, row in reference.item_rows.items():
+        np.testing.assert_allclose(items[ident], row, rtol=0, atol=1e-5, err_msg=f"item {ident}")
+
+
+@pytest.fixture
+def model(redis_client: redis.Redis) -> Iterator[str]:
+    name = f"daemon-{uuid.uuid4().hex[:10]}"
+    yield name
+    keys = list(redis_client.scan_iter(match=ModelKeys(name).prefix + "*", count=1000))
+    for start in range(0, len(keys), 1000):
+        redis_client.unlink(*keys[start : start + 1000])
+
+
+def test_replay_through_kafka_matches_evaluate(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens, evaluated
+):
+    topic = make_topic(topic_name, 1)
+    _produce(kafka_bootstrap, topic, _ratings_payloads(movielens))
+    port = _free_port()
+    settings = _settings(kafka_bootstrap, redis_url, topic, model, port)
+    with _InProcessDaemon(settings):
+        _wait_for(lambda: _applied(redis_client, model) >= len(movielens), 300, "all events applied")
+        metrics = _scrape(port)
+    _assert_same_factors(redis_client, model, evaluated)
+    daemon_rmse = np.sqrt(
+        metrics["streammf_prequential_squared_error_total"]
+        / metrics["streammf_prequential_predictions_total"]
+    )
+    reference = learner_params(ModelSettings())
+    store = MemoryStore("again", "explicit", ModelSettings().factors)
+    report = evaluate(movielens, store, reference, batch_size=500)
+    assert report.rmse is not None
+    assert daemon_rmse == pytest.approx(report.rmse, abs=1e-6)
+    assert metrics["streammf_prequential_predictions_total"] == len(movielens)
+
+
+def _applied(redis_client: redis.Redis, name: str) -> int:
+    try:
+        return _store(redis_client, name).events_applied()
+    except Exception:
+        return 0
+
+
+def test_metrics_expose_every_series(kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model):
+    topic = make_topic(topic_name, 2)
+    good = [
+        (b"u1", json.dumps({"user_id": "u1", "item_id": f"i{i}", "value": 4}).encode()) for i in range(50)
+    ]
+    _produce(kafka_bootstrap, topic, [*good, (b"u2", b"{not json")])
+    port = _free_port()
+    with _InProcessDaemon(_settings(kafka_bootstrap, redis_url, topic, model, port)):
+        _wait_for(lambda: _applied(redis_client, model) >= 50, 60, "events applied")
+        time.sleep(0.5)
+        metrics = _scrape(port)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            assert response.status == 200
+    names = {name.split("{")[0] for name in metrics}
+    for series in [
+        "streammf_events_consumed_total",
+        "streammf_events_applied_total",
+        "streammf_events_invalid_total",
+        "streammf_events_dead_lettered_total",
+        "streammf_batch_size_events_bucket",
+        "streammf_update_latency_seconds_bucket",
+        "streammf_freshness_seconds_bucket",
+        "streammf_prequential_loss_ema",
+        "streammf_prequential_squared_error_total",
+        "streammf_prequential_predictions_total",
+        "streammf_consumer_lag_records",
+        "streammf_redis_call_seconds_bucket",
+        "streammf_model_version",
+    ]:
+        assert series in names, f"{series} missing from /metrics"
+    assert metrics['streammf_events_invalid_total{reason="undecodable"}'] == 1
+    assert metrics["streammf_events_applied_total"] == 50
+    assert not any("u1" in name or "i1" in name for name in metrics), "ids must never be labels"
+
+
+def test_poison_records_go_to_the_dead_letter_topic(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens
+):
+    from kafka import KafkaConsumer
+
+    topic = make_topic(topic_name, 1)
+    make_topic(f"{topic}.dlq", 1)
+    valid = _ratings_payloads(movielens, 10_000)
+    poison = [
+        b"\xff\xfe not utf8",
+        b"{truncated",
+        b'{"user_id": "u", "item_id": "i", "value": NaN}',
+        b'{"user_id": "u", "item_id": "i", "value": 1e999}',
+        b'{"item_id": "i"}',
+        b'{"user_id": "' + b"x" * 5000 + b'", "item_id": "i"}',
+    ]
+    rng = random.Random(7)
+    mixed: list[tuple[bytes, bytes]] = []
+    expected_poison = 0
+    for key, value in valid:
+        mixed.append((key, value))
+        if rng.random() < 0.01:
+            mixed.append((key, poison[expected_poison % len(poison)]))
+            expected_poison += 1
+    _produce(kafka_bootstrap, topic, mixed)
+    with _InProcessDaemon(_settings(kafka_bootstrap, redis_url, topic, model, _free_port())):
+        _wait_for(lambda: _applied(redis_client, model) >= len(valid), 120, "valid events applied")
+    assert _applied(redis_client, model) == len(valid)
+    consumer = KafkaConsumer(
+        f"{topic}.dlq",
+        bootstrap_servers=kafka_bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+    )
+    dead = list(consumer)
+    consumer.close()
+    assert len(dead) == expected_poison
+    reasons = {dict(r.headers)["streammf.reason"].decode() for r in dead}
+    assert reasons == {"undecodable", "non_finite", "schema", "oversized"}
+    assert {r.value for r in dead} <= set(poison)
+    assert all(int(dict(r.headers)["streammf.source.offset"]) >= 0 for r in dead)
+
+
+def test_redis_outage_recovers_without_loss_or_duplicates(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens, evaluated
+):
+    topic = make_topic(topic_name, 1)
+    payloads = _ratings_payloads(movielens)
+    with _InProcessDaemon(_settings(kafka_bootstrap, redis_url, topic, model, _free_port())):
+        producer = threading.Thread(target=_produce, args=(kafka_bootstrap, topic, payloads))
+        producer.start()
+        _wait_for(lambda: _applied(redis_client, model) >= 20_000, 120, "some events applied")
+        redis_client.execute_command("CLIENT", "PAUSE", "10000", "ALL")  # Redis unavailable for 10 s
+        producer.join()
+        _wait_for(lambda: _applied(redis_client, model) >= len(movielens), 300, "all events applied")
+    assert _applied(redis_client, model) == len(movielens)
+    _assert_same_factors(redis_client, model, evaluated)
+
+
+def _spawn(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+    handle = log_path.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "streammf.cli", "run"], env=_env(settings), stdout=handle, stderr=handle
+    )
+
+
+def test_sigkill_restarts_apply_every_event_exactly_once(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens, evaluated, tmp_path
+):
+    topic = make_topic(topic_name, 1)
+    _produce(kafka_bootstrap, topic, _ratings_payloads(movielens))
+    settings = _settings(kafka_bootstrap, redis_url, topic, model, 0)
+    rng = random.Random(11)
+    log_path = tmp_path / "daemon.log"
+    for kill in range(5):
+        process = _spawn(settings, log_path)
+        before = _applied(redis_client, model)
+        # Kill somewhere inside the stream: after the daemon has made some progress, at a random moment.
+        _wait_for(lambda b=before: _applied(redis_client, model) > b, 120, f"progress before kill {kill}")
+        time.sleep(rng.uniform(0.0, 1.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    assert _applied(redis_client, model) < len(movielens), "the kills should land mid-stream"
+    process = _spawn(settings, log_path)
+    try:
+        _wait_for(lambda: _applied(redis_client, model) >= len(movielens), 300, "all events applied")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log_path.read_text()[-3000:]
+    assert _applied(redis_client, model) == len(movielens)
+    store = _store(redis_client, model)
+    pairs = sum(len(chunk[0]) for chunk in store.iter_interactions())
+    assert pairs == len(movielens)
+    _assert_same_factors(redis_client, model, evaluated)
+
+
+def test_two_daemons_share_partitions_and_lose_no_updates(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens, tmp_path
+):
+    topic = make_topic(topic_name, 4)
+    _produce(kafka_bootstrap, topic, _ratings_payloads(movielens))
+    settings = _settings(kafka_bootstrap, redis_url, topic, model, 0)
+    envs = [_env(settings), _env(settings)]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "streammf.cli", "run"],
+            env=env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        for env, log in zip(envs, logs, strict=True)
+    ]
+    try:
+        _wait_for(lambda: _applied(redis_client, model) >= len(movielens), 300, "all events applied")
+        scraped = [_scrape(int(env["STREAMMF_METRICS__PORT"])) for env in envs]
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process, log in zip(processes, logs, strict=True):
+            assert process.wait(timeout=30) == 0, log.read_text()[-3000:]
+    shares = [m["streammf_events_applied_total"] for m in scraped]
+    assert all(share > 0 for share in shares), f"both daemons should work: {shares}"
+    assert sum(shares) == len(movielens)
+    store = _store(redis_client, model)
+    assert store.events_applied() == len(movielens)
+    keys = ModelKeys(model)
+    item_counts = {k.decode(): int(v) for k, v in redis_client.hgetall(keys.item_counts).items()}
+    expected = {}
+    for item in movielens.items:
+        expected[str(item)] = expected.get(str(item), 0) + 1
+    assert item_counts == expected  # every item update of both writers counted
+    assert sorted(store.applied_offsets()) == [0, 1, 2, 3]

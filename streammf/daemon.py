@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
+import uuid
 from typing import Any
 
 import redis
@@ -16,6 +19,7 @@ from streammf.kafka_config import client_kwargs
 from streammf.learner import Learner, LearnerParams
 from streammf.metrics import Heartbeat, Metrics, serve_metrics
 from streammf.redis_store import RedisStore
+from streammf.refresh import PeriodicRefresh
 from streammf.timed_store import TimedStore
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ def run_daemon(settings: Settings, params: LearnerParams, stop: threading.Event 
     server = serve_metrics(registry, heartbeat, settings.metrics.host, settings.metrics.port)
     log.info("metrics on http://%s:%d/metrics", *server.server_address[:2])
 
+    replica_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     client = redis_client(settings)
     store = open_store(settings, client, params)
     learner = Learner(TimedStore(store, metrics.redis_latency), params)
@@ -85,6 +90,17 @@ def run_daemon(settings: Settings, params: LearnerParams, stop: threading.Event 
         settings.kafka.topic,
         settings.kafka.group_id,
     )
+    refresher = PeriodicRefresh(
+        store,
+        params.loss,
+        settings.refresh.iterations,
+        params.init_std,
+        params.seed,
+        settings.refresh.every_s,
+        hold_lease=lambda ttl: store.hold_refresh_lease(replica_id, ttl),
+        on_outcome=lambda outcome: metrics.refreshes.labels(outcome).inc(),
+    )
+    refresher.start(stop)
     try:
         loop.run(stop)
     finally:

@@ -48,6 +48,12 @@ _STORE_ERROR_CODE = "STOREERR"
 _WRITE_CHUNK_ROWS = 1000
 # A batch read names the version it expects; it is repeated when a publish lands in between.
 _SNAPSHOT_ATTEMPTS = 10
+# Take the lease if free, extend it if ours (PX milliseconds).
+_LEASE_LUA = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
 
 
 class ModelMismatchError(ValueError):
@@ -84,6 +90,10 @@ class ModelKeys:
     @property
     def retired(self) -> str:
         return self.prefix + "retired"
+
+    @property
+    def refresh_lease(self) -> str:
+        return self.prefix + "refresh_lease"
 
     @property
     def item_counts(self) -> str:
@@ -608,6 +618,7 @@ class RedisStore:
         self._write_script = client.register_script(_WRITE_VERSION_LUA)
         self._publish_script = client.register_script(_PUBLISH_LUA)
         self._discard_script = client.register_script(_DISCARD_LUA)
+        self._lease_script = client.register_script(_LEASE_LUA)
         self._scan_rows_script = client.register_script(SCAN_ROWS_LUA)
 
     @classmethod
@@ -941,6 +952,12 @@ class RedisStore:
             args=[version, expected_current, self.keys.prefix],
         )
         return bool(published)
+
+    def hold_refresh_lease(self, owner: str, ttl_s: float) -> bool:
+        """Take or extend the lease that lets one replica run the periodic refresh (True if held)."""
+        return bool(
+            self._lease_script(keys=[self.keys.refresh_lease], args=[owner, max(1, int(ttl_s * 1000))])
+        )
 
     def discard_version(self, version: int) -> bool:
         """Give up a version being built (e.g. its publish was refused); `collect_garbage` deletes it."""

@@ -9,8 +9,9 @@ in the store and enter the next refresh's snapshot.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,6 +129,8 @@ def refresh(
         store.write_gramian(version, "users", f.user.astype(np.float64).T @ f.user.astype(np.float64))
         store.write_gramian(version, "items", f.item.astype(np.float64).T @ f.item.astype(np.float64))
     published = store.publish(version, live)
+    if not published:
+        store.discard_version(version)  # lost the race to another publisher: leave nothing half-made
     report = RefreshReport(
         version,
         published,
@@ -139,3 +142,44 @@ def refresh(
     )
     log.info("wals refresh %s", report)
     return report
+
+
+class PeriodicRefresh:
+    """Runs `refresh` every `every_s` seconds on a background thread, on the one replica holding the
+    refresh lease, and deletes retired versions once readers have had `grace_s` to finish with them."""
+
+    def __init__(
+        self,
+        store: RefreshableStore,
+        params: LossParams,
+        iterations: int,
+        init_std: float,
+        seed: int,
+        every_s: float,
+        hold_lease: Callable[[float], bool],
+        on_outcome: Callable[[str], None],
+        grace_s: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.args = (params, iterations, init_std, seed)
+        self.every_s = every_s
+        self.hold_lease = hold_lease
+        self.on_outcome = on_outcome
+        self.grace_s = grace_s
+
+    def start(self, stop: threading.Event) -> threading.Thread:
+        thread = threading.Thread(target=self._run, args=(stop,), name="wals-refresh", daemon=True)
+        thread.start()
+        return thread
+
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.every_s):
+            try:
+                if not self.hold_lease(2 * self.every_s):
+                    continue
+                report = refresh(self.store, *self.args)
+                self.on_outcome("published" if report.published else "lost_race")
+                self.store.collect_garbage(self.grace_s)
+            except Exception:  # the stream must go on; the next period tries again
+                log.exception("wals refresh failed")
+                self.on_outcome("failed")

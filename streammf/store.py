@@ -154,6 +154,10 @@ class RefreshableStore(FactorStore, Protocol):
 
     def publish(self, version: int, expected_current: int) -> bool: ...
 
+    def discard_version(self, version: int) -> bool: ...
+
+    def collect_garbage(self, grace_s: float) -> list[int]: ...
+
 
 def fence(stored: dict[int, int], offsets: dict[int, tuple[int, int]]) -> ApplyOutcome | None:
     """Offset fencing shared by the stores (the Redis Lua script implements the same rule).
@@ -320,6 +324,12 @@ class MemoryStore:
         # Older drafts can never be published now (a publish must be newer than the current version).
         self._drafts = {v: d for v, d in self._drafts.items() if v > version}
         return True
+
+    def discard_version(self, version: int) -> bool:
+        return self._drafts.pop(version, None) is not None
+
+    def collect_garbage(self, grace_s: float) -> list[int]:
+        return []  # published versions replace the old rows in place; nothing is retired
 
     def _draft(self, version: int) -> _Draft:
         draft = self._drafts.get(version)

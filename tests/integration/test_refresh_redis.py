@@ -1,0 +1,46 @@
+"""The WALS refresh against real Redis: new version published, old one collected, one lease holder."""
+
+from __future__ import annotations
+
+import numpy as np
+import redis
+
+from streammf.events import Event
+from streammf.factors import LossParams
+from streammf.learner import Learner, LearnerParams
+from streammf.redis_store import ModelKeys, RedisStore
+from streammf.refresh import refresh
+from streammf.sgd import SgdParams
+from streammf.store import ApplyOutcome
+
+
+def test_refresh_flips_version_and_old_one_is_collected(redis_client: redis.Redis, model_name: str) -> None:
+    params = LearnerParams(SgdParams(LossParams("implicit")), init_std=0.1, seed=5)
+    store = RedisStore.open(redis_client, model_name, "implicit", 8)
+    rng = np.random.default_rng(0)
+    events = [Event(user_id=f"u{rng.integers(50)}", item_id=f"i{rng.integers(30)}") for _ in range(1500)]
+    learner = Learner(store, params)
+    assert learner.learn(events[:1000], {0: (0, 1000)}).outcome is ApplyOutcome.APPLIED
+
+    report = refresh(store, params.loss, 3, params.init_std, params.seed)
+    assert report.published and report.version == store.current_version() == 2
+    assert report.objective_after < report.objective_before
+    # The stream goes on against the new version (its writer re-reads after the flip).
+    result = learner.learn(events[1000:], {0: (1000, 1500)})
+    assert result.outcome is ApplyOutcome.APPLIED and result.version == 2
+    assert store.events_applied() == 1500
+
+    keys = ModelKeys(model_name)
+    assert redis_client.exists(keys.rows(1, "users"))
+    assert store.collect_garbage(grace_s=0.0) == [1]
+    assert not redis_client.exists(keys.rows(1, "users"))
+    assert redis_client.exists(keys.rows(2, "users"))
+
+
+def test_refresh_lease_has_one_holder(redis_client: redis.Redis, model_name: str) -> None:
+    store = RedisStore.open(redis_client, model_name, "explicit", 4)
+    assert store.hold_refresh_lease("a", 5.0)
+    assert not store.hold_refresh_lease("b", 5.0)
+    assert store.hold_refresh_lease("a", 5.0), "the holder extends its lease"
+    redis_client.delete(ModelKeys(model_name).refresh_lease)  # as if it expired
+    assert store.hold_refresh_lease("b", 5.0)

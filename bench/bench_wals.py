@@ -85,7 +85,6 @@ def run_contender(name: str, data_file: str, settings: dict[str, Any]) -> dict[s
         zeros_u, zeros_i = np.zeros(shape[0], DTYPE), np.zeros(shape[1], DTYPE)
         return objective(interactions, Factors(user, item, zeros_u, zeros_i), params, user_reg, item_reg)
 
-    initial_objective = score(init_user, init_item)
     durations: list[float] = []
     trace: list[float] = []
     tiny = sp.random(60, 40, density=0.2, format="csr", dtype=np.float32, random_state=0)
@@ -156,6 +155,7 @@ def run_contender(name: str, data_file: str, settings: dict[str, Any]) -> dict[s
                 interactions, factors, params, iterations, user_reg, item_reg, on_iteration, solver=solver
             )
 
+    initial_objective = score(init_user, init_item)
     return {
         "name": name,
         "warmup_s": warmup,

@@ -96,6 +96,12 @@ class ConsumeLoop:
         self.next_offsets: dict[int, int] = {}  # partition -> next offset applied by this process
 
     def run(self, stop: threading.Event) -> None:
+        # Subscribing to a topic the client has no metadata for yet can leave the member with no partitions
+        # until the next rebalance: wait for the topic first.
+        while not self.consumer.partitions_for_topic(self.settings.topic):
+            log.warning("topic %s has no partitions yet (not created?): waiting", self.settings.topic)
+            if stop.wait(2.0):
+                return
         self.consumer.subscribe([self.settings.topic], listener=_ResumeFromStore(self))
         log.info("consuming", extra={"topic": self.settings.topic})
         while not stop.is_set():

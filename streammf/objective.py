@@ -16,12 +16,15 @@ dense matrix, for checking the former on small inputs.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit, prange
 
 from streammf.factors import Factors, LossParams
 from streammf.interactions import Interactions
 
 # Entries scored per numpy pass: bounds the float64 temporaries to ~16 MB at k = 64.
 _CHUNK = 1 << 15
+# Row blocks of `gramian`: fixed, so its float64 sums come out the same on any number of threads.
+_GRAMIAN_BLOCKS = 64
 
 
 def weighted_reg(counts: np.ndarray, reg: float) -> np.ndarray:
@@ -147,12 +150,47 @@ def _observed_predictions(interactions: Interactions, factors: Factors, params: 
 
 
 def gramian(matrix: np.ndarray) -> np.ndarray:
-    """MᵀM in float64, accumulated over blocks of rows so no float64 copy of all of M is made."""
-    gram = np.zeros((matrix.shape[1], matrix.shape[1]))
-    for start in range(0, matrix.shape[0], _CHUNK):
-        block = matrix[start : start + _CHUNK].astype(np.float64)
-        gram += block.T @ block
-    return gram
+    """MᵀM in float64 (k × k), without BLAS.
+
+    The WALS half-steps need it right before their numba kernels, and a multi-threaded BLAS call there
+    leaves OpenBLAS's worker threads spinning on the cores the kernels want (measured: 2-4x slower
+    iterations with OPENBLAS_NUM_THREADS=2 on 2 cores). So it is a numba kernel on numba's own thread
+    pool, with fixed row blocks summed in a fixed order: the result does not depend on the thread count.
+    """
+    matrix = np.ascontiguousarray(matrix)
+    n_rows, k = matrix.shape
+    n_blocks = max(1, min(_GRAMIAN_BLOCKS, n_rows))
+    block_starts = np.linspace(0, n_rows, n_blocks + 1).astype(np.int64)
+    partials = np.zeros((n_blocks, k, k))
+    _gramian_lower_kernel(matrix, block_starts, partials)
+    lower = partials.sum(axis=0)
+    return np.tril(lower) + np.tril(lower, -1).T
+
+
+@njit(parallel=True, fastmath=False, cache=True, nogil=True)
+def _gramian_lower_kernel(matrix: np.ndarray, block_starts: np.ndarray, partials: np.ndarray) -> None:
+    """partials[b] = lower triangle of Σ_{rows in block b} m mᵀ, four rows per pass over the triangle."""
+    k = matrix.shape[1]
+    for block in prange(block_starts.size - 1):
+        acc = partials[block]
+        row = block_starts[block]
+        end = block_starts[block + 1]
+        while row + 4 <= end:
+            m0, m1, m2, m3 = matrix[row], matrix[row + 1], matrix[row + 2], matrix[row + 3]
+            for r in range(k):
+                a0, a1, a2, a3 = np.float64(m0[r]), np.float64(m1[r]), np.float64(m2[r]), np.float64(m3[r])
+                acc_row = acc[r]
+                for c in range(r + 1):
+                    acc_row[c] += (a0 * m0[c] + a1 * m1[c]) + (a2 * m2[c] + a3 * m3[c])
+            row += 4
+        while row < end:
+            m0 = matrix[row]
+            for r in range(k):
+                a0 = np.float64(m0[r])
+                acc_row = acc[r]
+                for c in range(r + 1):
+                    acc_row[c] += a0 * m0[c]
+            row += 1
 
 
 def _row_norms_squared(matrix: np.ndarray) -> np.ndarray:

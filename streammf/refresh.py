@@ -173,11 +173,16 @@ class PeriodicRefresh:
         return thread
 
     def _run(self, stop: threading.Event) -> None:
+        refreshed_at_events = 0
         while not stop.wait(self.every_s):
             try:
                 if not self.hold_lease(2 * self.every_s):
                     continue
+                applied = self.store.events_applied()
+                if applied == refreshed_at_events:
+                    continue  # nothing new since the last refresh (or nothing yet)
                 report = refresh(self.store, *self.args)
+                refreshed_at_events = applied
                 self.on_outcome("published" if report.published else "lost_race")
                 self.store.collect_garbage(self.grace_s)
             except Exception:  # the stream must go on; the next period tries again

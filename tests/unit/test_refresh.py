@@ -4,6 +4,8 @@ compare-and-set, and the periodic runner that only refreshes while it holds the 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -58,7 +60,7 @@ def test_refresh_that_loses_the_race_discards_its_version() -> None:
     assert not store.discard_version(report.version), "the losing version must already be discarded"
 
 
-def test_periodic_refresh_runs_only_while_holding_the_lease() -> None:
+def test_periodic_refresh_runs_only_while_holding_the_lease_and_only_on_news() -> None:
     store, params = _trained_store()
     outcomes: list[str] = []
     lease = {"held": False}
@@ -68,15 +70,23 @@ def test_periodic_refresh_runs_only_while_holding_the_lease() -> None:
         hold_lease=lambda _ttl: lease["held"], on_outcome=outcomes.append,
     )  # fmt: skip
     thread = runner.start(stop)
-    threading.Event().wait(0.3)
-    assert outcomes == [] and store.current_version() == 1
+    stop.wait(0.3)
+    assert outcomes == [] and store.current_version() == 1, "no lease, no refresh"
     lease["held"] = True
-    deadline = threading.Event()
-    for _ in range(100):
-        if len(outcomes) >= 2:
-            break
-        deadline.wait(0.05)
+    _wait_until(lambda: len(outcomes) >= 1)
+    stop.wait(0.3)
+    assert outcomes == ["published"], "nothing new since the last refresh: no second one"
+    more = [Event(user_id="new-user", item_id=str(i), value=4.0) for i in range(5)]
+    Learner(store, params).learn(more, {0: (10_000, 10_005)})
+    _wait_until(lambda: len(outcomes) >= 2)
     stop.set()
     thread.join(timeout=10)
-    assert outcomes[:2] == ["published", "published"]
-    assert store.current_version() >= 3
+    assert outcomes == ["published", "published"]
+    assert store.current_version() == 3
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)

@@ -57,7 +57,7 @@ class ModelSettings(_Section):
     reg_bias: float = Field(0.02, ge=0)
     # Implicit mode: confidence w = 1 + alpha * strength; unobserved entries pulled to 0 with weight w0.
     alpha: float = Field(10.0, ge=0)
-    w0: float = Field(0.01, ge=0)
+    w0: float = Field(1.0, ge=0)
     init_std: float = Field(0.01, ge=0)
     seed: int = 42
 

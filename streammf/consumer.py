@@ -12,6 +12,7 @@ and the next poll fetches it again. Polling goes on meanwhile, so the consumer k
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -61,7 +62,7 @@ class _ResumeFromStore(ConsumerRebalanceListener):
         # Every applied batch is already in Redis with its offsets: nothing to flush before giving up.
         for tp in revoked:
             self.loop.unsynced.discard(tp)
-            if self.loop.next_offsets.pop(tp.partition, None) is not None:
+            with contextlib.suppress(KeyError):  # no lag series yet for this partition
                 self.loop.metrics.lag.remove(str(tp.partition))
         if revoked:
             log.info("partitions revoked", extra={"partitions": sorted(tp.partition for tp in revoked)})
@@ -96,12 +97,6 @@ class ConsumeLoop:
         self.next_offsets: dict[int, int] = {}  # partition -> next offset applied by this process
 
     def run(self, stop: threading.Event) -> None:
-        # Subscribing to a topic the client has no metadata for yet can leave the member with no partitions
-        # until the next rebalance: wait for the topic first.
-        while not self.consumer.partitions_for_topic(self.settings.topic):
-            log.warning("topic %s has no partitions yet (not created?): waiting", self.settings.topic)
-            if stop.wait(2.0):
-                return
         self.consumer.subscribe([self.settings.topic], listener=_ResumeFromStore(self))
         log.info("consuming", extra={"topic": self.settings.topic})
         while not stop.is_set():
@@ -235,10 +230,11 @@ class ConsumeLoop:
             log.warning("kafka offset commit failed (lag tooling only): %s", exc)
 
     def _update_lag(self) -> None:
-        for partition, nxt in self.next_offsets.items():
-            highwater = self.consumer.highwater(TopicPartition(self.settings.topic, partition))
-            if highwater is not None:
-                self.metrics.lag.labels(str(partition)).set(max(0, highwater - nxt))
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            nxt = self.next_offsets.get(tp.partition)
+            if highwater is not None and nxt is not None:
+                self.metrics.lag.labels(str(tp.partition)).set(max(0, highwater - nxt))
 
 
 class _Abandoned(Exception):

@@ -58,6 +58,8 @@ def run_daemon(settings: Settings, params: LearnerParams, stop: threading.Event 
     store = open_store(settings, client, params)
     learner = Learner(TimedStore(store, metrics.redis_latency), params)
     kafka_common: dict[str, Any] = client_kwargs(settings.kafka)
+    if not wait_for_topic(kafka_common, settings.kafka.topic, stop):
+        return
     consumer = KafkaConsumer(
         **kafka_common,
         group_id=settings.kafka.group_id,
@@ -108,6 +110,23 @@ def run_daemon(settings: Settings, params: LearnerParams, stop: threading.Event 
         producer.close(timeout=5)
         server.shutdown()
         log.info("stopped cleanly")
+
+
+def wait_for_topic(kafka_common: dict[str, Any], topic: str, stop: threading.Event) -> bool:
+    """Wait until the topic has partitions. A member that subscribes before its client knows the topic
+    can stay without partitions until some later rebalance. A throwaway client asks, so the group
+    consumer never switches to all-topics metadata (whose changes trigger needless rebalances)."""
+    from kafka import KafkaConsumer
+
+    probe = KafkaConsumer(**kafka_common)
+    try:
+        while not probe.partitions_for_topic(topic):
+            log.warning("topic %s has no partitions yet (not created?): waiting", topic)
+            if stop.wait(2.0):
+                return False
+        return True
+    finally:
+        probe.close()
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

@@ -15,8 +15,11 @@ so a pass over the data applies it once per row; it is never computed by densify
 G_V = VᵀV and G_U = UᵀU are kept current by exact rank-one updates after every step
 (G += v'v'ᵀ − vvᵀ) inside the kernel, stored as deltas, and recomputed exactly at every WALS refresh.
 
-The step is the gradient halved (absorbed into the learning rate): x ← x − η·½∇ℓ. The global mean μ is
-the running mean of all values seen before the event.
+Explicit mode takes the gradient step, halved (absorbed into the learning rate): x ← x − η·½∇ℓ.
+Implicit mode's ℓ is quadratic in each row and stiff (confidence weights, the Gramian), so it takes the
+implicit (proximal) step x' = argmin ½ℓ(x') + ‖x' − x‖²/2η, one small SPD solve per row: stable at any
+η, with the same fixed points.
+The global mean μ is the running mean of all values seen before the event.
 
 Events run strictly in order, so a batch gives the same result as applying its events one by one, whatever
 the batch boundaries: the daemon and `streammf evaluate` agree exactly.
@@ -111,6 +114,10 @@ def _sgd_kernel(
     k = U.shape[1]
     u_old = np.empty(k, dtype=np.float64)
     v_old = np.empty(k, dtype=np.float64)
+    r_u = np.empty(k, dtype=np.float64)
+    r_v = np.empty(k, dtype=np.float64)
+    system = np.empty((k, k), dtype=np.float64)
+    work = np.empty(k, dtype=np.float64)
     for t in range(ev_u.shape[0]):
         a = ev_u[t]
         b = ev_i[t]
@@ -154,17 +161,29 @@ def _sgd_kernel(
             p = dot
             predictions[t] = p
             s = ev_val[t] * ev_w[t]
-            g = -(1.0 + alpha * s) * (1.0 - p) - w0 * p if new else -alpha * s * (1.0 - p)
+            # ½ℓ restricted to one row x (the other fixed at o) is ½a(x·o)² − b(x·o) + ½λ_on‖x‖² + ½c·xᵀGx:
+            # new pair a = w − w0, b = w (w = 1 + α·s); old pair a = b = α·s.
+            if new:
+                conf = 1.0 + alpha * s
+                a_coef = max(conf - w0, 0.0)  # clamped so the system stays SPD even if w0 > 1
+                b_coef = conf
+            else:
+                a_coef = alpha * s
+                b_coef = alpha * s
             gu = w0 / n_u[a] if n_u[a] > 0 else w0
             gv = w0 / m_i[b] if m_i[b] > 0 else w0
+            # Implicit (proximal) step: (I + η(a·ooᵀ + λ_on·I + c·G)) x' = x + η·b·o, the exact minimiser of
+            # ½ℓ + ‖x' − x‖²/2η. Confidence weights and the Gramian make the plain step stiff; this one is
+            # stable at any η and has the same fixed points.
+            _prox_row(
+                G_V, lr * gu, u_old, v_old, lr * a_coef, lr * b_coef, lr * reg_on * reg, r_u, system, work
+            )
+            _prox_row(
+                G_U, lr * gv, v_old, u_old, lr * a_coef, lr * b_coef, lr * reg_on * reg, r_v, system, work
+            )
             for f in range(k):
-                grav_u = 0.0
-                grav_v = 0.0
-                for h in range(k):
-                    grav_u += G_V[f, h] * u_old[h]
-                    grav_v += G_U[f, h] * v_old[h]
-                U[a, f] = u_old[f] - lr * (g * v_old[f] + reg_on * reg * u_old[f] + gu * grav_u)
-                V[b, f] = v_old[f] - lr * (g * u_old[f] + reg_on * reg * v_old[f] + gv * grav_v)
+                U[a, f] = r_u[f]
+                V[b, f] = r_v[f]
             # Keep the Gramians exact: swap the old rows' outer products for the new (float32-rounded) ones.
             for f in range(k):
                 for h in range(k):
@@ -173,6 +192,38 @@ def _sgd_kernel(
         value_sum += ev_val[t]
         value_count += 1
     return value_sum, value_count
+
+
+@njit(cache=True)
+def _prox_row(G, c, x, other, a, b, shift, out, system, work):  # fmt: skip
+    """out ← (I·(1 + shift) + c·G + a·other·otherᵀ)⁻¹ (x + b·other), by Cholesky (the matrix is SPD)."""
+    k = x.shape[0]
+    for f in range(k):
+        out[f] = x[f] + b * other[f]
+        for h in range(k):
+            system[f, h] = c * G[f, h] + a * other[f] * other[h]
+        system[f, f] += 1.0 + shift
+    for j in range(k):  # L stored in the lower triangle
+        total = system[j, j]
+        for p in range(j):
+            total -= system[j, p] * system[j, p]
+        diag = np.sqrt(total)
+        system[j, j] = diag
+        for i in range(j + 1, k):
+            total = system[i, j]
+            for p in range(j):
+                total -= system[i, p] * system[j, p]
+            system[i, j] = total / diag
+    for i in range(k):  # L y = rhs
+        total = out[i]
+        for p in range(i):
+            total -= system[i, p] * work[p]
+        work[i] = total / system[i, i]
+    for i in range(k - 1, -1, -1):  # Lᵀ x = y
+        total = work[i]
+        for p in range(i + 1, k):
+            total -= system[p, i] * out[p]
+        out[i] = total / system[i, i]
 
 
 def event_loss_reference(

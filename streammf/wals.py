@@ -11,8 +11,9 @@ x = u_i (implicit) or x = [u_i; b_i] against features z_j = [v_j; 1] (explicit w
         b_i = Σ_{j∈obs(i)} w_ij t_ij z_j
     x = A_i⁻¹ b_i
 
-and symmetrically for items with UᵀU. Rows without observations get zero factors (and zero bias):
-that is the exact minimiser in implicit mode and the prior mean in explicit mode.
+and symmetrically for items with UᵀU. Rows without observations get zero factors and zero bias (a
+bias held fixed with ``fit_biases=False`` keeps its value): the exact minimiser in implicit mode, the
+prior mean in explicit mode.
 
 Two kernels solve A_i x = b_i for all rows in parallel (numba, prange over cost-balanced chunks of rows):
 
@@ -23,10 +24,11 @@ Two kernels solve A_i x = b_i for all rows in parallel (numba, prange over cost-
   warm start, so a half-step still never increases L; across WALS iterations it converges to the same
   fixed points as the exact solve.
 
-`wals` uses ``"cg"`` by default: on the benchmark (bench/README.md) it is several times faster per
-iteration than the exact solve, at the speed of implicit's CG, and after a few iterations reaches the same
-objective to within a fraction of a percent. The fold-in functions always solve exactly: a new row has no
-warm start, and they touch few rows.
+`wals` and the half-steps use ``"cg"`` by default: on bench/bench_wals.py (100k × 20k, 1.76M entries,
+k = 64, 2 threads) it takes 0.58 s per iteration against 2.4 s for the exact solve and 0.81 s for
+implicit's CG, and its objective trajectory matches implicit's CG to 6-7 digits, 0.03% above the exact
+solve's after 5 iterations (the gap closes as iterations go on). The fold-in functions always solve
+exactly: a new row has no warm start, and they touch few rows.
 
 Kernels accumulate in float64 and store float32. ``fastmath`` is off in the kernels; only the
 dot-product helper `_dot` allows reassociation (no other fast-math flag), so its reduction vectorises.

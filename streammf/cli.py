@@ -54,13 +54,16 @@ def evaluate(
     """Prequential evaluation of a rating log (MovieLens u.data, ratings.dat, ratings.csv): every event is
     predicted, then learned, through the daemon's own update code on an in-memory store."""
     from streammf.evaluate import evaluate as run_evaluation
-    from streammf.ratings import load_ratings
+    from streammf.ratings import RatingsFormatError, load_ratings
     from streammf.store import MemoryStore
 
     overrides = {key: value for key, value in {"mode": mode, "factors": factors}.items() if value is not None}
     model = settings.model.model_copy(update=overrides)
     params = learner_params(model)
-    log = load_ratings(file)
+    try:
+        log = load_ratings(file)
+    except RatingsFormatError as exc:
+        raise click.ClickException(str(exc)) from exc
     store = MemoryStore(model.name, model.mode, model.factors)
     iterations = refresh_iterations if refresh_iterations is not None else settings.refresh.iterations
     report = run_evaluation(log, store, params, batch_size, refresh_every, iterations, progress)

@@ -25,6 +25,7 @@ from streammf.wals import (
     solve_users,
     wals,
 )
+from tests.unit.problems import random_problem as shared_random_problem
 
 SOLVERS = ("cholesky", "cg")
 
@@ -38,28 +39,18 @@ def random_problem(
     k: int = 4,
     w0: float = 0.2,
 ) -> tuple[Interactions, Factors, LossParams]:
-    rng = np.random.default_rng(seed)
     params = LossParams(mode, reg=0.05, reg_bias=0.02, alpha=3.0, w0=w0)
-    observed = rng.random((n_users, n_items)) < density
-    observed[0] = False  # an empty user row
-    observed[:, 0] = False  # an empty item column
-    users, items = np.nonzero(observed)
-    if mode == "explicit":
-        values = rng.integers(1, 6, users.size).astype(float)
-        weights = rng.uniform(0.5, 2.0, users.size)
-    else:
-        values = rng.exponential(1.0, users.size)
-        weights = None
-    interactions = Interactions.from_coo(users, items, values, (n_users, n_items), params, weights)
-    biased = mode == "explicit"
-    factors = Factors(
-        rng.normal(0, 0.5, (n_users, k)).astype(DTYPE),
-        rng.normal(0, 0.5, (n_items, k)).astype(DTYPE),
-        (rng.normal(0, 0.3, n_users) if biased else np.zeros(n_users)).astype(DTYPE),
-        (rng.normal(0, 0.3, n_items) if biased else np.zeros(n_items)).astype(DTYPE),
-        3.0 if biased else 0.0,
+    return shared_random_problem(
+        seed,
+        mode,
+        n_users,
+        n_items,
+        density,
+        k,
+        params=params,
+        empty_first_row_and_column=True,
+        global_mean=3.0,
     )
-    return interactions, factors, params
 
 
 def user_problem(

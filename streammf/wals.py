@@ -202,18 +202,9 @@ def fold_in_users(
     `Interactions.from_coo` of a new user's events. Reads ``factors.item``, ``factors.item_bias`` and
     ``factors.global_mean`` only. With ``fit_biases=False`` the returned biases are zero.
     """
-    _check_fold_in(rows, factors.item, factors.item_bias, params, side="item")
-    problem = _row_problem(
-        rows,
-        other=factors.item,
-        other_bias=factors.item_bias,
-        own_bias=np.zeros(rows.shape[0], dtype=DTYPE),
-        global_mean=factors.global_mean,
-        params=params,
-        reg=user_reg,
-        fit_biases=fit_biases,
+    return _fold_in(
+        rows, factors.item, factors.item_bias, factors.global_mean, params, user_reg, fit_biases, "user"
     )
-    return _solve_rows(problem, None, None, "cholesky", side="user")
 
 
 def fold_in_items(
@@ -230,18 +221,33 @@ def fold_in_items(
     ``interactions.transposed.take_rows(item_ids)``. Reads ``factors.user``, ``factors.user_bias`` and
     ``factors.global_mean`` only.
     """
-    _check_fold_in(columns, factors.user, factors.user_bias, params, side="user")
+    return _fold_in(
+        columns, factors.user, factors.user_bias, factors.global_mean, params, item_reg, fit_biases, "item"
+    )
+
+
+def _fold_in(
+    rows: Interactions,
+    other: np.ndarray,
+    other_bias: np.ndarray,
+    global_mean: float,
+    params: LossParams,
+    reg: np.ndarray | None,
+    fit_biases: bool,
+    side: str,
+) -> SolvedRows:
+    _check_fold_in(rows, other, other_bias, params, side="item" if side == "user" else "user")
     problem = _row_problem(
-        columns,
-        other=factors.user,
-        other_bias=factors.user_bias,
-        own_bias=np.zeros(columns.shape[0], dtype=DTYPE),
-        global_mean=factors.global_mean,
+        rows,
+        other=other,
+        other_bias=other_bias,
+        own_bias=np.zeros(rows.shape[0], dtype=DTYPE),
+        global_mean=global_mean,
         params=params,
-        reg=item_reg,
+        reg=reg,
         fit_biases=fit_biases,
     )
-    return _solve_rows(problem, None, None, "cholesky", side="item")
+    return _solve_rows(problem, None, None, "cholesky", side=side)
 
 
 # ---------------------------------------------------------------------------------------------------

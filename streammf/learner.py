@@ -114,8 +114,8 @@ class Learner:
             item_delta=item_rows.astype(np.float64) - item_base.astype(np.float64),
             item_bias_delta=item_bias.astype(np.float64) - state.item_bias.astype(np.float64),
             item_count_delta=item_counts - state.item_counts,
-            pair_users=[plan.users[plan.pair_user[p]] for p in range(len(plan.pairs))],
-            pair_items=[plan.items[plan.pair_item[p]] for p in range(len(plan.pairs))],
+            pair_users=[user for user, _ in plan.pairs],
+            pair_items=[item for _, item in plan.pairs],
             pair_values=pair_values.astype(np.float64),
             value_sum_delta=value_sum - state.value_sum,
             value_count_delta=value_count - state.value_count,
@@ -150,8 +150,6 @@ class _BatchPlan:
     event_user: np.ndarray
     event_item: np.ndarray
     event_pair: np.ndarray
-    pair_user: np.ndarray
-    pair_item: np.ndarray
     first_of_pair: np.ndarray  # the event is its pair's first in the batch
     first_of_user: np.ndarray  # the event is its user's first in the batch
     first_of_item: np.ndarray
@@ -193,8 +191,6 @@ class _BatchPlan:
             event_user=ev_user,
             event_item=ev_item,
             event_pair=ev_pair,
-            pair_user=np.array([user_index[u] for u, _ in pairs], dtype=np.int64),
-            pair_item=np.array([item_index[i] for _, i in pairs], dtype=np.int64),
             first_of_pair=first,
             first_of_user=first_user,
             first_of_item=first_item,

@@ -71,6 +71,8 @@ class _ResumeFromStore(ConsumerRebalanceListener):
         self.loop.unsynced.update(assigned)
         if assigned:
             log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
+        else:
+            log.warning("no partitions assigned: idle until a rebalance (more replicas than partitions?)")
 
 
 class ConsumeLoop:

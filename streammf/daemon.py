@@ -58,8 +58,6 @@ def run_daemon(settings: Settings, params: LearnerParams, stop: threading.Event 
     store = open_store(settings, client, params)
     learner = Learner(TimedStore(store, metrics.redis_latency), params)
     kafka_common: dict[str, Any] = client_kwargs(settings.kafka)
-    if not wait_for_topic(kafka_common, settings.kafka.topic, stop):
-        return
     consumer = KafkaConsumer(
         **kafka_common,
         group_id=settings.kafka.group_id,
@@ -69,6 +67,9 @@ def run_daemon(settings: Settings, params: LearnerParams, stop: threading.Event 
         session_timeout_ms=settings.kafka.session_timeout_ms,
         heartbeat_interval_ms=settings.kafka.session_timeout_ms // 3,
     )
+    if not wait_for_topic(consumer, settings.kafka.topic, stop):
+        consumer.close(autocommit=False)
+        return
     producer = KafkaProducer(**kafka_common, linger_ms=5)
     loop = ConsumeLoop(
         consumer,
@@ -112,21 +113,19 @@ def run_daemon(settings: Settings, params: LearnerParams, stop: threading.Event 
         log.info("stopped cleanly")
 
 
-def wait_for_topic(kafka_common: dict[str, Any], topic: str, stop: threading.Event) -> bool:
-    """Wait until the topic has partitions. A member that subscribes before its client knows the topic
-    can stay without partitions until some later rebalance. A throwaway client asks, so the group
-    consumer never switches to all-topics metadata (whose changes trigger needless rebalances)."""
-    from kafka import KafkaConsumer
+def wait_for_topic(consumer: Any, topic: str, stop: threading.Event) -> bool:
+    """Wait until the group consumer's own metadata lists the topic's partitions, before it subscribes.
 
-    probe = KafkaConsumer(**kafka_common)
-    try:
-        while not probe.partitions_for_topic(topic):
-            log.warning("topic %s has no partitions yet (not created?): waiting", topic)
-            if stop.wait(2.0):
-                return False
-        return True
-    finally:
-        probe.close()
+    A group leader assigns from its client's metadata at that moment. Had the topic's metadata not
+    arrived yet, kafka-python assigns nothing ("No partition metadata for topic") and may never notice
+    the metadata that arrives later (dpkp/kafka-python#2377): the daemon would idle forever on a full
+    topic. Asking before subscribing costs one all-topics metadata request and cannot trigger a
+    rebalance, because there is no subscription yet."""
+    while not consumer.partitions_for_topic(topic):
+        log.warning("topic %s has no partitions yet (not created?): waiting", topic)
+        if stop.wait(2.0):
+            return False
+    return True
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

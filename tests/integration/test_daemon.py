@@ -250,6 +250,23 @@ def test_metrics_expose_every_series(kafka_bootstrap, redis_url, redis_client, m
     assert not any("u1" in name or "i1" in name for name in metrics), "ids must never be labels"
 
 
+def test_a_daemon_started_before_its_topic_exists_consumes_it_once_created(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model
+):
+    settings = _settings(kafka_bootstrap, redis_url, topic_name, model, _free_port())
+    with _InProcessDaemon(settings) as daemon:
+        time.sleep(3)  # the daemon is waiting for the topic
+        assert daemon.thread.is_alive()
+        topic = make_topic(topic_name, 3)
+        events = [
+            (f"u{i % 7}".encode(), json.dumps({"user_id": f"u{i % 7}", "item_id": f"i{i}"}).encode())
+            for i in range(300)
+        ]
+        _produce(kafka_bootstrap, topic, events)
+        _wait_for(lambda: _applied(redis_client, model) >= len(events), 60, "events applied")
+    assert _applied(redis_client, model) == len(events)
+
+
 def test_poison_records_go_to_the_dead_letter_topic(
     kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens
 ):

@@ -96,10 +96,14 @@ def refresh(settings: Settings, iterations: int | None) -> None:
     report = run_refresh(
         store, params.loss, iterations or settings.refresh.iterations, params.init_std, params.seed
     )
+    if report.version is None:
+        raise click.ClickException("the live version was replaced as the refresh began; run it again")
     state = "published" if report.published else "NOT published (another version won the race)"
     click.echo(
         f"version {report.version} {state}: {report.users} users, {report.items} items, "
-        f"objective {report.objective_before:.4g} -> {report.objective_after:.4g} in {report.seconds:.1f} s"
+        f"objective {report.objective_before:.4g} -> {report.objective_after:.4g} in {report.seconds:.1f} s; "
+        f"caught up {report.caught_up_rows} rows the stream changed meanwhile "
+        f"(writers paused {report.paused_seconds * 1000:.0f} ms)"
     )
 
 

@@ -101,7 +101,7 @@ def run_daemon(settings: Settings, params: LearnerParams, stop: threading.Event 
         params.seed,
         settings.refresh.every_s,
         hold_lease=lambda ttl: store.hold_refresh_lease(replica_id, ttl),
-        on_outcome=lambda outcome: metrics.refreshes.labels(outcome).inc(),
+        on_outcome=metrics.observe_refresh,
     )
     refresher.start(stop)
     try:

@@ -1,4 +1,5 @@
-"""One batch of events through the model: read state → SGD step → atomic apply (retry on a version flip).
+"""One batch of events through the model: read state → SGD step → atomic apply (retry on a version flip
+or a refresh's pause).
 
 Used by the daemon (Redis store) and by `streammf evaluate` (in-memory store): the same code path, so the
 two produce the same factors.
@@ -6,7 +7,8 @@ two produce the same factors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +17,8 @@ from streammf.events import Event
 from streammf.factors import DTYPE, LossParams, init_rows
 from streammf.sgd import SgdBatch, SgdParams, sgd_step
 from streammf.store import ApplyOutcome, BatchState, BatchUpdate, FactorStore
+
+_PAUSE_POLL_S = 0.02  # how often a paused writer looks again (a refresh's hand-over is short)
 
 
 @dataclass(frozen=True)
@@ -41,23 +45,44 @@ class VersionChurnError(RuntimeError):
 
 
 class Learner:
-    def __init__(self, store: FactorStore, params: LearnerParams, max_version_retries: int = 5) -> None:
+    def __init__(
+        self,
+        store: FactorStore,
+        params: LearnerParams,
+        max_version_retries: int = 5,
+        max_pause_s: float = 60.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.store = store
         self.params = params
         self.k = store.meta().k
         self.max_version_retries = max_version_retries
+        self.max_pause_s = max_pause_s
+        self.sleep = sleep
 
     def learn(self, events: Sequence[Event], offsets: dict[int, tuple[int, int]]) -> StepResult:
-        """Apply `events` (already validated, in partition order) covering `offsets` exactly once."""
+        """Apply `events` (already validated, in partition order) covering `offsets` exactly once.
+
+        A version flip means recomputing against the new version. A paused version (a refresh handing
+        over, normally well under a second) means waiting, then recomputing: the refresh may publish."""
         plan = _BatchPlan.of(events)
-        for _ in range(self.max_version_retries):
+        flips, paused_s = 0, 0.0
+        while True:
             state = self.store.read_batch_state(plan.users, plan.items, plan.pairs)
             update, predictions = self.compute(plan, state, offsets)
             outcome = self.store.apply(update)
-            if outcome is not ApplyOutcome.STALE_VERSION:
+            if outcome is ApplyOutcome.STALE_VERSION:
+                flips += 1
+                if flips >= self.max_version_retries:
+                    raise VersionChurnError(f"model version changed {flips} times during one batch")
+            elif outcome is ApplyOutcome.PAUSED:
+                if paused_s >= self.max_pause_s:
+                    raise VersionChurnError(f"model version {state.version} paused for over {paused_s:.0f}s")
+                self.sleep(_PAUSE_POLL_S)
+                paused_s += _PAUSE_POLL_S
+            else:
                 targets = plan.values if self.params.loss.mode == "explicit" else np.ones(len(predictions))
                 return StepResult(outcome, predictions, targets - predictions, state.version)
-        raise VersionChurnError(f"model version changed {self.max_version_retries} times during one batch")
 
     def compute(
         self, plan: _BatchPlan, state: BatchState, offsets: dict[int, tuple[int, int]]

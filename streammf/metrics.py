@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,10 +20,14 @@ from prometheus_client import (
     generate_latest,
 )
 
+if TYPE_CHECKING:
+    from streammf.refresh import RefreshReport
+
 # Milliseconds matter for update latency; freshness spans ms (live) to hours (a replayed backlog).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 FRESHNESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0)
 BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+REFRESH_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 LOSS_EMA_DECAY = 0.999
 
 
@@ -84,10 +89,31 @@ class Metrics:
         self.refreshes = Counter(
             "streammf_refreshes_total", "WALS refreshes by outcome", ["outcome"], registry=r
         )
+        self.refresh_seconds = Histogram(
+            "streammf_refresh_seconds", "WALS refresh duration", buckets=REFRESH_BUCKETS, registry=r
+        )
+        self.refresh_pause_seconds = Histogram(
+            "streammf_refresh_pause_seconds",
+            "How long writers waited while a refresh handed the live version over",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.refresh_caught_up_rows = Counter(
+            "streammf_refresh_caught_up_rows_total",
+            "Rows a refresh folded in because the stream changed them while it ran",
+            registry=r,
+        )
         self.last_progress = Gauge(
             "streammf_last_progress_timestamp_seconds", "When the poll loop last made progress", registry=r
         )
         self._ema: float | None = None
+
+    def observe_refresh(self, outcome: str, report: RefreshReport | None) -> None:
+        self.refreshes.labels(outcome).inc()
+        if report is not None and report.version is not None:
+            self.refresh_seconds.observe(report.seconds)
+            self.refresh_pause_seconds.observe(report.paused_seconds)
+            self.refresh_caught_up_rows.inc(report.caught_up_rows)
 
     def observe_errors(self, total: float, count: int) -> None:
         """Record prequential squared errors (sum and count for PromQL, plus an EMA for dashboards)."""

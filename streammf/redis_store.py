@@ -123,11 +123,15 @@ class ModelKeys:
     def gramian(self, version: int, side: Side) -> str:
         return f"{self.prefix}v{version}:gram:{side}"
 
+    def changed(self, version: int, side: Side) -> str:
+        return f"{self.prefix}v{version}:changed:{side}"
+
     def version_keys(self, version: int) -> list[str]:
         return [
             self.version_meta(version),
             *(self.rows(version, side) for side in SIDES),
             *(self.gramian(version, side) for side in SIDES),
+            *(self.changed(version, side) for side in SIDES),
         ]
 
 
@@ -398,7 +402,7 @@ return {user_rows, user_mask, table.concat(user_counts, ','), item_rows, item_ma
 # One batch update, all or nothing. A Redis script is not rolled back when it fails half-way, so phase 1
 # reads and validates everything and computes the new values; only phase 2 writes.
 # KEYS: 1 current, 2 offsets, 3 v:meta, 4 v:users, 5 v:items, 6 item_counts, 7 stats, 8 v:gram:items,
-#       9 v:gram:users, 10.. inter:<user> of each distinct pair user
+#       9 v:gram:users, 10 v:changed:users, 11 v:changed:items, 12.. inter:<user> of each distinct pair user
 # ARGV: 1 version, 2 k, 3 additive (1: implicit strengths add, 0: explicit ratings are set), 4 n_users,
 #       5 n_items, 6 n_pairs, 7 value_sum delta, 8 value_count delta, 9 events applied,
 #       10 users, 11 user rows '<f4' (n_users × (k+1)), 12 items, 13 item base rows '<f4' (n_items × k),
@@ -414,6 +418,11 @@ if not current then return bad(KEYS[1], 'is missing: the model has no current ve
 if current ~= ARGV[1] then return 'stale_version' end
 if redis.call('EXISTS', KEYS[3]) == 0 then
   return bad(KEYS[3], 'is missing: ' .. KEYS[1] .. ' names a version without meta')
+end
+local handover = redis.call('HMGET', KEYS[3], 'tracking', 'paused_until')
+if handover[2] then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) + tonumber(t[2]) / 1e6 < tonumber(handover[2]) then return 'paused' end
 end
 
 -- Offset fencing, exactly streammf.store.fence.
@@ -550,6 +559,10 @@ redis.call('HINCRBY', KEYS[7], 'value_count', ARGV[8])
 redis.call('HINCRBY', KEYS[7], 'events_applied', ARGV[9])
 for _, g in ipairs(gramians) do redis.call('SET', g[1], g[2]) end
 for o = 21, #ARGV, 3 do redis.call('HSET', KEYS[2], ARGV[o], ARGV[o + 2]) end
+if handover[1] then  -- a refresh is catching up with this version: tell it what changed
+  for u = 1, n_users do redis.call('SADD', KEYS[10], users[u]) end
+  for _, item in ipairs(item_order) do redis.call('SADD', KEYS[11], item) end
+end
 return 'applied'
 """
 )
@@ -583,12 +596,30 @@ local version, old = tonumber(ARGV[1]), tonumber(current)
 if version <= old or redis.call('HGET', KEYS[3], 'state') ~= 'building' then return 0 end
 local t = redis.call('TIME')
 local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+-- A refresh that paused writers to the old version must publish before the pause runs out.
+local paused_until = redis.call('HGET', ARGV[3] .. 'v' .. current .. ':meta', 'paused_until')
+if paused_until and tonumber(now) >= tonumber(paused_until) then return 0 end
 redis.call('HSET', KEYS[3], 'state', 'live', 'published_at', now)
 redis.call('SET', KEYS[1], ARGV[1])
 for v = old, version - 1 do
   redis.call('ZADD', KEYS[2], now, v)
   local meta = ARGV[3] .. 'v' .. v .. ':meta'
   if redis.call('EXISTS', meta) == 1 then redis.call('HSET', meta, 'state', 'retired', 'retired_at', now) end
+end
+return 1
+"""
+
+# Marks the live version for a refresh's catch-up: 'tracking' (applies record what they change) or
+# 'paused_until' (applies are refused until the server's clock passes it). Refused (0) unless current.
+# KEYS: current, v:meta.  ARGV: version, 'tracking' | 'paused_until', seconds to pause.
+_HANDOVER_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+if ARGV[2] == 'tracking' then
+  redis.call('HSET', KEYS[2], 'tracking', '1')
+else
+  local t = redis.call('TIME')
+  local until_s = tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[3])
+  redis.call('HSET', KEYS[2], 'paused_until', string.format('%.6f', until_s))
 end
 return 1
 """
@@ -618,6 +649,7 @@ class RedisStore:
         self._write_script = client.register_script(_WRITE_VERSION_LUA)
         self._publish_script = client.register_script(_PUBLISH_LUA)
         self._discard_script = client.register_script(_DISCARD_LUA)
+        self._handover_script = client.register_script(_HANDOVER_LUA)
         self._lease_script = client.register_script(_LEASE_LUA)
         self._scan_rows_script = client.register_script(SCAN_ROWS_LUA)
 
@@ -768,7 +800,7 @@ class RedisStore:
         keys, k = self.keys, self._model.k
         implicit = self._model.mode == "implicit"
         pair_users = list(dict.fromkeys(update.pair_users))
-        inter_index = {user: 10 + i for i, user in enumerate(pair_users)}  # KEYS index, 1-based in Lua
+        inter_index = {user: 12 + i for i, user in enumerate(pair_users)}  # KEYS index, 1-based in Lua
 
         def gramian_delta(delta: np.ndarray | None) -> bytes:
             # Explicit models keep no Gramians: a delta is ignored, as in the in-memory twin.
@@ -820,6 +852,8 @@ class RedisStore:
             keys.stats,
             keys.gramian(update.version, "items"),
             keys.gramian(update.version, "users"),
+            keys.changed(update.version, "users"),
+            keys.changed(update.version, "items"),
             *(keys.inter(user) for user in pair_users),
         ]
         try:
@@ -963,6 +997,40 @@ class RedisStore:
         """Give up a version being built (e.g. its publish was refused); `collect_garbage` deletes it."""
         return bool(
             self._discard_script(keys=[self.keys.version_meta(version), self.keys.retired], args=[version])
+        )
+
+    def track_changes(self, version: int) -> bool:
+        """From now on, updates applied to `version` record their users and items (see `take_changes`)."""
+        return bool(self._handover(version, "tracking", 0.0))
+
+    def take_changes(self, version: int) -> tuple[list[str], list[str]]:
+        """The users and items updated in `version` since tracking began or the last take; forgets them."""
+        keys = [self.keys.changed(version, side) for side in SIDES]
+        pipe = self._client.pipeline(transaction=True)
+        for key in keys:
+            pipe.smembers(key)
+        pipe.delete(*keys)
+        *members, _ = pipe.execute()
+        users, items = (sorted(raw.decode() for raw in side) for side in members)
+        return users, items
+
+    def read_interactions(self, users: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The given users' interactions as they are now (one pipelined HGETALL per user)."""
+        prefix = self.keys.inter_prefix.encode()
+        return self._read_interactions([self.keys.inter(user).encode() for user in users], prefix)
+
+    def pause_writes(self, version: int, ttl_s: float) -> bool:
+        """Updates to `version` get PAUSED until `resume_writes`, a publish, or `ttl_s` (server clock)."""
+        return bool(self._handover(version, "paused_until", ttl_s))
+
+    def resume_writes(self, version: int) -> None:
+        self._client.hdel(self.keys.version_meta(version), "paused_until")
+
+    def _handover(self, version: int, mark: str, ttl_s: float) -> int:
+        return int(
+            self._handover_script(
+                keys=[self.keys.current, self.keys.version_meta(version)], args=[version, mark, repr(ttl_s)]
+            )
         )
 
     def collect_garbage(self, grace_s: float) -> list[int]:

@@ -1,9 +1,13 @@
 """The WALS refresh: snapshot all interactions → WALS warm-started from the live factors → write a new
-version beside the live one → flip the pointer.
+version beside the live one → catch up with what the stream changed meanwhile → flip the pointer.
 
-Events applied by SGD between the snapshot and the flip are refused by the version fence and recomputed
-against the new version by their writer, so no event's effect is applied twice; their interactions are
-in the store and enter the next refresh's snapshot.
+Catch-up: the live version keeps taking SGD updates while WALS runs, and the snapshot misses them. The
+store records which users and items those updates touched; the refresh re-reads the touched users'
+interactions and folds the touched rows into the refit exactly (one ALS half-step for those rows: users
+against the refit's items, then items against the updated users). A few rounds run while the stream
+goes on; the last one runs with writers paused, so nothing slips between it and the flip. Writers that
+were paused, or that computed against the old version, recompute against the new one (version fence),
+so no event is lost or applied twice.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,22 +24,68 @@ from streammf.factors import DTYPE, Factors, LossParams, init_rows
 from streammf.interactions import Interactions
 from streammf.objective import objective
 from streammf.store import RefreshableStore
-from streammf.wals import wals
+from streammf.wals import fold_in_items, fold_in_users, wals
 
 log = logging.getLogger(__name__)
+
+# Catch-up rounds while writers keep going; the paused round after them should then be short.
+OPEN_CATCH_UP_ROUNDS = 3
+# Stop the open rounds early once one touched fewer rows than this: the paused round will be quick.
+SMALL_CATCH_UP_ROWS = 5000
+# Writers to the old version wait at most this long; a refresh that overruns does not publish.
+PAUSE_LIMIT_S = 30.0
+
+Chunk = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Interactions as parallel arrays: user ids and item ids (str), values (float64)."""
+
+    users: np.ndarray
+    items: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, chunks: Iterable[Chunk]) -> Snapshot:
+        parts = list(chunks)
+        if not parts:
+            return cls(np.array([], dtype=str), np.array([], dtype=str), np.array([], dtype=np.float64))
+        return cls(
+            np.concatenate([c[0] for c in parts]).astype(str),
+            np.concatenate([c[1] for c in parts]).astype(str),
+            np.concatenate([c[2] for c in parts]).astype(np.float64),
+        )
+
+    def with_users_replaced(self, users: Sequence[str], fresh: Chunk) -> Snapshot:
+        """These users' entries replaced by `fresh` (their interactions as they are now)."""
+        keep = ~np.isin(self.users, np.asarray(users, dtype=str))
+        now = Snapshot.of([fresh])
+        return Snapshot(
+            np.concatenate([self.users[keep], now.users]),
+            np.concatenate([self.items[keep], now.items]),
+            np.concatenate([self.values[keep], now.values]),
+        )
 
 
 @dataclass(frozen=True)
 class Refit:
-    users: list[str]
-    items: list[str]
+    users: list[str]  # sorted; row r of factors.user belongs to users[r]
+    items: list[str]  # sorted
     factors: Factors
     objective_before: float
     objective_after: float
 
 
+@dataclass(frozen=True)
+class CaughtUp:
+    refit: Refit
+    user_rows: np.ndarray  # positions (in refit.users) of the rows the catch-up changed or added
+    item_rows: np.ndarray
+
+
 def refit(
-    snapshot: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    snapshot: Snapshot,
     current_users: tuple[list[str], np.ndarray, np.ndarray],
     current_items: tuple[list[str], np.ndarray, np.ndarray],
     global_mean: float,
@@ -44,31 +94,69 @@ def refit(
     init_std: float,
     seed: int,
 ) -> Refit:
-    """Pure: WALS over the snapshot's (user, item, value) chunks, warm-started from the current rows.
+    """Pure: WALS over the snapshot, warm-started from the current rows.
 
     Rows that have interactions but no current factors start from the deterministic init.
     """
-    chunks = list(snapshot)
-    if chunks:
-        user_ids = np.concatenate([c[0] for c in chunks]).astype(str)
-        item_ids = np.concatenate([c[1] for c in chunks]).astype(str)
-        values = np.concatenate([c[2] for c in chunks]).astype(np.float64)
-    else:
-        user_ids = item_ids = np.array([], dtype=str)
-        values = np.array([], dtype=np.float64)
-    users, user_index = np.unique(user_ids, return_inverse=True)
-    items, item_index = np.unique(item_ids, return_inverse=True)
+    users, user_index = np.unique(snapshot.users, return_inverse=True)
+    items, item_index = np.unique(snapshot.items, return_inverse=True)
     users_list, items_list = users.tolist(), items.tolist()
     k = current_users[1].shape[1] if len(current_users[1]) else current_items[1].shape[1]
-    user_rows, user_bias = _warm_rows(users_list, current_users, k, init_std, seed, "user")
-    item_rows, item_bias = _warm_rows(items_list, current_items, k, init_std, seed, "item")
+    user_rows, user_bias, _ = _warm_rows(users_list, current_users, k, init_std, seed, "user")
+    item_rows, item_bias, _ = _warm_rows(items_list, current_items, k, init_std, seed, "item")
     mean = global_mean if params.mode == "explicit" else 0.0
     start = Factors(user_rows, item_rows, user_bias, item_bias, mean)
-    data = Interactions.from_coo(user_index, item_index, values, (len(users), len(items)), params)
+    data = Interactions.from_coo(user_index, item_index, snapshot.values, (len(users), len(items)), params)
     before = objective(data, start, params)
     result = wals(data, start, params, iterations)
     result.check_finite()
     return Refit(users_list, items_list, result, before, objective(data, result, params))
+
+
+def catch_up(
+    fitted: Refit,
+    snapshot: Snapshot,
+    users: Sequence[str],
+    items: Sequence[str],
+    params: LossParams,
+    init_std: float,
+    seed: int,
+) -> CaughtUp:
+    """Pure: fold the given users, then the given items, into `fitted` exactly, over `snapshot` (which
+    already holds those users' current interactions). Users and items the refit has not seen are added
+    (deterministic init, then folded in). μ stays the refit's. Other rows are left as they are."""
+    f = fitted.factors
+    user_ids, user_index = np.unique(snapshot.users, return_inverse=True)
+    item_ids, item_index = np.unique(snapshot.items, return_inverse=True)
+    user_list, item_list = user_ids.tolist(), item_ids.tolist()
+    user_rows, user_bias, new_users = _warm_rows(
+        user_list, (fitted.users, f.user, f.user_bias), f.k, init_std, seed, "user"
+    )
+    item_rows, item_bias, new_items = _warm_rows(
+        item_list, (fitted.items, f.item, f.item_bias), f.k, init_std, seed, "item"
+    )
+    factors = Factors(user_rows, item_rows, user_bias, item_bias, f.global_mean)
+    data = Interactions.from_coo(
+        user_index, item_index, snapshot.values, (len(user_ids), len(item_ids)), params
+    )
+    fold_users = np.union1d(new_users, _positions(user_ids, users))
+    solved = fold_in_users(data.take_rows(fold_users), factors, params)
+    factors.user[fold_users], factors.user_bias[fold_users] = solved.factors, solved.bias
+    fold_items = np.union1d(new_items, _positions(item_ids, items))
+    solved = fold_in_items(data.transposed.take_rows(fold_items), factors, params)
+    factors.item[fold_items], factors.item_bias[fold_items] = solved.factors, solved.bias
+    factors.check_finite()
+    caught = Refit(user_list, item_list, factors, fitted.objective_before, fitted.objective_after)
+    return CaughtUp(caught, fold_users, fold_items)
+
+
+def _positions(sorted_ids: np.ndarray, wanted: Sequence[str]) -> np.ndarray:
+    """Positions in `sorted_ids` of the `wanted` ids it holds."""
+    wanted_arr = np.asarray(wanted, dtype=str)
+    at = np.searchsorted(sorted_ids, wanted_arr)
+    found = at < len(sorted_ids)
+    found[found] = sorted_ids[at[found]] == wanted_arr[found]
+    return at[found].astype(np.int64)
 
 
 def _warm_rows(
@@ -78,7 +166,9 @@ def _warm_rows(
     std: float,
     seed: int,
     side: str,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows and biases for `ids` taken from `current`, deterministic init where missing; and the missing
+    positions."""
     position = {ident: row for row, ident in enumerate(current[0])}
     rows = np.zeros((len(ids), k), dtype=DTYPE)
     bias = np.zeros(len(ids), dtype=DTYPE)
@@ -92,27 +182,38 @@ def _warm_rows(
             bias[row] = current[2][at]
     if missing:
         rows[missing] = init_rows([ids[r] for r in missing], k, std, seed, side)
-    return rows, bias
+    return rows, bias, np.array(missing, dtype=np.int64)
 
 
 @dataclass(frozen=True)
 class RefreshReport:
-    version: int
+    version: int | None  # None: nothing was built (the live version changed before the refresh began)
     published: bool
     users: int
     items: int
     objective_before: float
     objective_after: float
+    caught_up_rows: int  # rows folded in because the stream touched them during the refresh
+    paused_seconds: float  # how long writers waited for the hand-over
     seconds: float
 
 
 def refresh(
-    store: RefreshableStore, params: LossParams, iterations: int, init_std: float, seed: int
+    store: RefreshableStore,
+    params: LossParams,
+    iterations: int,
+    init_std: float,
+    seed: int,
+    pause_limit_s: float = PAUSE_LIMIT_S,
 ) -> RefreshReport:
     started = time.perf_counter()
     live = store.current_version()
+    if not store.track_changes(live):
+        log.info("wals refresh skipped: version %d was replaced before it began", live)
+        return RefreshReport(None, False, 0, 0, float("nan"), float("nan"), 0, 0.0, 0.0)
+    snapshot = Snapshot.of(store.iter_interactions())
     fitted = refit(
-        store.iter_interactions(),
+        snapshot,
         store.read_all_rows("users"),
         store.read_all_rows("items"),
         store.global_mean(),
@@ -121,16 +222,28 @@ def refresh(
         init_std,
         seed,
     )
+    caught_up_rows = 0
+    for _ in range(OPEN_CATCH_UP_ROUNDS):
+        fitted, snapshot, rows = _catch_up_with_store(store, live, fitted, snapshot, params, init_std, seed)
+        caught_up_rows += rows
+        if rows < SMALL_CATCH_UP_ROWS:
+            break
     version = store.begin_version()
-    f = fitted.factors
-    store.write_rows(version, "users", fitted.users, f.user, f.user_bias)
-    store.write_rows(version, "items", fitted.items, f.item, f.item_bias)
-    if params.mode == "implicit":
-        store.write_gramian(version, "users", f.user.astype(np.float64).T @ f.user.astype(np.float64))
-        store.write_gramian(version, "items", f.item.astype(np.float64).T @ f.item.astype(np.float64))
-    published = store.publish(version, live)
+    _write(store, version, params, fitted)
+    paused_at = time.perf_counter()
+    published = False
+    if store.pause_writes(live, pause_limit_s):
+        try:
+            fitted, snapshot, rows = _catch_up_with_store(
+                store, live, fitted, snapshot, params, init_std, seed, write_to=version
+            )
+            caught_up_rows += rows
+            published = store.publish(version, live)
+        finally:
+            store.resume_writes(live)
+    paused_seconds = time.perf_counter() - paused_at
     if not published:
-        store.discard_version(version)  # lost the race to another publisher: leave nothing half-made
+        store.discard_version(version)  # lost a race or overran the pause: leave nothing half-made
     report = RefreshReport(
         version,
         published,
@@ -138,10 +251,57 @@ def refresh(
         len(fitted.items),
         fitted.objective_before,
         fitted.objective_after,
+        caught_up_rows,
+        paused_seconds,
         time.perf_counter() - started,
     )
     log.info("wals refresh %s", report)
     return report
+
+
+def _catch_up_with_store(
+    store: RefreshableStore,
+    live: int,
+    fitted: Refit,
+    snapshot: Snapshot,
+    params: LossParams,
+    init_std: float,
+    seed: int,
+    write_to: int | None = None,
+) -> tuple[Refit, Snapshot, int]:
+    """One catch-up round against what the store says changed; with `write_to`, writes the changed rows
+    (and the Gramians, which depend on every row) into that version."""
+    users, items = store.take_changes(live)
+    if users or items:
+        snapshot = snapshot.with_users_replaced(users, store.read_interactions(users))
+        caught = catch_up(fitted, snapshot, users, items, params, init_std, seed)
+        fitted, user_rows, item_rows = caught.refit, caught.user_rows, caught.item_rows
+    else:
+        user_rows = item_rows = np.array([], dtype=np.int64)
+    if write_to is not None:
+        _write(store, write_to, params, fitted, user_rows, item_rows)
+    return fitted, snapshot, len(user_rows) + len(item_rows)
+
+
+def _write(
+    store: RefreshableStore,
+    version: int,
+    params: LossParams,
+    fitted: Refit,
+    user_rows: np.ndarray | None = None,
+    item_rows: np.ndarray | None = None,
+) -> None:
+    """Rows (all, or the given positions) and, in implicit mode, both Gramians."""
+    f = fitted.factors
+    for side, ids, rows, bias, picked in (
+        ("users", fitted.users, f.user, f.user_bias, user_rows),
+        ("items", fitted.items, f.item, f.item_bias, item_rows),
+    ):
+        at = np.arange(len(ids)) if picked is None else picked
+        store.write_rows(version, side, [ids[r] for r in at], rows[at], bias[at])  # type: ignore[arg-type]
+    if params.mode == "implicit":
+        store.write_gramian(version, "users", f.user.astype(np.float64).T @ f.user.astype(np.float64))
+        store.write_gramian(version, "items", f.item.astype(np.float64).T @ f.item.astype(np.float64))
 
 
 class PeriodicRefresh:
@@ -157,7 +317,7 @@ class PeriodicRefresh:
         seed: int,
         every_s: float,
         hold_lease: Callable[[float], bool],
-        on_outcome: Callable[[str], None],
+        on_outcome: Callable[[str, RefreshReport | None], None],
         grace_s: float = 60.0,
     ) -> None:
         self.store = store
@@ -182,9 +342,10 @@ class PeriodicRefresh:
                 if applied == refreshed_at_events:
                     continue  # nothing new since the last refresh (or nothing yet)
                 report = refresh(self.store, *self.args)
-                refreshed_at_events = applied
-                self.on_outcome("published" if report.published else "lost_race")
+                if report.published:
+                    refreshed_at_events = applied
+                self.on_outcome("published" if report.published else "not_published", report)
                 self.store.collect_garbage(self.grace_s)
             except Exception:  # the stream must go on; the next period tries again
                 log.exception("wals refresh failed")
-                self.on_outcome("failed")
+                self.on_outcome("failed", None)

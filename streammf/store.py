@@ -25,6 +25,7 @@ Semantics every store must honour (the contract):
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
@@ -45,6 +46,7 @@ class ApplyOutcome(enum.Enum):
     DUPLICATE = "duplicate"
     CONFLICT = "conflict"
     STALE_VERSION = "stale_version"
+    PAUSED = "paused"  # a refresh is handing the live version over; retry shortly
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,13 @@ class RefreshableStore(FactorStore, Protocol):
     or superseded by a newer publish). After a publish, updates computed against the old version get
     `ApplyOutcome.STALE_VERSION`. A new version holds only what was written to it; interactions, item
     counts, stats and offsets are shared by all versions.
+
+    Catch-up: updates applied to the live version while a refresh computes would be missing from the
+    version it publishes. So the refresh first calls `track_changes(live)`; from then on every applied
+    update records its users and items, which `take_changes(live)` returns and forgets. To hand over
+    without a gap, `pause_writes(live, ttl_s)` makes `apply` answer `ApplyOutcome.PAUSED` (the writer
+    retries) until `resume_writes`, a publish, or `ttl_s` passes; `publish` refuses once a pause it
+    depends on has expired, because writes may have slipped in since.
     """
 
     def iter_interactions(self, batch: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -155,6 +164,24 @@ class RefreshableStore(FactorStore, Protocol):
     def publish(self, version: int, expected_current: int) -> bool: ...
 
     def discard_version(self, version: int) -> bool: ...
+
+    def track_changes(self, version: int) -> bool:
+        """Start recording the users and items of updates applied to `version`; False if not current."""
+        ...
+
+    def take_changes(self, version: int) -> tuple[list[str], list[str]]:
+        """(users, items) of updates applied to `version` since tracking began or the last take."""
+        ...
+
+    def read_interactions(self, users: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(users, items, values) of the given users' interactions as they are now."""
+        ...
+
+    def pause_writes(self, version: int, ttl_s: float) -> bool:
+        """Refuse updates to `version` (PAUSED) for at most `ttl_s`; False if it is not current."""
+        ...
+
+    def resume_writes(self, version: int) -> None: ...
 
     def collect_garbage(self, grace_s: float) -> list[int]: ...
 
@@ -199,6 +226,8 @@ class MemoryStore:
         self.user_gramian = np.zeros((k, k)) if mode == "implicit" else None
         self._last_version = 1
         self._drafts: dict[int, _Draft] = {}
+        self._changes: tuple[set[str], set[str]] | None = None  # tracked (users, items) of the live version
+        self._paused_until: float | None = None  # time.monotonic() deadline
 
     def meta(self) -> ModelMeta:
         return self._meta
@@ -231,9 +260,14 @@ class MemoryStore:
     def apply(self, update: BatchUpdate) -> ApplyOutcome:
         if update.version != self._meta.version:
             return ApplyOutcome.STALE_VERSION
+        if self._paused_until is not None and time.monotonic() < self._paused_until:
+            return ApplyOutcome.PAUSED
         refused = fence(self.offsets, update.offsets)
         if refused is not None:
             return refused
+        if self._changes is not None:
+            self._changes[0].update(update.users)
+            self._changes[1].update(update.items)
         for row, user in enumerate(update.users):
             self.user_rows[user] = np.append(update.user_rows[row], update.user_bias[row]).astype(DTYPE)
         for row, item in enumerate(update.items):
@@ -267,12 +301,7 @@ class MemoryStore:
     def iter_interactions(self, batch: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         users = list(self.interactions)
         for start in range(0, len(users), batch):
-            chunk = [(u, i, v) for u in users[start : start + batch] for i, v in self.interactions[u].items()]
-            yield (
-                np.array([c[0] for c in chunk], dtype=object),
-                np.array([c[1] for c in chunk], dtype=object),
-                np.array([c[2] for c in chunk], dtype=np.float64),
-            )
+            yield self.read_interactions(users[start : start + batch])
 
     def current_version(self) -> int:
         return self._meta.version
@@ -318,6 +347,9 @@ class MemoryStore:
         draft = self._drafts.get(version)
         if self._meta.version != expected_current or version <= expected_current or draft is None:
             return False
+        if self._paused_until is not None and time.monotonic() >= self._paused_until:
+            return False  # the pause expired: writes may have slipped in that the new version lacks
+        self._changes = self._paused_until = None
         self.user_rows, self.item_rows = draft.users, draft.items
         self.user_gramian, self.item_gramian = draft.user_gramian, draft.item_gramian
         self._meta = replace(self._meta, version=version)
@@ -330,6 +362,38 @@ class MemoryStore:
 
     def collect_garbage(self, grace_s: float) -> list[int]:
         return []  # published versions replace the old rows in place; nothing is retired
+
+    def track_changes(self, version: int) -> bool:
+        if version != self._meta.version:
+            return False
+        if self._changes is None:
+            self._changes = (set(), set())
+        return True
+
+    def take_changes(self, version: int) -> tuple[list[str], list[str]]:
+        if version != self._meta.version or self._changes is None:
+            return [], []
+        users, items = self._changes
+        self._changes = (set(), set())
+        return sorted(users), sorted(items)
+
+    def read_interactions(self, users: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        triples = [(u, i, v) for u in users for i, v in self.interactions.get(u, {}).items()]
+        return (
+            np.array([t[0] for t in triples], dtype=object),
+            np.array([t[1] for t in triples], dtype=object),
+            np.array([t[2] for t in triples], dtype=np.float64),
+        )
+
+    def pause_writes(self, version: int, ttl_s: float) -> bool:
+        if version != self._meta.version:
+            return False
+        self._paused_until = time.monotonic() + ttl_s
+        return True
+
+    def resume_writes(self, version: int) -> None:
+        if version == self._meta.version:
+            self._paused_until = None
 
     def _draft(self, version: int) -> _Draft:
         draft = self._drafts.get(version)

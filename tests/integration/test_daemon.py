@@ -243,6 +243,9 @@ def test_metrics_expose_every_series(kafka_bootstrap, redis_url, redis_client, m
         "streammf_consumer_lag_records",
         "streammf_redis_call_seconds_bucket",
         "streammf_model_version",
+        "streammf_refresh_seconds_bucket",
+        "streammf_refresh_pause_seconds_bucket",
+        "streammf_refresh_caught_up_rows_total",
     ]:
         assert series in names, f"{series} missing from /metrics"
     assert metrics['streammf_events_invalid_total{reason="undecodable"}'] == 1

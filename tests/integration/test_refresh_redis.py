@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import redis
 
@@ -44,3 +46,36 @@ def test_refresh_lease_has_one_holder(redis_client: redis.Redis, model_name: str
     assert store.hold_refresh_lease("a", 5.0), "the holder extends its lease"
     redis_client.delete(ModelKeys(model_name).refresh_lease)  # as if it expired
     assert store.hold_refresh_lease("b", 5.0)
+
+
+def test_refreshes_during_a_stream_lose_no_update(redis_client: redis.Redis, model_name: str) -> None:
+    params = LearnerParams(SgdParams(LossParams("implicit")), init_std=0.1, seed=5)
+    store = RedisStore.open(redis_client, model_name, "implicit", 8)
+    rng = np.random.default_rng(1)
+    warm = [Event(user_id=f"u{rng.integers(200)}", item_id=f"i{rng.integers(80)}") for _ in range(3000)]
+    Learner(store, params).learn(warm, {0: (0, len(warm))})
+    batches = [
+        [Event(user_id=f"s{b}-{j % 7}", item_id=f"i{rng.integers(99)}") for j in range(50)] for b in range(60)
+    ]
+
+    def stream() -> None:  # another replica: its own store object and learner
+        learner = Learner(RedisStore.attach(redis_client, model_name), params)
+        first = len(warm)
+        for batch in batches:
+            assert learner.learn(batch, {0: (first, first + len(batch))}).outcome is ApplyOutcome.APPLIED
+            first += len(batch)
+
+    writer = threading.Thread(target=stream)
+    writer.start()
+    reports = []
+    while writer.is_alive():
+        reports.append(refresh(store, params.loss, 2, params.init_std, params.seed))
+    writer.join()
+
+    assert store.events_applied() == len(warm) + sum(len(b) for b in batches)
+    assert all(r.published for r in reports) and len(reports) >= 2
+    assert sum(r.caught_up_rows for r in reports) > 0, "the stream never overlapped a refresh"
+    live = store.current_version()
+    stored_users = {u.decode() for u in redis_client.hkeys(ModelKeys(model_name).rows(live, "users"))}
+    expected = {e.user_id for e in warm} | {e.user_id for batch in batches for e in batch}
+    assert stored_users == expected, f"users missing after the flips: {sorted(expected - stored_users)[:5]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -179,6 +180,51 @@ def test_publish_is_a_compare_and_set(make_store: MakeStore) -> None:
     assert not store.publish(999, expected_current=second)  # never begun
     assert store.begin_version() > second  # numbers are never reused
     assert store.meta().version == second
+
+
+def test_changes_are_tracked_only_once_asked_and_taken_once(make_store: MakeStore) -> None:
+    store = make_store("implicit")
+    untracked = make_update(users={"alice": [1, 1, 1, 0]}, items={"x": ([0] * K, [0.1] * (K + 1), 1)})
+    assert store.apply(untracked) is ApplyOutcome.APPLIED
+    assert not store.track_changes(7), "only the current version can be tracked"
+    assert store.track_changes(1)
+    assert store.take_changes(1) == ([], []), "updates before tracking are not recorded"
+    tracked = make_update(
+        offsets={0: (1, 3)},
+        users={"bob": [1, 1, 1, 0], "carol": [2, 2, 2, 0]},
+        items={"y": ([0] * K, [0.1] * (K + 1), 1)},
+        pairs=[("bob", "y", 1.0), ("carol", "y", 2.0)],
+    )
+    assert store.apply(tracked) is ApplyOutcome.APPLIED
+    assert store.take_changes(1) == (["bob", "carol"], ["y"])
+    assert store.take_changes(1) == ([], []), "taking forgets"
+    users, items, values = store.read_interactions(["carol", "nobody"])
+    assert (users.tolist(), items.tolist(), values.tolist()) == (["carol"], ["y"], [2.0])
+
+
+def test_paused_version_refuses_writes_until_resumed(make_store: MakeStore) -> None:
+    store = make_store("explicit")
+    assert not store.pause_writes(7, 10.0), "only the current version can be paused"
+    assert store.pause_writes(1, 10.0)
+    update = make_update(users={"alice": [1, 1, 1, 0]}, pairs=[("alice", "x", 4.0)], value_count=1)
+    before = read_all(store)
+    assert store.apply(update) is ApplyOutcome.PAUSED
+    assert_same_state(before, read_all(store))
+    assert store.applied_offsets() == {}
+    store.resume_writes(1)
+    assert store.apply(update) is ApplyOutcome.APPLIED
+
+
+def test_a_pause_ends_by_itself_and_publish_refuses_after_it(make_store: MakeStore) -> None:
+    store = make_store("explicit")
+    version = store.begin_version()
+    assert store.pause_writes(1, 0.05)
+    time.sleep(0.1)
+    assert store.apply(make_update(users={"alice": [1, 1, 1, 0]})) is ApplyOutcome.APPLIED
+    assert not store.publish(version, expected_current=1), "writes may have slipped in after the pause"
+    assert store.pause_writes(1, 10.0)
+    assert store.publish(version, expected_current=1)
+    assert store.apply(make_update(offsets={0: (1, 2)})) is ApplyOutcome.STALE_VERSION
 
 
 def test_absent_item_starts_from_item_base(make_store: MakeStore) -> None:

@@ -107,27 +107,40 @@ class ConsumeLoop:
             )
             self.heartbeat.beat()
             self.metrics.last_progress.set(self.clock())
-            if self.unsynced and not self._sync_offsets(stop):
-                continue  # the store is unreachable: whatever was polled is fetched again after the seek
+            repositioned: set[TopicPartition] = set()
+            if self.unsynced:
+                synced = self._sync_offsets(stop)
+                if synced is None:
+                    continue  # the store is unreachable: whatever was polled is fetched again after the seek
+                repositioned = synced
             if polled:
-                self.process({tp: recs for tp, recs in polled.items() if tp not in self.unsynced}, stop)
+                # Records polled before a seek came from Kafka's committed offset, which may lag the store's;
+                # the next poll fetches from the seek.
+                self.process({tp: recs for tp, recs in polled.items() if tp not in repositioned}, stop)
             self._update_lag()
         log.info("stop requested: loop finished its last batch")
 
-    def _sync_offsets(self, stop: threading.Event) -> bool:
-        """Seek newly assigned partitions to the offsets applied in the store."""
+    def _sync_offsets(self, stop: threading.Event) -> set[TopicPartition] | None:
+        """Seek newly assigned partitions to the offsets applied in the store; returns those it moved
+        (None if the store is unreachable). Partitions the store knows nothing of keep Kafka's position."""
         try:
             applied = self._with_retry(self.learner.store.applied_offsets, stop)
         except _Abandoned:
-            return False
+            return None
+        moved = set()
         for tp in list(self.unsynced):
             if tp.partition in applied:
                 self.consumer.seek(tp, applied[tp.partition])
+                self.next_offsets[tp.partition] = applied[tp.partition]
+                moved.add(tp)
+            else:
+                self.next_offsets.pop(tp.partition, None)
             self.unsynced.discard(tp)
-        return True
+        return moved
 
     def process(self, polled: dict[TopicPartition, list[Any]], stop: threading.Event) -> StepResult | None:
         """One batch. Returns the step result, or None when the batch was abandoned (to be re-polled)."""
+        polled = self._drop_applied(polled)
         if not polled:
             return None
         received = time.perf_counter()
@@ -156,6 +169,23 @@ class ConsumeLoop:
         self._account(result, events, offsets, received)
         self._commit(polled)
         return result
+
+    def _drop_applied(self, polled: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, list[Any]]:
+        """Without records this process knows are applied: a redelivery (e.g. a fetch that raced a seek)
+        must not reach the dead-letter topic or the learner again."""
+        fresh: dict[TopicPartition, list[Any]] = {}
+        for tp, records in polled.items():
+            applied_below = self.next_offsets.get(tp.partition)
+            kept = records if applied_below is None else [r for r in records if r.offset >= applied_below]
+            if len(kept) < len(records):
+                log.info(
+                    "dropped %d redelivered records already applied",
+                    len(records) - len(kept),
+                    extra={"partition": tp.partition, "applied_below": applied_below},
+                )
+            if kept:
+                fresh[tp] = kept
+        return fresh
 
     def _account(
         self, result: StepResult, events: list[Event], offsets: dict[int, tuple[int, int]], received: float

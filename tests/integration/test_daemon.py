@@ -22,7 +22,14 @@ import pytest
 import redis
 
 from streammf.cli import learner_params
-from streammf.config import KafkaSettings, MetricsSettings, ModelSettings, RedisSettings, Settings
+from streammf.config import (
+    KafkaSettings,
+    MetricsSettings,
+    ModelSettings,
+    RedisSettings,
+    RefreshSettings,
+    Settings,
+)
 from streammf.daemon import run_daemon
 from streammf.evaluate import evaluate
 from streammf.ratings import RatingsLog, load_ratings
@@ -311,6 +318,25 @@ def test_poison_records_go_to_the_dead_letter_topic(
     assert reasons == {"undecodable", "non_finite", "schema", "oversized"}
     assert {r.value for r in dead} <= set(poison)
     assert all(int(dict(r.headers)["streammf.source.offset"]) >= 0 for r in dead)
+
+
+def test_periodic_refreshes_during_the_stream_lose_nothing(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens
+):
+    topic = make_topic(topic_name, 1)
+    port = _free_port()
+    settings = _settings(kafka_bootstrap, redis_url, topic, model, port)
+    settings = settings.model_copy(update={"refresh": RefreshSettings(every_s=1.0, iterations=2)})
+    with _InProcessDaemon(settings):
+        _produce(kafka_bootstrap, topic, _ratings_payloads(movielens))  # the daemon consumes meanwhile
+        _wait_for(lambda: _applied(redis_client, model) >= len(movielens), 300, "all events applied")
+        metrics = _scrape(port)
+    assert _applied(redis_client, model) == len(movielens)
+    assert metrics['streammf_refreshes_total{outcome="published"}'] >= 2
+    assert metrics.get('streammf_refreshes_total{outcome="failed"}', 0) == 0
+    assert metrics["streammf_refresh_caught_up_rows_total"] > 0, "no refresh overlapped the stream"
+    users = _stored_rows(redis_client, model, "users")
+    assert users.keys() == set(movielens.users.tolist()), "a user learned during a refresh was dropped"
 
 
 def test_redis_outage_recovers_without_loss_or_duplicates(

@@ -1,0 +1,138 @@
+"""The consume loop's bookkeeping with scripted Kafka client doubles (the real broker is exercised by
+tests/integration/test_daemon.py; these pin down orderings a real broker produces only by chance)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka.structs import TopicPartition
+from prometheus_client import CollectorRegistry
+
+from streammf.consumer import ConsumeLoop, LoopSettings
+from streammf.factors import LossParams
+from streammf.learner import Learner, LearnerParams
+from streammf.metrics import Heartbeat, Metrics
+from streammf.sgd import SgdParams
+from streammf.store import MemoryStore
+
+TOPIC = "events"
+TP = TopicPartition(TOPIC, 0)
+
+
+@dataclass
+class Record:
+    offset: int
+    value: bytes
+    topic: str = TOPIC
+    partition: int = 0
+    key: bytes | None = None
+    timestamp: int = 1_700_000_000_000
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+def _records(first: int, n: int, poison_at: frozenset[int] = frozenset()) -> list[Record]:
+    def value(offset: int) -> bytes:
+        if offset in poison_at:
+            return b"{broken"
+        return json.dumps({"user_id": f"u{offset % 3}", "item_id": f"i{offset}"}).encode()
+
+    return [Record(offset, value(offset)) for offset in range(first, first + n)]
+
+
+class ScriptedConsumer:
+    """Returns scripted poll results; a poll may first run the rebalance listener, like kafka-python."""
+
+    def __init__(self, script: list[tuple[bool, dict[TopicPartition, list[Record]]]], stop: threading.Event):
+        self.script = script
+        self.stop = stop
+        self.listener: Any = None
+        self.seeks: list[tuple[TopicPartition, int]] = []
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        self.listener = listener
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
+        if not self.script:
+            self.stop.set()
+            return {}
+        assign, records = self.script.pop(0)
+        if assign:
+            self.listener.on_partitions_assigned([TP])
+        return records
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+    def commit(self, offsets: Any) -> None:
+        pass
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TP}
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return None
+
+
+class CountingProducer:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> Any:
+        self.sent.append(value)
+
+        class Done:
+            def get(self, timeout: float) -> None:
+                return None
+
+        return Done()
+
+    def flush(self, timeout: float) -> None:
+        pass
+
+
+def _loop(consumer: Any, producer: CountingProducer, store: MemoryStore) -> ConsumeLoop:
+    params = LearnerParams(SgdParams(LossParams("implicit")))
+    return ConsumeLoop(
+        consumer,
+        producer,
+        Learner(store, params),
+        Metrics(CollectorRegistry()),
+        Heartbeat(max_silence_s=30),
+        LoopSettings(topic=TOPIC, dead_letter_topic=f"{TOPIC}.dlq"),
+    )
+
+
+def test_a_redelivered_batch_is_neither_dead_lettered_nor_learned_again() -> None:
+    store, producer = MemoryStore("m", "implicit", 4), CountingProducer()
+    loop = _loop(ScriptedConsumer([], threading.Event()), producer, store)
+    batch = {TP: _records(0, 10, poison_at=frozenset({3}))}
+    assert loop.process(batch, threading.Event()) is not None
+    assert loop.process(batch, threading.Event()) is None
+    overlapping = {TP: _records(5, 10, poison_at=frozenset({3, 12}))}
+    assert loop.process(overlapping, threading.Event()) is not None
+    assert producer.sent == [b"{broken", b"{broken"]
+    assert store.events_applied() == 9 + 4  # offsets 0-9 without 3, then 10-14 without 12
+
+
+def test_records_polled_with_an_assignment_wait_for_the_seek_to_the_stored_offset() -> None:
+    store, producer, stop = MemoryStore("m", "implicit", 4), CountingProducer(), threading.Event()
+    earlier_owner = _loop(ScriptedConsumer([], stop), producer, store)
+    earlier_owner.process({TP: _records(0, 20, poison_at=frozenset({12}))}, stop)
+    # Kafka's committed offset lags the store's: the first poll after assignment starts at 10.
+    lagging = _records(10, 10, poison_at=frozenset({12}))
+    consumer = ScriptedConsumer([(True, {TP: lagging}), (False, {TP: _records(20, 5)})], stop)
+    _loop(consumer, producer, store).run(stop)
+    assert consumer.seeks == [(TP, 20)]
+    assert store.events_applied() == 19 + 5
+    assert producer.sent == [b"{broken"]
+
+
+def test_a_partition_the_store_has_never_seen_starts_where_kafka_put_it() -> None:
+    store, producer, stop = MemoryStore("m", "implicit", 4), CountingProducer(), threading.Event()
+    consumer = ScriptedConsumer([(True, {TP: _records(0, 10)}), (False, {TP: _records(10, 5)})], stop)
+    _loop(consumer, producer, store).run(stop)
+    assert consumer.seeks == []
+    assert store.events_applied() == 15

@@ -86,6 +86,29 @@ def _random_recall(log: RatingsLog, batch_size: int) -> float:
     return expected / len(log)
 
 
+def _popularity_recall(log: RatingsLog, batch_size: int) -> float:
+    """recall@10 of ranking unseen items by their number of users so far, with `evaluate`'s rules (ties
+    broken the same way: items in order of first appearance)."""
+    users_of: dict[str, set[str]] = {}  # item -> users, in order of first appearance
+    seen: dict[str, set[str]] = {}
+    hits = 0
+    for start in range(0, len(log), batch_size):
+        chunk = list(
+            zip(log.users[start : start + batch_size], log.items[start : start + batch_size], strict=True)
+        )
+        items = list(users_of)
+        counts = np.array([len(users_of[i]) for i in items], dtype=np.float64)
+        for user, item in chunk:
+            if user in seen and item in users_of:
+                scores = counts.copy()
+                scores[[items.index(i) for i in seen[user] if i != item]] = -np.inf
+                hits += items.index(item) in np.argpartition(-scores, min(10, len(scores) - 1))[:10]
+        for user, item in chunk:
+            users_of.setdefault(item, set()).add(user)
+            seen.setdefault(user, set()).add(item)
+    return hits / len(log)
+
+
 # -------------------------------------------------------------------------------------------- explicit
 
 
@@ -101,6 +124,7 @@ def test_explicit_rmse_beats_global_mean(seed: int) -> None:
     assert store.events_applied() == len(log)
     assert report.rmse is not None and np.isfinite(report.rmse)
     assert report.rmse < 0.9 * baseline, (report.rmse, baseline)
+    assert report.baseline == pytest.approx(baseline, rel=1e-12)
 
 
 def test_explicit_is_deterministic_and_batch_size_free() -> None:
@@ -137,14 +161,18 @@ def test_implicit_recall_beats_random_ranking() -> None:
     assert report.recall_at_10 > 3 * random_recall, (report.recall_at_10, random_recall)
     again, _ = _run(log, model, batch_size=100)
     assert again.recall_at_10 == report.recall_at_10
+    assert report.baseline == pytest.approx(_popularity_recall(log, batch_size=100), abs=1e-12)
+    assert report.recall_at_10 > report.baseline > random_recall, (report.recall_at_10, report.baseline)
 
 
 def test_report_lines() -> None:
-    report = EvaluationReport("explicit", 1234, 0.91234, None, 5000.0, 0, 0.25)
+    report = EvaluationReport("explicit", 1234, 0.91234, None, 1.1, 5000.0, 0, 0.25)
     assert report.lines()[0] == "mode explicit: prequential RMSE 0.9123 over 1,234 events"
-    implicit = EvaluationReport("implicit", 10, None, 0.5, 5000.0, 2, 0.25)
+    assert report.lines()[1] == "baseline: RMSE 1.1000 predicting the mean of earlier ratings"
+    implicit = EvaluationReport("implicit", 10, None, 0.5, 0.25, 5000.0, 2, 0.25)
     assert "prequential recall@10 0.5000" in implicit.lines()[0]
-    assert "2 refreshes" in implicit.lines()[1]
+    assert "recall@10 0.2500 ranking unseen items by popularity" in implicit.lines()[1]
+    assert "2 refreshes" in implicit.lines()[2]
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import click
@@ -14,6 +16,9 @@ from streammf.factors import LossParams
 from streammf.learner import LearnerParams
 from streammf.logs import configure_logging
 from streammf.sgd import SgdParams
+
+# Longer than any refresh should take; released at the end, so it only matters if the command dies.
+CLI_LEASE_S = 3600.0
 
 
 def learner_params(model: ModelSettings) -> LearnerParams:
@@ -93,9 +98,21 @@ def refresh(settings: Settings, iterations: int | None) -> None:
 
     params = learner_params(settings.model)
     store = open_store(settings, redis_client(settings), params)
-    report = run_refresh(
-        store, params.loss, iterations or settings.refresh.iterations, params.init_std, params.seed
-    )
+    # The lease keeps this refresh from racing a daemon's: two refreshes tracking one version would each
+    # take part of what the stream changed, and the winner would miss the loser's part.
+    owner = f"cli:{socket.gethostname()}:{os.getpid()}"
+    if not store.hold_refresh_lease(owner, CLI_LEASE_S):
+        raise click.ClickException(
+            f"the refresh lease is held by {store.refresh_lease_holder()}: a daemon refreshes this model "
+            f"every STREAMMF_REFRESH__EVERY_S ({settings.refresh.every_s:g} s); lower that, or stop the "
+            "daemons, to refresh now"
+        )
+    try:
+        report = run_refresh(
+            store, params.loss, iterations or settings.refresh.iterations, params.init_std, params.seed
+        )
+    finally:
+        store.release_refresh_lease(owner)
     if report.version is None:
         raise click.ClickException("the live version was replaced as the refresh began; run it again")
     state = "published" if report.published else "NOT published (another version won the race)"

@@ -54,6 +54,10 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
 return 0
 """
+_RELEASE_LEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class ModelMismatchError(ValueError):
@@ -651,6 +655,7 @@ class RedisStore:
         self._discard_script = client.register_script(_DISCARD_LUA)
         self._handover_script = client.register_script(_HANDOVER_LUA)
         self._lease_script = client.register_script(_LEASE_LUA)
+        self._release_lease_script = client.register_script(_RELEASE_LEASE_LUA)
         self._scan_rows_script = client.register_script(SCAN_ROWS_LUA)
 
     @classmethod
@@ -992,6 +997,14 @@ class RedisStore:
         return bool(
             self._lease_script(keys=[self.keys.refresh_lease], args=[owner, max(1, int(ttl_s * 1000))])
         )
+
+    def release_refresh_lease(self, owner: str) -> bool:
+        """Give the lease up if `owner` holds it (True if it did)."""
+        return bool(self._release_lease_script(keys=[self.keys.refresh_lease], args=[owner]))
+
+    def refresh_lease_holder(self) -> str | None:
+        holder = self._client.get(self.keys.refresh_lease)
+        return None if holder is None else holder.decode()
 
     def discard_version(self, version: int) -> bool:
         """Give up a version being built (e.g. its publish was refused); `collect_garbage` deletes it."""

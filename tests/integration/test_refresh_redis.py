@@ -7,7 +7,9 @@ import time
 
 import numpy as np
 import redis
+from click.testing import CliRunner
 
+from streammf.cli import cli
 from streammf.events import Event
 from streammf.factors import LossParams
 from streammf.learner import Learner, LearnerParams
@@ -81,3 +83,24 @@ def test_refreshes_during_a_stream_lose_no_update(redis_client: redis.Redis, mod
     stored_users = {u.decode() for u in redis_client.hkeys(ModelKeys(model_name).rows(live, "users"))}
     expected = {e.user_id for e in warm} | {e.user_id for batch in batches for e in batch}
     assert stored_users == expected, f"users missing after the flips: {sorted(expected - stored_users)[:5]}"
+
+
+def test_cli_refresh_publishes_and_respects_a_daemons_lease(
+    redis_client: redis.Redis, redis_url: str, model_name: str
+) -> None:
+    params = LearnerParams(SgdParams(LossParams("explicit")), init_std=0.1, seed=5)
+    store = RedisStore.open(redis_client, model_name, "explicit", 32, {})
+    events = [Event(user_id=f"u{i % 13}", item_id=f"i{i % 17}", value=float(1 + i % 5)) for i in range(400)]
+    Learner(store, params).learn(events, {0: (0, len(events))})
+    env = {"STREAMMF_REDIS__URL": redis_url, "STREAMMF_MODEL__NAME": model_name}
+
+    assert store.hold_refresh_lease("daemon-a", 30.0)
+    refused = CliRunner().invoke(cli, ["refresh", "--iterations", "1"], env=env)
+    assert refused.exit_code == 1 and "held by daemon-a" in refused.output
+    assert store.current_version() == 1
+
+    redis_client.delete(ModelKeys(model_name).refresh_lease)
+    result = CliRunner().invoke(cli, ["refresh", "--iterations", "1"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "version 2 published" in result.output and store.current_version() == 2
+    assert store.refresh_lease_holder() is None, "the command gives its lease back"

@@ -87,12 +87,23 @@ def _env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _produce(bootstrap: str, topic: str, payloads: list[tuple[bytes, bytes]]) -> None:
+def _produce(
+    bootstrap: str,
+    topic: str,
+    payloads: list[tuple[bytes, bytes]],
+    pause_every: int = 0,
+    pause_s: float = 0.0,
+) -> None:
+    """Sends `payloads` in order; with `pause_every`, flushes and sleeps `pause_s` after every that many, so
+    the stream lasts a known minimum time however fast this machine is."""
     from kafka import KafkaProducer
 
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=256 * 1024)
-    for key, value in payloads:
+    for sent, (key, value) in enumerate(payloads, start=1):
         producer.send(topic, key=key, value=value)
+        if pause_every and sent % pause_every == 0:
+            producer.flush(timeout=120)
+            time.sleep(pause_s)
     producer.flush(timeout=120)
     producer.close()
 
@@ -327,8 +338,6 @@ def test_periodic_refreshes_during_the_stream_lose_nothing(
     port = _free_port()
     settings = _settings(kafka_bootstrap, redis_url, topic, model, port)
     settings = settings.model_copy(update={"refresh": RefreshSettings(every_s=1.0, iterations=2)})
-    payloads = _ratings_payloads(movielens)
-    chunks = 5
 
     def refreshes() -> dict[str, float]:
         return {k: v for k, v in _scrape(port).items() if k.startswith("streammf_refresh")}
@@ -337,16 +346,13 @@ def test_periodic_refreshes_during_the_stream_lose_nothing(
         return refreshes().get('streammf_refreshes_total{outcome="published"}', 0.0)
 
     with _InProcessDaemon(settings):
-        # The stream is fed in chunks, each followed by a published refresh, so refreshes and the stream
-        # interleave however fast this machine consumes.
-        for chunk in range(chunks):
-            _produce(kafka_bootstrap, topic, payloads[chunk::chunks])
-            before = published()
-            try:
-                _wait_for(lambda before=before: published() > before, 120, f"a refresh after chunk {chunk}")
-            except AssertionError as timed_out:
-                raise AssertionError(f"{timed_out}; refresh metrics: {refreshes()}") from None
+        # Paced so the stream lasts at least 5 s on any machine: several 1 s refreshes must overlap it.
+        _produce(kafka_bootstrap, topic, _ratings_payloads(movielens), pause_every=2000, pause_s=0.1)
         _wait_for(lambda: _applied(redis_client, model) >= len(movielens), 300, "all events applied")
+        try:
+            _wait_for(lambda: published() >= 2, 60, "two published refreshes")
+        except AssertionError as timed_out:
+            raise AssertionError(f"{timed_out}; refresh metrics: {refreshes()}") from None
         metrics = refreshes()
     assert _applied(redis_client, model) == len(movielens)
     assert metrics.get('streammf_refreshes_total{outcome="failed"}', 0) == 0, metrics
@@ -412,7 +418,6 @@ def test_two_daemons_share_partitions_and_lose_no_updates(
     kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens, tmp_path
 ):
     topic = make_topic(topic_name, 4)
-    _produce(kafka_bootstrap, topic, _ratings_payloads(movielens))
     settings = _settings(kafka_bootstrap, redis_url, topic, model, 0)
     envs = [_env(settings), _env(settings)]
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
@@ -426,6 +431,8 @@ def test_two_daemons_share_partitions_and_lose_no_updates(
         for env, log in zip(envs, logs, strict=True)
     ]
     try:
+        # Paced over 5 s or more, so neither daemon can drain the topic before the other has joined.
+        _produce(kafka_bootstrap, topic, _ratings_payloads(movielens), pause_every=2000, pause_s=0.1)
         _wait_for(lambda: _applied(redis_client, model) >= len(movielens), 300, "all events applied")
         scraped = [_scrape(int(env["STREAMMF_METRICS__PORT"])) for env in envs]
     finally:

@@ -40,38 +40,79 @@ Chunk = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Interactions as parallel arrays: user ids and item ids (str), values (float64)."""
+    """Interactions with ids coded as row positions: entry e is (user_ids[users[e]], item_ids[items[e]],
+    values[e]). Ids keep their positions in every snapshot derived from this one (newcomers are appended),
+    so factor rows fitted on one line up with the next, and a catch-up costs array passes, not re-coding.
+    """
 
-    users: np.ndarray
+    user_ids: list[str]
+    item_ids: list[str]
+    user_at: dict[str, int]  # id -> position, the inverse of user_ids
+    item_at: dict[str, int]
+    users: np.ndarray  # int64 positions
     items: np.ndarray
-    values: np.ndarray
+    values: np.ndarray  # float64
 
     @classmethod
     def of(cls, chunks: Iterable[Chunk]) -> Snapshot:
+        """From (user ids, item ids, values) chunks, e.g. `iter_interactions()`; ids are coded sorted."""
         parts = list(chunks)
-        if not parts:
-            return cls(np.array([], dtype=str), np.array([], dtype=str), np.array([], dtype=np.float64))
+        users, items, values = (
+            (np.concatenate([c[n] for c in parts]) for n in range(3))
+            if parts
+            else (np.array([], dtype=str), np.array([], dtype=str), np.array([]))
+        )
+        user_ids, user_codes = np.unique(users.astype(str), return_inverse=True)
+        item_ids, item_codes = np.unique(items.astype(str), return_inverse=True)
+        user_list, item_list = user_ids.tolist(), item_ids.tolist()
         return cls(
-            np.concatenate([c[0] for c in parts]).astype(str),
-            np.concatenate([c[1] for c in parts]).astype(str),
-            np.concatenate([c[2] for c in parts]).astype(np.float64),
+            user_list,
+            item_list,
+            {u: r for r, u in enumerate(user_list)},
+            {i: r for r, i in enumerate(item_list)},
+            user_codes.astype(np.int64),
+            item_codes.astype(np.int64),
+            values.astype(np.float64),
         )
 
     def with_users_replaced(self, users: Sequence[str], fresh: Chunk) -> Snapshot:
         """These users' entries replaced by `fresh` (their interactions as they are now)."""
-        keep = ~np.isin(self.users, np.asarray(users, dtype=str))
-        now = Snapshot.of([fresh])
+        user_ids, user_at, fresh_users = _code(self.user_ids, self.user_at, fresh[0])
+        item_ids, item_at, fresh_items = _code(self.item_ids, self.item_at, fresh[1])
+        replaced = np.zeros(len(self.user_ids), dtype=bool)
+        replaced[_positions(self.user_at, users)] = True
+        keep = ~replaced[self.users]
         return Snapshot(
-            np.concatenate([self.users[keep], now.users]),
-            np.concatenate([self.items[keep], now.items]),
-            np.concatenate([self.values[keep], now.values]),
+            user_ids,
+            item_ids,
+            user_at,
+            item_at,
+            np.concatenate([self.users[keep], fresh_users]),
+            np.concatenate([self.items[keep], fresh_items]),
+            np.concatenate([self.values[keep], np.asarray(fresh[2], dtype=np.float64)]),
         )
+
+    def data(self, params: LossParams) -> Interactions:
+        return Interactions.from_coo(
+            self.users, self.items, self.values, (len(self.user_ids), len(self.item_ids)), params
+        )
+
+
+def _code(
+    ids: list[str], at: dict[str, int], wanted: np.ndarray
+) -> tuple[list[str], dict[str, int], np.ndarray]:
+    """Positions of `wanted` ids; ids not yet known are appended (to copies: snapshots are values)."""
+    wanted_list = np.asarray(wanted).astype(str).tolist()
+    newcomers = [i for i in dict.fromkeys(wanted_list) if i not in at]
+    if newcomers:
+        ids, at = ids + newcomers, at | {i: len(ids) + n for n, i in enumerate(newcomers)}
+    return ids, at, np.array([at[i] for i in wanted_list], dtype=np.int64)
 
 
 @dataclass(frozen=True)
 class Refit:
-    users: list[str]  # sorted; row r of factors.user belongs to users[r]
-    items: list[str]  # sorted
+    users: list[str]  # row r of factors.user belongs to users[r]; the snapshot's user_ids
+    items: list[str]
     factors: Factors
     objective_before: float
     objective_after: float
@@ -98,19 +139,16 @@ def refit(
 
     Rows that have interactions but no current factors start from the deterministic init.
     """
-    users, user_index = np.unique(snapshot.users, return_inverse=True)
-    items, item_index = np.unique(snapshot.items, return_inverse=True)
-    users_list, items_list = users.tolist(), items.tolist()
     k = current_users[1].shape[1] if len(current_users[1]) else current_items[1].shape[1]
-    user_rows, user_bias, _ = _warm_rows(users_list, current_users, k, init_std, seed, "user")
-    item_rows, item_bias, _ = _warm_rows(items_list, current_items, k, init_std, seed, "item")
+    user_rows, user_bias = _warm_rows(snapshot.user_ids, current_users, k, init_std, seed, "user")
+    item_rows, item_bias = _warm_rows(snapshot.item_ids, current_items, k, init_std, seed, "item")
     mean = global_mean if params.mode == "explicit" else 0.0
     start = Factors(user_rows, item_rows, user_bias, item_bias, mean)
-    data = Interactions.from_coo(user_index, item_index, snapshot.values, (len(users), len(items)), params)
+    data = snapshot.data(params)
     before = objective(data, start, params)
     result = wals(data, start, params, iterations)
     result.check_finite()
-    return Refit(users_list, items_list, result, before, objective(data, result, params))
+    return Refit(snapshot.user_ids, snapshot.item_ids, result, before, objective(data, result, params))
 
 
 def catch_up(
@@ -122,41 +160,66 @@ def catch_up(
     init_std: float,
     seed: int,
 ) -> CaughtUp:
-    """Pure: fold the given users, then the given items, into `fitted` exactly, over `snapshot` (which
-    already holds those users' current interactions). Users and items the refit has not seen are added
-    (deterministic init, then folded in). μ stays the refit's. Other rows are left as they are."""
+    """Pure: fold the given users, then the given items, into `fitted` exactly, over `snapshot` (derived
+    from the one `fitted` was fitted on, and already holding those users' current interactions). Users
+    and items the refit has not seen are added (deterministic init, then folded in). μ stays the refit's.
+    Other rows are left as they are. Costs passes over the entry arrays plus the folded rows' work."""
     f = fitted.factors
-    user_ids, user_index = np.unique(snapshot.users, return_inverse=True)
-    item_ids, item_index = np.unique(snapshot.items, return_inverse=True)
-    user_list, item_list = user_ids.tolist(), item_ids.tolist()
-    user_rows, user_bias, new_users = _warm_rows(
-        user_list, (fitted.users, f.user, f.user_bias), f.k, init_std, seed, "user"
-    )
-    item_rows, item_bias, new_items = _warm_rows(
-        item_list, (fitted.items, f.item, f.item_bias), f.k, init_std, seed, "item"
-    )
-    factors = Factors(user_rows, item_rows, user_bias, item_bias, f.global_mean)
-    data = Interactions.from_coo(
-        user_index, item_index, snapshot.values, (len(user_ids), len(item_ids)), params
-    )
-    fold_users = np.union1d(new_users, _positions(user_ids, users))
-    solved = fold_in_users(data.take_rows(fold_users), factors, params)
+    if snapshot.user_ids[: len(fitted.users)] != fitted.users:  # cheap next to the solves below
+        raise ValueError("snapshot is not derived from the one the refit was fitted on")
+    user, user_bias, new_users = _extended(f.user, f.user_bias, snapshot.user_ids, init_std, seed, "user")
+    item, item_bias, new_items = _extended(f.item, f.item_bias, snapshot.item_ids, init_std, seed, "item")
+    factors = Factors(user, item, user_bias, item_bias, f.global_mean)
+    shape = (len(snapshot.user_ids), len(snapshot.item_ids))
+
+    fold_users = np.union1d(new_users, _positions(snapshot.user_at, users))
+    rows = _entries_of(fold_users, snapshot.users, snapshot.items, snapshot.values, shape, params)
+    solved = fold_in_users(rows, factors, params)
     factors.user[fold_users], factors.user_bias[fold_users] = solved.factors, solved.bias
-    fold_items = np.union1d(new_items, _positions(item_ids, items))
-    solved = fold_in_items(data.transposed.take_rows(fold_items), factors, params)
+
+    fold_items = np.union1d(new_items, _positions(snapshot.item_at, items))
+    columns = _entries_of(
+        fold_items, snapshot.items, snapshot.users, snapshot.values, (shape[1], shape[0]), params
+    )
+    solved = fold_in_items(columns, factors, params)
     factors.item[fold_items], factors.item_bias[fold_items] = solved.factors, solved.bias
+
     factors.check_finite()
-    caught = Refit(user_list, item_list, factors, fitted.objective_before, fitted.objective_after)
+    caught = Refit(
+        snapshot.user_ids, snapshot.item_ids, factors, fitted.objective_before, fitted.objective_after
+    )
     return CaughtUp(caught, fold_users, fold_items)
 
 
-def _positions(sorted_ids: np.ndarray, wanted: Sequence[str]) -> np.ndarray:
-    """Positions in `sorted_ids` of the `wanted` ids it holds."""
-    wanted_arr = np.asarray(wanted, dtype=str)
-    at = np.searchsorted(sorted_ids, wanted_arr)
-    found = at < len(sorted_ids)
-    found[found] = sorted_ids[at[found]] == wanted_arr[found]
-    return at[found].astype(np.int64)
+def _positions(at: dict[str, int], wanted: Sequence[str]) -> np.ndarray:
+    """Positions of the `wanted` ids that `at` knows."""
+    return np.array([at[i] for i in wanted if i in at], dtype=np.int64)
+
+
+def _extended(
+    rows: np.ndarray, bias: np.ndarray, ids: list[str], std: float, seed: int, side: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Copies of `rows` and `bias` with init rows (zero bias) appended for ids[len(rows):]; and those
+    new positions."""
+    new = np.arange(len(rows), len(ids), dtype=np.int64)
+    added = init_rows([ids[r] for r in new], rows.shape[1], std, seed, side)
+    return np.vstack([rows, added]), np.concatenate([bias, np.zeros(len(new), dtype=bias.dtype)]), new
+
+
+def _entries_of(
+    wanted: np.ndarray,
+    owners: np.ndarray,
+    others: np.ndarray,
+    values: np.ndarray,
+    shape: tuple[int, int],
+    params: LossParams,
+) -> Interactions:
+    """The entries whose owner is in `wanted`, as a len(wanted) × shape[1] matrix (row r: wanted[r])."""
+    local = np.full(shape[0], -1, dtype=np.int64)
+    local[wanted] = np.arange(len(wanted))
+    at = local[owners]
+    picked = at >= 0
+    return Interactions.from_coo(at[picked], others[picked], values[picked], (len(wanted), shape[1]), params)
 
 
 def _warm_rows(
@@ -166,9 +229,8 @@ def _warm_rows(
     std: float,
     seed: int,
     side: str,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows and biases for `ids` taken from `current`, deterministic init where missing; and the missing
-    positions."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and biases for `ids` taken from `current`, deterministic init where missing."""
     position = {ident: row for row, ident in enumerate(current[0])}
     rows = np.zeros((len(ids), k), dtype=DTYPE)
     bias = np.zeros(len(ids), dtype=DTYPE)
@@ -182,7 +244,7 @@ def _warm_rows(
             bias[row] = current[2][at]
     if missing:
         rows[missing] = init_rows([ids[r] for r in missing], k, std, seed, side)
-    return rows, bias, np.array(missing, dtype=np.int64)
+    return rows, bias
 
 
 @dataclass(frozen=True)

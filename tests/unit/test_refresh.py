@@ -105,8 +105,8 @@ def _data(snapshot: Snapshot, users: list[str], items: list[str], params: LossPa
     user_at = {u: r for r, u in enumerate(users)}
     item_at = {i: r for r, i in enumerate(items)}
     return Interactions.from_coo(
-        np.array([user_at[u] for u in snapshot.users]),
-        np.array([item_at[i] for i in snapshot.items]),
+        np.array([user_at[snapshot.user_ids[c]] for c in snapshot.users]),
+        np.array([item_at[snapshot.item_ids[c]] for c in snapshot.items]),
         snapshot.values,
         (len(users), len(items)),
         params,

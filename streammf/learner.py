@@ -64,25 +64,27 @@ class Learner:
         """Apply `events` (already validated, in partition order) covering `offsets` exactly once.
 
         A version flip means recomputing against the new version. A paused version (a refresh handing
-        over, normally well under a second) means waiting, then recomputing: the refresh may publish."""
+        over, normally well under a second) means waiting; if the refresh then publishes, recomputing."""
         plan = _BatchPlan.of(events)
-        flips, paused_s = 0, 0.0
-        while True:
+        for _ in range(self.max_version_retries):
             state = self.store.read_batch_state(plan.users, plan.items, plan.pairs)
             update, predictions = self.compute(plan, state, offsets)
-            outcome = self.store.apply(update)
-            if outcome is ApplyOutcome.STALE_VERSION:
-                flips += 1
-                if flips >= self.max_version_retries:
-                    raise VersionChurnError(f"model version changed {flips} times during one batch")
-            elif outcome is ApplyOutcome.PAUSED:
-                if paused_s >= self.max_pause_s:
-                    raise VersionChurnError(f"model version {state.version} paused for over {paused_s:.0f}s")
-                self.sleep(_PAUSE_POLL_S)
-                paused_s += _PAUSE_POLL_S
-            else:
+            outcome = self._apply_after_any_pause(update, state.version)
+            if outcome is not ApplyOutcome.STALE_VERSION:
                 targets = plan.values if self.params.loss.mode == "explicit" else np.ones(len(predictions))
                 return StepResult(outcome, predictions, targets - predictions, state.version)
+        raise VersionChurnError(f"model version changed {self.max_version_retries} times during one batch")
+
+    def _apply_after_any_pause(self, update: BatchUpdate, version: int) -> ApplyOutcome:
+        """Apply, waiting out a refresh's pause by retrying the same update: no writer changes a paused
+        version, so the update stays valid unless the version flips (then STALE_VERSION: recompute)."""
+        waited_s = 0.0
+        while (outcome := self.store.apply(update)) is ApplyOutcome.PAUSED:
+            if waited_s >= self.max_pause_s:
+                raise VersionChurnError(f"model version {version} paused for over {waited_s:.0f}s")
+            self.sleep(_PAUSE_POLL_S)
+            waited_s += _PAUSE_POLL_S
+        return outcome
 
     def compute(
         self, plan: _BatchPlan, state: BatchState, offsets: dict[int, tuple[int, int]]

@@ -1,4 +1,4 @@
-"""The event schema and `decode(bytes) -> Event | Invalid`.
+"""The event schema and `decode(bytes, max_bytes, limits) -> Event | Invalid`.
 
 Parsing happens here, in application code, never in a kafka-python deserializer: a raising deserializer
 makes `poll()` fetch the same record forever. Bad input becomes an `Invalid` value that travels as data
@@ -8,18 +8,35 @@ Example event (producers key the record by user id, so a user's events stay in o
 
     {"user_id": "u123", "item_id": 42, "value": 4.5, "weight": 1.0,
      "timestamp": 1700000000.0, "event_type": "rating"}
+
+The wire format is strict: a JSON object in UTF-8 (no byte-order mark, no UTF-16/32), no duplicate keys,
+numbers as JSON numbers (not strings, not booleans), ids as strings or integers. Unknown fields are ignored.
+Constructing an `Event` in Python stays lax (numpy scalars and the like are fine); only `decode` is strict.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 MAX_ID_LENGTH = 128
-InvalidReason = Literal["oversized", "undecodable", "schema", "non_finite"]
+InvalidReason = Literal["oversized", "undecodable", "schema", "non_finite", "out_of_range", "diverged"]
+INVALID_REASONS: tuple[InvalidReason, ...] = get_args(InvalidReason)
+_MAX_DETAIL = 300
+
+
+def _encodable(value: str) -> str:
+    # JSON escapes can spell lone surrogates ("\ud800"): a Python str, but not Unicode text, and
+    # every later `.encode()` (Redis keys, the dead-letter detail) would raise.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode text (lone surrogate)") from None
+    return value
 
 
 def _id_to_str(value: object) -> object:
@@ -28,6 +45,23 @@ def _id_to_str(value: object) -> object:
         raise ValueError("ids must be strings or integers, not booleans")
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, str):
+        return _encodable(value)
+    return value  # anything else fails the str validation: floats, lists, objects, null
+
+
+def _text(value: object) -> object:
+    return _encodable(value) if isinstance(value, str) else value
+
+
+def _int_to_float(value: object) -> object:
+    # An integer literal beyond the float range (10**400) is a schema error with a clear message, rather
+    # than pydantic's "Input should be a valid number". Booleans pass through: strict decoding rejects them.
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            raise ValueError("integer too large for a float") from None
     return value
 
 
@@ -36,6 +70,7 @@ Identifier = Annotated[
     BeforeValidator(_id_to_str),
     Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[^\x00-\x1f]+$"),
 ]
+Number = Annotated[float, BeforeValidator(_int_to_float)]
 
 
 class Event(BaseModel):
@@ -43,10 +78,10 @@ class Event(BaseModel):
 
     user_id: Identifier
     item_id: Identifier
-    value: float = 1.0
-    weight: float = Field(1.0, ge=0.0)
-    timestamp: float | None = Field(None, ge=0.0, description="unix seconds; else the Kafka record time")
-    event_type: Annotated[str, Field(max_length=64)] | None = None
+    value: Number = 1.0
+    weight: Number = Field(1.0, ge=0.0)
+    timestamp: Number | None = Field(None, ge=0.0, description="unix seconds; else the Kafka record time")
+    event_type: Annotated[str, BeforeValidator(_text), Field(max_length=64)] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,26 +90,92 @@ class Invalid:
     detail: str
 
 
-def decode(raw: bytes | None, max_bytes: int) -> Event | Invalid:
+@dataclass(frozen=True)
+class EventLimits:
+    """Bounds on an event's numbers: `value` within [value_min, value_max], `weight` at most weight_max
+    (and, by the schema, at least 0). Bounds are inclusive. The defaults are permissive."""
+
+    value_min: float = -1e6
+    value_max: float = 1e6
+    weight_max: float = 1e6
+
+    def __post_init__(self) -> None:
+        bounds = (self.value_min, self.value_max, self.weight_max)
+        if not all(
+            isinstance(b, int | float) and not isinstance(b, bool) and math.isfinite(b) for b in bounds
+        ):
+            raise ValueError(f"event limits must be finite numbers: {self}")
+        if self.value_min > self.value_max:
+            raise ValueError(f"value_min {self.value_min} > value_max {self.value_max}")
+        if self.weight_max < 0:
+            raise ValueError(f"weight_max {self.weight_max} < 0")
+
+
+DEFAULT_LIMITS = EventLimits()
+
+
+class _DuplicateKeyError(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # json's default is last-wins; a record that says two things is rejected (in nested objects too).
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKeyError(key)
+            seen.add(key)
+    return obj
+
+
+def _out_of_range(event: Event, limits: EventLimits) -> str | None:
+    problems = []
+    if event.value < limits.value_min:
+        problems.append(f"value: {event.value!r} < value_min {limits.value_min!r}")
+    elif event.value > limits.value_max:
+        problems.append(f"value: {event.value!r} > value_max {limits.value_max!r}")
+    if event.weight > limits.weight_max:
+        problems.append(f"weight: {event.weight!r} > weight_max {limits.weight_max!r}")
+    return "; ".join(problems) or None
+
+
+def decode(raw: bytes | None, max_bytes: int, limits: EventLimits = DEFAULT_LIMITS) -> Event | Invalid:
     if raw is None:
         return Invalid("undecodable", "record has no value")
     if len(raw) > max_bytes:
         return Invalid("oversized", f"{len(raw)} bytes > limit {max_bytes}")
     try:
-        payload = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, over-long int literal
-        return Invalid("undecodable", f"not JSON: {exc}"[:200])
+        # Strict UTF-8 first: json.loads(bytes) would also auto-detect UTF-16 and UTF-32.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Invalid("undecodable", f"not UTF-8: {exc}"[:_MAX_DETAIL])
+    if text.startswith("\ufeff"):
+        return Invalid("undecodable", "UTF-8 byte-order mark")
+    try:
+        # NaN/Infinity literals and overflowing floats (1e400) parse to non-finite floats: non_finite below.
+        payload = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKeyError as exc:
+        return Invalid("schema", f"duplicate key {exc.args[0]!r}"[:_MAX_DETAIL])
+    except (ValueError, RecursionError) as exc:  # bad JSON, too deep, over-long int literal
+        return Invalid("undecodable", f"not JSON: {exc}"[:_MAX_DETAIL])
     if not isinstance(payload, dict):
         return Invalid("schema", f"expected a JSON object, got {type(payload).__name__}")
     try:
-        return Event.model_validate(payload)
+        # Strict: numbers must be JSON numbers, ids strings or integers (no "4", no true, no 1.5).
+        event = Event.model_validate(payload, strict=True)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         reason: InvalidReason = (
             "non_finite" if any(e["type"] == "finite_number" for e in errors) else "schema"
         )
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
-        return Invalid(reason, detail[:300])
+        return Invalid(reason, detail[:_MAX_DETAIL])
+    problem = _out_of_range(event, limits)
+    if problem is not None:
+        return Invalid("out_of_range", problem[:_MAX_DETAIL])
+    return event
 
 
 def encode(event: Event) -> bytes:

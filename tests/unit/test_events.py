@@ -1,14 +1,22 @@
-"""`decode(bytes) -> Event | Invalid`: valid events, every invalid reason, and that it never raises."""
+"""`decode(bytes, max_bytes, limits) -> Event | Invalid`: valid events, every invalid reason, the strict wire
+format and the bounds. The property-based tests are in test_events_fuzz.py."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from streammf.events import MAX_ID_LENGTH, Event, Invalid, decode, encode
+from streammf.events import (
+    DEFAULT_LIMITS,
+    INVALID_REASONS,
+    MAX_ID_LENGTH,
+    Event,
+    EventLimits,
+    Invalid,
+    decode,
+    encode,
+)
 
 LIMIT = 4096
 
@@ -170,75 +178,247 @@ def test_huge_integer_literal_does_not_raise() -> None:
     assert result.reason in ("undecodable", "schema")
 
 
-# -------------------------------------------------------------------------------------- never raises
+def test_duplicate_key_inside_an_ignored_field_is_rejected_too() -> None:
+    result = decode(b'{"user_id": "a", "item_id": "b", "extra": {"k": 1, "k": 2}}', LIMIT)
+    assert result == Invalid("schema", "duplicate key 'k'")
 
-_json_leaf = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(10**30), max_value=10**30),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=140),
+
+def test_reasons() -> None:
+    assert INVALID_REASONS == ("oversized", "undecodable", "schema", "non_finite", "out_of_range", "diverged")
+
+
+# ------------------------------------------------------------------------------------ strict wire format
+
+_EVENT = {"user_id": "a", "item_id": "b", "value": 2.0}
+
+
+def _assert_invalid(raw: bytes, reason: str, *in_detail: str) -> None:
+    result = decode(raw, LIMIT)
+    assert isinstance(result, Invalid), result
+    assert result.reason == reason, result
+    for text in in_detail:
+        assert text in result.detail, result
+
+
+def test_valid_event_is_also_valid_utf8_json() -> None:
+    # The control for the encoding tests below: the same object in UTF-8 decodes.
+    assert decode(json.dumps(_EVENT).encode("utf-8"), LIMIT) == Event(user_id="a", item_id="b", value=2.0)
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_utf16_is_undecodable(codec: str) -> None:
+    # json.loads(bytes) would auto-detect UTF-16 and accept these.
+    assert json.loads(json.dumps(_EVENT).encode(codec)) == _EVENT
+    _assert_invalid(json.dumps(_EVENT).encode(codec), "undecodable")
+
+
+@pytest.mark.parametrize("codec", ["utf-32", "utf-32-le", "utf-32-be"])
+def test_utf32_is_undecodable(codec: str) -> None:
+    assert json.loads(json.dumps(_EVENT).encode(codec)) == _EVENT
+    _assert_invalid(json.dumps(_EVENT).encode(codec), "undecodable")
+
+
+def test_utf8_byte_order_mark_is_undecodable() -> None:
+    raw = json.dumps(_EVENT).encode("utf-8-sig")
+    assert raw.startswith(b"\xef\xbb\xbf")
+    assert decode(raw, LIMIT) == Invalid("undecodable", "UTF-8 byte-order mark")
+
+
+@pytest.mark.parametrize("field", ["value", "weight", "timestamp"])
+def test_number_as_string_is_schema(field: str) -> None:
+    _assert_invalid(_raw({**_EVENT, field: "4"}), "schema", field)
+
+
+@pytest.mark.parametrize("field", ["value", "weight", "timestamp"])
+@pytest.mark.parametrize("flag", [True, False])
+def test_boolean_as_number_is_schema(field: str, flag: bool) -> None:
+    _assert_invalid(_raw({**_EVENT, field: flag}), "schema", field)
+
+
+@pytest.mark.parametrize("stamp", ["1700000000", "1700000000.0", "2023-11-14T22:13:20Z"])
+def test_string_timestamp_is_schema(stamp: str) -> None:
+    _assert_invalid(_raw({**_EVENT, "timestamp": stamp}), "schema", "timestamp")
+
+
+@pytest.mark.parametrize("field", ["user_id", "item_id", "value", "weight", "timestamp", "event_type"])
+def test_duplicate_key_is_schema_not_last_wins(field: str) -> None:
+    raw = b'{"user_id": "a", "item_id": "b", "value": 1, "weight": 1, "timestamp": 1, "event_type": "x", '
+    raw += f'"{field}": {json.dumps(_EVENT.get(field, 2))}}}'.encode()
+    assert decode(raw, LIMIT) == Invalid("schema", f"duplicate key {field!r}")
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+@pytest.mark.parametrize("field", ["value", "weight", "timestamp"])
+def test_nan_and_infinity_literals_are_non_finite(field: str, literal: bytes) -> None:
+    raw = b'{"user_id": "a", "item_id": "b", "' + field.encode() + b'": ' + literal + b"}"
+    _assert_invalid(raw, "non_finite", field)
+
+
+@pytest.mark.parametrize("literal", [b"1e400", b"-1e400", b"1.5e309"])
+def test_float_literal_beyond_float_range_is_non_finite(literal: bytes) -> None:
+    # Python parses it to +-inf: a non-finite number, not a bound violation.
+    _assert_invalid(b'{"user_id": "a", "item_id": "b", "value": ' + literal + b"}", "non_finite", "value")
+
+
+@pytest.mark.parametrize("field", ["value", "weight", "timestamp"])
+@pytest.mark.parametrize("sign", [b"", b"-"])
+def test_integer_literal_beyond_float_range_is_schema(field: str, sign: bytes) -> None:
+    raw = b'{"user_id": "a", "item_id": "b", "' + field.encode() + b'": ' + sign + b"1" + b"0" * 400 + b"}"
+    _assert_invalid(raw, "schema", field, "too large")
+
+
+def test_large_finite_numbers_are_bounds_business() -> None:
+    raw = b'{"user_id": "a", "item_id": "b", "value": 1e308}'
+    assert decode(raw, LIMIT, EventLimits(value_max=1e308)) == Event(user_id="a", item_id="b", value=1e308)
+    _assert_invalid(raw, "out_of_range", "value", "1e+308")
+
+
+@pytest.mark.parametrize("field", ["user_id", "item_id"])
+@pytest.mark.parametrize("flag", [True, False])
+def test_bool_id_is_schema(field: str, flag: bool) -> None:
+    _assert_invalid(_raw({**_EVENT, field: flag}), "schema", field)
+
+
+@pytest.mark.parametrize("field", ["user_id", "item_id"])
+@pytest.mark.parametrize("number", [1.5, 42.0, 0.0])
+def test_float_id_is_schema(field: str, number: float) -> None:
+    # Even 42.0: ids are strings or integers, and "42.0" is not "42".
+    _assert_invalid(_raw({**_EVENT, field: number}), "schema", field)
+
+
+@pytest.mark.parametrize("field", ["user_id", "item_id"])
+@pytest.mark.parametrize("other", [None, [1], {"id": 1}])
+def test_other_id_types_are_schema(field: str, other: object) -> None:
+    _assert_invalid(_raw({**_EVENT, field: other}), "schema", field)
+
+
+def test_int_id_means_its_decimal_string() -> None:
+    assert decode(_raw({"user_id": 42, "item_id": -7}), LIMIT) == Event(user_id="42", item_id="-7")
+    assert decode(_raw({"user_id": 10**127, "item_id": "b"}), LIMIT) == Event(
+        user_id=str(10**127), item_id="b"
+    )
+    _assert_invalid(_raw({"user_id": 10**128, "item_id": "b"}), "schema", "user_id")  # 129 digits
+
+
+def test_integer_numbers_are_json_numbers() -> None:
+    result = decode(_raw({"user_id": "a", "item_id": "b", "value": 4, "weight": 2, "timestamp": 17}), LIMIT)
+    assert result == Event(user_id="a", item_id="b", value=4.0, weight=2.0, timestamp=17.0)
+    assert isinstance(result, Event) and type(result.value) is float and type(result.timestamp) is float
+
+
+@pytest.mark.parametrize("field", ["user_id", "item_id", "event_type"])
+def test_lone_surrogate_escape_is_schema(field: str) -> None:
+    # "\ud800" is valid JSON but not Unicode text: the id could never be encoded as a Redis key.
+    raw = b'{"user_id": "a", "item_id": "b", "' + field.encode() + b'": "x\\ud800"}'
+    _assert_invalid(raw, "schema", field)
+    # A surrogate pair is fine.
+    assert isinstance(decode(b'{"user_id": "\\ud83d\\ude00", "item_id": "b"}', LIMIT), Event)
+
+
+def test_unknown_fields_stay_ignored_whatever_their_type() -> None:
+    payload = {**_EVENT, "score": "4", "flag": True, "when": "yesterday", "n": 1.5}
+    assert decode(_raw(payload), LIMIT) == Event(user_id="a", item_id="b", value=2.0)
+
+
+def test_python_construction_stays_lax() -> None:
+    # Only decode is strict: application code may build events from numpy scalars and the like.
+    assert Event(user_id="a", item_id=3, value=2).value == 2.0
+
+
+# --------------------------------------------------------------------------------------------- bounds
+
+_LIMITS = EventLimits(value_min=1.0, value_max=5.0, weight_max=10.0)
+
+
+def test_default_limits_are_permissive() -> None:
+    assert EventLimits() == DEFAULT_LIMITS == EventLimits(value_min=-1e6, value_max=1e6, weight_max=1e6)
+    event = Event(user_id="a", item_id="b", value=-1e6, weight=1e6)
+    assert decode(encode(event), LIMIT) == event
+
+
+@pytest.mark.parametrize(
+    ("payload", "detail"),
+    [
+        pytest.param({"value": 5.5}, "value: 5.5 > value_max 5.0", id="value-above"),
+        pytest.param({"value": 0.5}, "value: 0.5 < value_min 1.0", id="value-below"),
+        pytest.param({"value": -1e300}, "value: -1e+300 < value_min 1.0", id="value-far-below"),
+        pytest.param({"value": 6}, "value: 6.0 > value_max 5.0", id="int-value-above"),
+        pytest.param({"weight": 10.5}, "weight: 10.5 > weight_max 10.0", id="weight-above"),
+        pytest.param(
+            {"value": 9.0, "weight": 11.0},
+            "value: 9.0 > value_max 5.0; weight: 11.0 > weight_max 10.0",
+            id="both",
+        ),
+    ],
 )
-_json = (
-    _json_leaf
-    | st.lists(_json_leaf, max_size=3)
-    | st.dictionaries(st.text(max_size=5), _json_leaf, max_size=3)
+def test_out_of_range(payload: dict, detail: str) -> None:
+    result = decode(_raw({"user_id": "a", "item_id": "b", "value": 3.0, **payload}), LIMIT, _LIMITS)
+    assert result == Invalid("out_of_range", detail)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param({"value": 1.0}, id="value-at-min"),
+        pytest.param({"value": 5.0}, id="value-at-max"),
+        pytest.param({"value": 5, "weight": 10}, id="ints-at-max"),
+        pytest.param({"value": 3.0, "weight": 10.0}, id="weight-at-max"),
+        pytest.param({"value": 3.0, "weight": 0.0}, id="weight-zero"),
+    ],
 )
-_ids = st.integers(min_value=-(10**6), max_value=10**6) | st.text(min_size=1, max_size=10) | _json
-_numbers = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(10**30), 10**30) | _json
-_events = st.fixed_dictionaries(
-    {},
-    optional={
-        "user_id": _ids,
-        "item_id": _ids,
-        "value": _numbers,
-        "weight": _numbers,
-        "timestamp": _numbers,
-        "event_type": st.text(max_size=80) | _json,
-        "extra": _json,
-    },
+def test_on_the_bound_is_accepted(payload: dict) -> None:
+    result = decode(_raw({"user_id": "a", "item_id": "b", **payload}), LIMIT, _LIMITS)
+    assert isinstance(result, Event), result
+    assert (result.value, result.weight) == (float(payload["value"]), float(payload.get("weight", 1.0)))
+
+
+def test_default_value_is_checked_against_the_bounds() -> None:
+    # An implicit event (no value: 1.0) under limits that exclude 1.0.
+    result = decode(_raw({"user_id": "a", "item_id": "b"}), LIMIT, EventLimits(value_min=2.0, value_max=3.0))
+    assert result == Invalid("out_of_range", "value: 1.0 < value_min 2.0")
+
+
+def test_non_finite_and_schema_come_before_bounds() -> None:
+    assert decode(b'{"user_id": "a", "item_id": "b", "value": NaN}', LIMIT, _LIMITS) == Invalid(
+        "non_finite", "value: Input should be a finite number"
+    )
+    assert (
+        decode(b'{"user_id": "a", "item_id": "b", "value": Infinity}', LIMIT, _LIMITS).reason == "non_finite"
+    )
+    negative = decode(_raw({"user_id": "a", "item_id": "b", "weight": -1.0}), LIMIT, _LIMITS)
+    assert isinstance(negative, Invalid) and negative.reason == "schema"
+    missing = decode(_raw({"item_id": "b", "value": 99.0}), LIMIT, _LIMITS)
+    assert isinstance(missing, Invalid) and missing.reason == "schema"
+
+
+def test_timestamp_has_no_bounds() -> None:
+    result = decode(_raw({"user_id": "a", "item_id": "b", "value": 3.0, "timestamp": 1e300}), LIMIT, _LIMITS)
+    assert isinstance(result, Event) and result.timestamp == 1e300
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"value_min": 2.0, "value_max": 1.0},
+        {"weight_max": -1.0},
+        {"value_max": float("inf")},
+        {"value_min": float("nan")},
+        {"weight_max": float("nan")},
+    ],
+    ids=str,
 )
+def test_bad_limits_are_rejected_at_construction(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        EventLimits(**kwargs)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=300), st.integers(min_value=0, max_value=400))
-def test_decode_never_raises_on_arbitrary_bytes(raw: bytes, max_bytes: int) -> None:
-    result = decode(raw, max_bytes)
-    assert isinstance(result, Event | Invalid)
-    if len(raw) > max_bytes:
-        assert result == Invalid("oversized", f"{len(raw)} bytes > limit {max_bytes}")
+def test_limits_are_frozen() -> None:
+    with pytest.raises(AttributeError):
+        DEFAULT_LIMITS.value_max = 5.0  # type: ignore[misc]
 
 
-@settings(max_examples=300, deadline=None)
-@given(_events)
-def test_decode_never_raises_on_json_objects(payload: dict) -> None:
-    # json.dumps writes NaN/Infinity literals, which json.loads reads back: exactly what producers can send.
-    raw = json.dumps(payload).encode()
-    result = decode(raw, 1 << 20)
-    assert isinstance(result, Event | Invalid)
-    if isinstance(result, Event):
-        assert 1 <= len(result.user_id) <= MAX_ID_LENGTH and 1 <= len(result.item_id) <= MAX_ID_LENGTH
-        assert result.weight >= 0
-        for number in (result.value, result.weight, result.timestamp or 0.0):
-            assert number == number and abs(number) != float("inf")
-    else:
-        assert result.reason in ("schema", "non_finite")
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    st.one_of(
-        st.integers(min_value=-(10**40), max_value=10**40), st.text(min_size=1, max_size=MAX_ID_LENGTH)
-    ),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.floats(min_value=0.0, allow_infinity=False),
-)
-def test_valid_events_decode(user: int | str, value: float, weight: float) -> None:
-    raw = _raw({"user_id": user, "item_id": "i", "value": value, "weight": weight})
-    result = decode(raw, 1 << 20)
-    ident = str(user)
-    if any(ord(c) < 0x20 for c in ident) or len(ident) > MAX_ID_LENGTH:
-        assert isinstance(result, Invalid) and result.reason == "schema"
-    else:
-        assert isinstance(result, Event), result
-        assert (result.user_id, result.value, result.weight) == (ident, value, weight)
+def test_null_means_absent_only_for_optional_fields() -> None:
+    result = decode(_raw({"user_id": "a", "item_id": "b", "timestamp": None, "event_type": None}), LIMIT)
+    assert result == Event(user_id="a", item_id="b")
+    for field in ("value", "weight", "user_id"):
+        _assert_invalid(_raw({"user_id": "a", "item_id": "b", field: None}), "schema", field)

@@ -23,8 +23,42 @@ CLI_LEASE_S = 3600.0
 
 def learner_params(model: ModelSettings) -> LearnerParams:
     loss = LossParams(mode=model.mode, reg=model.reg, reg_bias=model.reg_bias, alpha=model.alpha, w0=model.w0)
-    sgd = SgdParams(loss, model.learning_rate, model.bias_learning_rate, model.bias_damping)
-    return LearnerParams(sgd, init_std=model.init_std, seed=model.seed)
+    value_min, value_max, _ = model.bounds
+    # An error can be at most the width of the value range for a prediction inside it: the clip only
+    # binds for predictions far outside, which is where a step would otherwise throw a row away.
+    sgd = SgdParams(
+        loss,
+        model.learning_rate,
+        model.bias_learning_rate,
+        model.bias_damping,
+        max_gradient=value_max - value_min,
+    )
+    return LearnerParams(sgd, init_std=model.init_std, seed=model.seed, max_abs_factor=model.max_abs_factor)
+
+
+def load_settings() -> Settings:
+    """`Settings()` from the environment. A bad variable becomes an error naming it and what is wrong, never
+    its value: that may be a secret (pydantic's own message would print a mistyped
+    STREAMMF_REDIS__PASSWROD, an extra field of a section that forbids them, with its value)."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = [
+            f"{_variable(error['loc'])}: {error['msg'][:1].lower()}{error['msg'][1:]}"
+            for error in exc.errors(include_input=False, include_url=False)
+        ]
+        message = "invalid STREAMMF_* settings:\n  " + "\n  ".join(problems)
+    except SettingsError as exc:  # a section given as JSON that does not parse; the message names the field
+        message = f"invalid STREAMMF_* settings: {exc}"
+    raise click.ClickException(message)  # outside the except: no chained exception carrying the input
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    """The environment variable of a settings field: ('redis', 'password') -> STREAMMF_REDIS__PASSWORD."""
+    return "STREAMMF_" + ("__".join(str(part) for part in loc).upper() if loc else "*")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,8 +66,13 @@ def learner_params(model: ModelSettings) -> LearnerParams:
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """streammf: a streaming online matrix-factorisation recommender (Kafka -> SGD -> Redis, WALS refresh)."""
-    settings = Settings()
-    configure_logging(settings.log_level, settings.log_format)
+    settings = load_settings()
+    try:
+        configure_logging(settings.log_level, settings.log_format)
+    except ValueError:  # logging's "Unknown level"
+        raise click.ClickException(
+            "STREAMMF_LOG_LEVEL: not a logging level (use DEBUG, INFO, WARNING, ERROR or CRITICAL)"
+        ) from None
     ctx.obj = settings
 
 
@@ -77,15 +116,35 @@ def evaluate(
 
 
 @cli.command()
+@click.option(
+    "--rebuild",
+    is_flag=True,
+    help="If the store lost state it had (Redis restarted empty, FLUSHALL, evicted keys), delete what is "
+    "left of the model and learn it again from the earliest offsets Kafka retains, instead of refusing. "
+    "Stop every other replica first.",
+)
 @click.pass_obj
-def run(settings: Settings) -> None:
+def run(settings: Settings, rebuild: bool) -> None:
     """Run the daemon: consume events from Kafka, learn, keep the factors in Redis fresh.
 
     Configured entirely by STREAMMF_* environment variables (see README); stops cleanly on SIGTERM/SIGINT.
+    Exits with status 3 when the store lost state (see --rebuild) or may evict the model's keys.
     """
     from streammf.daemon import run_daemon
+    from streammf.store import StoreLostStateError, StoreUnsafeError
 
-    run_daemon(settings, learner_params(settings.model))
+    try:
+        run_daemon(settings, learner_params(settings.model), rebuild=rebuild)
+    except StoreLostStateError as exc:
+        click.echo(
+            f"Error: the store lost state: {exc}. Refusing to go on; to rebuild the model from the earliest "
+            "offsets Kafka retains, stop every replica and run `streammf run --rebuild`.",
+            err=True,
+        )
+        raise SystemExit(3) from None
+    except StoreUnsafeError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        raise SystemExit(3) from None
 
 
 @cli.command()
@@ -93,26 +152,64 @@ def run(settings: Settings) -> None:
 @click.pass_obj
 def refresh(settings: Settings, iterations: int | None) -> None:
     """One WALS refresh of the live model in Redis: snapshot -> WALS -> new version -> pointer flip."""
+    import contextlib
+
+    import redis
+
+    from streammf.cli_client import failure_message
     from streammf.daemon import open_store, redis_client
+    from streammf.factors import NonFiniteFactorsError
+    from streammf.redis_store import ModelMismatchError
     from streammf.refresh import refresh as run_refresh
+    from streammf.store import StoreError
 
     params = learner_params(settings.model)
-    store = open_store(settings, redis_client(settings), params)
-    # The lease keeps this refresh from racing a daemon's: two refreshes tracking one version would each
-    # take part of what the stream changed, and the winner would miss the loser's part.
     owner = f"cli:{socket.gethostname()}:{os.getpid()}"
-    if not store.hold_refresh_lease(owner, CLI_LEASE_S):
-        raise click.ClickException(
-            f"the refresh lease is held by {store.refresh_lease_holder()}: a daemon refreshes this model "
-            f"every STREAMMF_REFRESH__EVERY_S ({settings.refresh.every_s:g} s); lower that, or stop the "
-            "daemons, to refresh now"
-        )
+    # Expected failures are one line; anything else is a bug and keeps its traceback.
     try:
-        report = run_refresh(
-            store, params.loss, iterations or settings.refresh.iterations, params.init_std, params.seed
-        )
-    finally:
-        store.release_refresh_lease(owner)
+        with redis_client(settings) as client:
+            store = open_store(settings, client, params)
+            # The lease keeps this refresh from racing a daemon's: two refreshes tracking one version would
+            # each take part of what the stream changed, and the winner would miss the loser's part.
+            if not store.hold_refresh_lease(owner, CLI_LEASE_S):
+                raise click.ClickException(
+                    f"the refresh lease is held by {store.refresh_lease_holder()}: a daemon refreshes this "
+                    f"model every STREAMMF_REFRESH__EVERY_S ({settings.refresh.every_s:g} s); lower that, "
+                    "or stop the daemons, to refresh now"
+                )
+            rounds = iterations or settings.refresh.iterations
+            try:
+                report = run_refresh(
+                    store,
+                    params.loss,
+                    rounds,
+                    params.init_std,
+                    params.seed,
+                    max_abs_factor=params.max_abs_factor,
+                )
+            except BaseException:
+                with contextlib.suppress(redis.RedisError):  # report the refresh's failure, not this one's
+                    store.release_refresh_lease(owner)
+                raise
+            try:
+                store.release_refresh_lease(owner)
+            except redis.RedisError as exc:  # the refresh itself is done: say so below, and warn
+                click.echo(
+                    f"warning: the refresh lease was not released ({failure_message(exc)}); daemons cannot "
+                    f"refresh this model until it expires (within {CLI_LEASE_S:g} s)",
+                    err=True,
+                )
+    except ModelMismatchError as exc:
+        raise click.ClickException(
+            f"{exc} (STREAMMF_MODEL__MODE and STREAMMF_MODEL__FACTORS must match the stored model)"
+        ) from exc
+    except NonFiniteFactorsError as exc:
+        raise click.ClickException(
+            f"refresh failed, nothing published: WALS produced non-finite factors ({exc}); stored rows "
+            "may be damaged, or the regularisation (STREAMMF_MODEL__REG, __REG_BIAS) too weak for this data"
+        ) from exc
+    except (redis.RedisError, StoreError, ValueError) as exc:
+        raise click.ClickException(f"refresh failed: {failure_message(exc)}") from exc
     if report.version is None:
         raise click.ClickException("the live version was replaced as the refresh began; run it again")
     state = "published" if report.published else "NOT published (another version won the race)"

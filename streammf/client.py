@@ -5,13 +5,20 @@ client and refreshed when older than `item_cache_ttl_s` or when the live version
 seen items and the version number come from one Lua call, so they are from one moment. A recommendation
 never combines a user vector of one version with item vectors of another: when the two differ the item
 matrix of the user's version is loaded, and if that version was deleted meanwhile the user is read again.
+
+A stored row holding NaN or inf is damaged: recommending for such a user, or items similar to such an
+item, raises `DamagedRowError` (an unknown user or item gives an empty result), and damaged item rows are
+left out of every ranking.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal
 
 import numpy as np
 import redis
@@ -33,6 +40,9 @@ from streammf.redis_store import (
     split_ids,
     store_error_from,
 )
+from streammf.store import StoreError
+
+log = logging.getLogger(__name__)
 
 # Reads the live version number and, from that version, the user's row; the user's seen items and the
 # stats for the global mean come along in the same call.
@@ -72,6 +82,16 @@ class VersionUnavailableError(RuntimeError):
     """Every version the reader was pointed at was deleted before it could be read."""
 
 
+class DamagedRowError(StoreError):
+    """The stored row of the user or item asked about holds NaN or inf, so nothing can be ranked from it."""
+
+    def __init__(self, model: str, version: int, side: Literal["user", "item"], ident: str) -> None:
+        self.model, self.version, self.side, self.ident = model, version, side, ident
+        super().__init__(
+            f"row of {side} {ident!r} in model {model!r} version {version} is damaged (non-finite factors)"
+        )
+
+
 @dataclass(frozen=True)
 class _UserRead:
     version: int
@@ -90,12 +110,14 @@ class _ItemMatrix:
     index: dict[str, int]
     factors: np.ndarray  # (n, k) float32
     bias: np.ndarray  # (n,) float32
+    damaged: list[int]  # rows whose factors or bias are not all finite: never ranked
 
     @cached_property
     def unit_factors(self) -> np.ndarray:
-        """Rows scaled to unit length (zero rows stay zero), for cosine similarity."""
+        """Rows scaled to unit length (zero and damaged rows are zero), for cosine similarity."""
         norms = np.linalg.norm(self.factors, axis=1, keepdims=True)
-        return np.divide(self.factors, norms, out=np.zeros_like(self.factors), where=norms > 0)
+        sound = (norms > 0) & np.isfinite(norms)
+        return np.divide(self.factors, norms, out=np.zeros_like(self.factors), where=sound)
 
 
 class StreamMFClient:
@@ -119,12 +141,14 @@ class StreamMFClient:
         return read_current_version(self._redis, self.keys)
 
     def user_vector(self, user: str) -> np.ndarray | None:
-        """The user's k factors (float32) in the live version; None for an unknown user."""
+        """The user's k factors (float32) in the live version, as stored (NaN/inf if the row is damaged);
+        None for an unknown user."""
         row = self._read_user(user, with_seen=False).row
         return None if row is None else row[: self.model.k].copy()
 
     def item_vectors(self, items: list[str]) -> dict[str, np.ndarray]:
-        """item -> k factors (float32) in the live version, all from one version; unknown items left out."""
+        """item -> k factors (float32) in the live version, all from one version, as stored (NaN/inf if a
+        row is damaged); unknown items left out."""
         if not items:
             return {}
         k = self.model.k
@@ -139,12 +163,16 @@ class StreamMFClient:
 
         score = item bias + ⟨u, v_j⟩, plus user bias and global mean in explicit mode (the model's
         prediction; the additions are constant per user, so they change scores, not the order).
+        Items whose stored rows are damaged are left out; a damaged row of the user raises
+        `DamagedRowError`.
         """
         tried: list[int] = []
         for _ in range(self._max_attempts):
             read = self._read_user(user, with_seen=exclude_seen)
             if read.row is None:
                 return []
+            if not np.isfinite(read.row).all():
+                raise DamagedRowError(self.keys.name, read.version, "user", user)
             matrix = self._matrix(read.version)
             if matrix is None:  # deleted after the user read: re-read the pointer
                 tried.append(read.version)
@@ -152,13 +180,18 @@ class StreamMFClient:
             factors, bias = read.row[: self.model.k], float(read.row[self.model.k])
             scores = (matrix.factors @ factors).astype(np.float64) + matrix.bias
             if self.model.mode == "explicit":
+                if not math.isfinite(read.global_mean):
+                    raise StoreError(f"{self.keys.stats}: the global mean is not finite")
                 scores += bias + read.global_mean
             excluded = [matrix.index[item] for item in read.seen if item in matrix.index]
-            return _top(scores, matrix.ids, k, excluded)
+            return _top(scores, matrix.ids, k, excluded + matrix.damaged)
         raise self._unavailable(tried)
 
     def similar_items(self, item: str, k: int = 10) -> list[tuple[str, float]]:
-        """The `k` items with the highest cosine similarity of factors to `item`; [] for an unknown item."""
+        """The `k` items with the highest cosine similarity of factors to `item`; [] for an unknown item.
+
+        Items whose stored rows are damaged are left out; a damaged row of `item` raises `DamagedRowError`.
+        """
         tried: list[int] = []
         for _ in range(self._max_attempts):
             version = self.current_version()
@@ -169,8 +202,10 @@ class StreamMFClient:
             row = matrix.index.get(item)
             if row is None:
                 return []
+            if row in matrix.damaged:
+                raise DamagedRowError(self.keys.name, version, "item", item)
             unit = matrix.unit_factors
-            return _top((unit @ unit[row]).astype(np.float64), matrix.ids, k, [row])
+            return _top((unit @ unit[row]).astype(np.float64), matrix.ids, k, [row, *matrix.damaged])
         raise self._unavailable(tried)
 
     # ----------------------------------------------------------------------------------- internals
@@ -217,6 +252,16 @@ class StreamMFClient:
             return None
         ids, rows = scanned
         k = self.model.k
+        damaged = np.flatnonzero(~np.isfinite(rows).all(axis=1)).tolist()
+        if damaged:
+            log.warning(
+                "model %r version %d: %d item rows are damaged (non-finite factors) and left out of "
+                "results (first: %r)",
+                self.keys.name,
+                version,
+                len(damaged),
+                ids[damaged[0]],
+            )
         return _ItemMatrix(
             version=version,
             loaded_at=loaded_at,
@@ -224,6 +269,7 @@ class StreamMFClient:
             index={item: i for i, item in enumerate(ids)},
             factors=np.ascontiguousarray(rows[:, :k]),
             bias=rows[:, k].copy(),
+            damaged=damaged,
         )
 
     def _unavailable(self, tried: list[int]) -> VersionUnavailableError:
@@ -234,14 +280,19 @@ class StreamMFClient:
 
 
 def _top(scores: np.ndarray, ids: list[str], k: int, excluded: list[int]) -> list[tuple[str, float]]:
-    """The `k` best (id, score) pairs, best first, leaving out the `excluded` rows."""
+    """The `k` best (id, score) pairs, best first, leaving out the `excluded` rows and non-finite scores
+    (NaN would sort anywhere; ±inf is an overflow, not a ranking)."""
+    candidates = np.isfinite(scores)
     if excluded:
-        scores = scores.copy()
-        scores[excluded] = -np.inf
-    available = int(np.isfinite(scores).sum()) if excluded else len(scores)
-    count = min(k, available)
+        candidates[excluded] = False
+    if candidates.all():  # the common case: skip the gather
+        positions, negated = np.arange(len(scores)), -scores
+    else:
+        positions = np.flatnonzero(candidates)
+        negated = -scores[positions]
+    count = min(k, len(positions))
     if count <= 0:
         return []
-    best = np.argpartition(-scores, count - 1)[:count]
-    best = best[np.argsort(-scores[best], kind="stable")]
-    return [(ids[i], float(scores[i])) for i in best]
+    best = np.argpartition(negated, count - 1)[:count]
+    best = best[np.argsort(negated[best], kind="stable")]
+    return [(ids[i], float(scores[i])) for i in positions[best]]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -44,6 +44,16 @@ class RedisSettings(_Section):
     url: str = "redis://127.0.0.1:6379/0"
     password: SecretStr | None = None
     socket_timeout_s: float = Field(5.0, gt=0)
+    # Refused by default: a policy that may evict our keys silently deletes parts of the model.
+    allow_eviction: bool = False
+
+
+# Default input bounds per mode: (value_min, value_max, weight_max). Explicit values are ratings (any
+# common scale: 1-5 stars, 1-10, -1/+1 likes); implicit values are strengths (clicks, counts, seconds).
+MODE_BOUNDS: dict[str, tuple[float, float, float]] = {
+    "explicit": (-10.0, 10.0, 100.0),
+    "implicit": (0.0, 10_000.0, 1_000.0),
+}
 
 
 class ModelSettings(_Section):
@@ -60,6 +70,34 @@ class ModelSettings(_Section):
     w0: float = Field(1.0, ge=0)
     init_std: float = Field(0.01, ge=0)
     seed: int = 42
+    # Input bounds: an event outside them is dead-lettered (`out_of_range`) before it reaches the model.
+    # None takes the mode's default (MODE_BOUNDS): ratings in explicit mode, strengths in implicit mode.
+    value_min: float | None = None
+    value_max: float | None = None
+    weight_max: float | None = Field(None, ge=0)
+    # A computed row with a coordinate (factor or bias) beyond this, or not finite, is never written: the
+    # event that caused it is dead-lettered (`diverged`) and the rest of its batch applies.
+    max_abs_factor: float = Field(100.0, gt=0)
+
+    @property
+    def bounds(self) -> tuple[float, float, float]:
+        """(value_min, value_max, weight_max) with the mode's defaults filled in."""
+        value_min, value_max, weight_max = MODE_BOUNDS[self.mode]
+        return (
+            value_min if self.value_min is None else self.value_min,
+            value_max if self.value_max is None else self.value_max,
+            weight_max if self.weight_max is None else self.weight_max,
+        )
+
+    @model_validator(mode="after")
+    def _bounds_make_sense(self) -> ModelSettings:
+        value_min, value_max, _ = self.bounds
+        if not value_min < value_max:
+            raise ValueError(f"value_min ({value_min}) must be below value_max ({value_max})")
+        if self.mode == "implicit" and value_min < 0:
+            # A negative strength lowers a confidence below what the solver can take (non-SPD systems).
+            raise ValueError("implicit mode needs value_min >= 0 (strengths are not negative)")
+        return self
 
 
 class RefreshSettings(_Section):

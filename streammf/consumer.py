@@ -21,18 +21,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from kafka import ConsumerRebalanceListener
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from streammf.events import Event, Invalid, decode
-from streammf.learner import Learner, StepResult, VersionChurnError
+from streammf.events import DEFAULT_LIMITS, Event, EventLimits, Invalid, decode
+from streammf.learner import DamagedGramianError, Learner, StepResult, VersionChurnError
 from streammf.metrics import Heartbeat, Metrics
-from streammf.store import ApplyOutcome
+from streammf.store import ApplyOutcome, StoreLostStateError
 
 log = logging.getLogger(__name__)
-TRANSIENT_STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, VersionChurnError)
+# OutOfMemoryError: Redis at maxmemory with noeviction refuses writes (a script fails at its first write,
+# before it changed anything); backing off lets memory be added or freed without losing the batch.
+TRANSIENT_STORE_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    RedisOutOfMemoryError,
+    VersionChurnError,
+    DamagedGramianError,
+)
 
 
 @dataclass(frozen=True)
@@ -42,11 +51,21 @@ class LoopSettings:
     poll_timeout_ms: int = 200
     max_poll_records: int = 500
     max_record_bytes: int = 4096
+    limits: EventLimits = DEFAULT_LIMITS
     retry_budget_s: float = (
         60.0  # then abandon the batch and poll again (stays well inside max.poll.interval)
     )
     backoff_initial_s: float = 0.1
     backoff_max_s: float = 5.0
+    # How often the loop asks the broker for the topic's end offsets: the lag gauge, and the proof that
+    # Kafka answers (an empty poll looks the same whether the topic is idle or the broker is gone).
+    probe_every_s: float = 1.0
+    probe_timeout_s: float = 1.0
+    # How often `store_guard` runs (e.g. the eviction-policy check).
+    guard_every_s: float = 30.0
+    # A partition the store has no offset for, though the group committed one, means the store lost
+    # state: refuse (StoreLostStateError), or with `rebuild` consume it again from the earliest offset.
+    rebuild: bool = False
 
 
 class _ResumeFromStore(ConsumerRebalanceListener):
@@ -86,6 +105,7 @@ class ConsumeLoop:
         settings: LoopSettings,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        store_guard: Callable[[], object] | None = None,
     ) -> None:
         self.consumer = consumer
         self.producer = producer
@@ -97,6 +117,9 @@ class ConsumeLoop:
         self.sleep = sleep
         self.unsynced: set[TopicPartition] = set()
         self.next_offsets: dict[int, int] = {}  # partition -> next offset applied by this process
+        self._next_probe = 0.0
+        self.store_guard = store_guard
+        self._next_guard = time.monotonic() + settings.guard_every_s
 
     def run(self, stop: threading.Event) -> None:
         self.consumer.subscribe([self.settings.topic], listener=_ResumeFromStore(self))
@@ -106,7 +129,8 @@ class ConsumeLoop:
                 timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_poll_records
             )
             self.heartbeat.beat()
-            self.metrics.last_progress.set(self.clock())
+            if polled:
+                self._made_contact("kafka")
             repositioned: set[TopicPartition] = set()
             if self.unsynced:
                 synced = self._sync_offsets(stop)
@@ -118,6 +142,8 @@ class ConsumeLoop:
                 # the next poll fetches from the seek.
                 self.process({tp: recs for tp, recs in polled.items() if tp not in repositioned}, stop)
             self._update_lag()
+            self._probe_kafka()
+            self._guard_store()
         log.info("stop requested: loop finished its last batch")
 
     def _sync_offsets(self, stop: threading.Event) -> set[TopicPartition] | None:
@@ -134,9 +160,32 @@ class ConsumeLoop:
                 self.next_offsets[tp.partition] = applied[tp.partition]
                 moved.add(tp)
             else:
-                self.next_offsets.pop(tp.partition, None)
+                try:
+                    if self._start_unknown_partition(tp):
+                        moved.add(tp)
+                except KafkaError as exc:  # the committed offset could not be read: try after the next poll
+                    self.metrics.retries.labels("kafka").inc()
+                    log.warning("cannot read the committed offset of %s: %s", tp, exc)
+                    return None
             self.unsynced.discard(tp)
         return moved
+
+    def _start_unknown_partition(self, tp: TopicPartition) -> bool:
+        """A partition the store holds no offset for: new (it keeps Kafka's position, the earliest offset;
+        returns False), or one whose state the store lost (the group committed offsets for it, which
+        happens only after an apply): refused, or with `rebuild` moved to its earliest offset (True)."""
+        self.next_offsets.pop(tp.partition, None)
+        committed = self.consumer.committed(tp)
+        if committed is None:
+            return False
+        if not self.settings.rebuild:
+            raise StoreLostStateError(
+                f"the store has no offset for partition {tp.partition} of {tp.topic}, but the consumer group "
+                f"committed offset {committed} there: the store lost the state of that partition"
+            )
+        log.warning("rebuild: partition %d is consumed again from its earliest offset", tp.partition)
+        self.consumer.seek_to_beginning(tp)
+        return True
 
     def process(self, polled: dict[TopicPartition, list[Any]], stop: threading.Event) -> StepResult | None:
         """One batch. Returns the step result, or None when the batch was abandoned (to be re-polled)."""
@@ -145,28 +194,37 @@ class ConsumeLoop:
             return None
         received = time.perf_counter()
         events: list[Event] = []
+        sources: list[Any] = []  # the record of each event
         dead: list[tuple[Any, Invalid]] = []
         offsets: dict[int, tuple[int, int]] = {}
         for tp, records in polled.items():
             offsets[tp.partition] = (records[0].offset, records[-1].offset + 1)
             for record in records:
-                decoded = decode(record.value, self.settings.max_record_bytes)
+                decoded = decode(record.value, self.settings.max_record_bytes, self.settings.limits)
                 if isinstance(decoded, Invalid):
                     dead.append((record, decoded))
                     self.metrics.events_invalid.labels(decoded.reason).inc()
-                elif decoded.timestamp is None:
-                    events.append(decoded.model_copy(update={"timestamp": record.timestamp / 1000.0}))
-                else:
-                    events.append(decoded)
+                    continue
+                if decoded.timestamp is None:
+                    decoded = decoded.model_copy(update={"timestamp": record.timestamp / 1000.0})
+                events.append(decoded)
+                sources.append(record)
         self.metrics.events_consumed.inc(sum(len(r) for r in polled.values()))
+
+        def dead_letter_diverged(positions: list[int]) -> None:
+            diverged = [(sources[t], _diverged(events[t])) for t in positions]
+            self.metrics.events_invalid.labels("diverged").inc(len(diverged))
+            self._dead_letter(diverged)
+
         try:
             if dead:
                 self._with_retry(lambda: self._dead_letter(dead), stop, dependency="kafka")
-            result = self._with_retry(lambda: self.learner.learn(events, offsets), stop)
+            result = self._with_retry(lambda: self.learner.learn(events, offsets, dead_letter_diverged), stop)
         except _Abandoned:
             self._rewind(polled)
             return None
-        self._account(result, events, offsets, received)
+        applied = [e for t, e in enumerate(events) if t not in set(result.diverged)]
+        self._account(result, applied, offsets, received)
         self._commit(polled)
         return result
 
@@ -211,28 +269,69 @@ class ConsumeLoop:
             self.next_offsets[partition] = nxt
 
     def _dead_letter(self, dead: list[tuple[Any, Invalid]]) -> None:
-        """Produce bad records with their original bytes; raises unless every one is acknowledged."""
-        futures = [
-            self.producer.send(
-                self.settings.dead_letter_topic,
-                key=record.key,
-                value=record.value if record.value is not None else b"",
-                headers=[
-                    ("streammf.reason", invalid.reason.encode()),
-                    ("streammf.detail", invalid.detail.encode()),
-                    ("streammf.source.topic", record.topic.encode()),
-                    ("streammf.source.partition", str(record.partition).encode()),
-                    ("streammf.source.offset", str(record.offset).encode()),
-                ],
-            )
-            for record, invalid in dead
-        ]
+        """Produce bad records with their original bytes, cut to `max_record_bytes` (a record near the
+        broker's size limit plus our headers would not fit: the copy says it was truncated, and from what
+        size). Raises unless every one is acknowledged; a write the broker refuses for good (too large
+        after all, not authorised) is retried once as metadata only, then counted and logged, never retried
+        forever."""
+        futures = [(record, invalid, self._send_dead_letter(record, invalid)) for record, invalid in dead]
         self.producer.flush(timeout=10)
-        for future in futures:
-            future.get(timeout=10)  # raises KafkaError if the write failed
+        for record, invalid, future in futures:
+            try:
+                future.get(timeout=10)  # raises KafkaError if the write failed
+            except KafkaError as exc:
+                if _transient_kafka_error(exc):
+                    raise
+                self._dead_letter_metadata_only(record, invalid, exc)
         self.metrics.events_dead_lettered.inc(len(dead))
         log.info(
             "dead-lettered %d records", len(dead), extra={"reasons": sorted({i.reason for _, i in dead})}
+        )
+
+    def _send_dead_letter(self, record: Any, invalid: Invalid, metadata_only: bool = False) -> Any:
+        value: bytes | None = record.value
+        headers = [
+            ("streammf.reason", invalid.reason.encode()),
+            ("streammf.detail", invalid.detail.encode()[:1024]),
+            ("streammf.source.topic", record.topic.encode()),
+            ("streammf.source.partition", str(record.partition).encode()),
+            ("streammf.source.offset", str(record.offset).encode()),
+        ]
+        limit = 0 if metadata_only else self.settings.max_record_bytes
+        if value is not None and len(value) > limit:
+            headers += [
+                ("streammf.truncated", b"1"),
+                ("streammf.original.size", str(len(value)).encode()),
+            ]
+            value = value[:limit]
+        key = record.key if record.key is None or len(record.key) <= 1024 else record.key[:1024]
+        return self.producer.send(self.settings.dead_letter_topic, key=key, value=value, headers=headers)
+
+    def _dead_letter_metadata_only(self, record: Any, invalid: Invalid, cause: Exception) -> None:
+        try:
+            self._send_dead_letter(record, invalid, metadata_only=True).get(timeout=10)
+        except KafkaError as exc:
+            if _transient_kafka_error(exc):
+                raise
+            # The dead-letter topic refuses this record for good: say so loudly and go on, rather than
+            # blocking the partition behind it forever.
+            self.metrics.dead_letters_lost.inc()
+            log.error(
+                "dead-letter topic refused record %s/%d@%d for good (%s; metadata only: %s): not retried",
+                record.topic,
+                record.partition,
+                record.offset,
+                cause,
+                exc,
+                extra={"reason": invalid.reason},
+            )
+            return
+        log.warning(
+            "dead-lettered record %s/%d@%d as metadata only: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            cause,
         )
 
     def _with_retry(self, call: Callable[[], Any], stop: threading.Event, dependency: str = "redis") -> Any:
@@ -242,6 +341,8 @@ class ConsumeLoop:
             try:
                 return call()
             except (*TRANSIENT_STORE_ERRORS, KafkaError) as exc:
+                if isinstance(exc, KafkaError) and not _transient_kafka_error(exc):
+                    raise
                 self.metrics.retries.labels(dependency).inc()
                 if stop.is_set() or time.monotonic() + delay > deadline:
                     log.warning("giving up on this batch for now: %s", exc, extra={"dependency": dependency})
@@ -254,19 +355,75 @@ class ConsumeLoop:
         for tp, records in polled.items():
             self.consumer.seek(tp, records[0].offset)
 
+    def _guard_store(self) -> None:
+        """Runs `store_guard` every `guard_every_s`; what it raises (e.g. StoreUnsafeError) stops the loop,
+        except a store that cannot be reached now (retried at the next period)."""
+        if self.store_guard is None or time.monotonic() < self._next_guard:
+            return
+        self._next_guard = time.monotonic() + self.settings.guard_every_s
+        try:
+            self.store_guard()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("store check skipped, Redis unreachable: %s", exc)
+
+    def _made_contact(self, dependency: str) -> None:
+        self.heartbeat.saw(dependency)
+        self.metrics.last_progress.set(self.clock())
+
+    def _probe_kafka(self) -> None:
+        """Every `probe_every_s`: the topic's end offsets from the broker (bounded wait). Success proves
+        that Kafka answers and refreshes the lag gauge; failure counts a retry and, once it lasts,
+        makes /healthz unhealthy."""
+        now = time.monotonic()
+        if now < self._next_probe:
+            return
+        self._next_probe = now + self.settings.probe_every_s
+        partitions = self.consumer.partitions_for_topic(self.settings.topic) or set()
+        probed = [TopicPartition(self.settings.topic, p) for p in sorted(partitions)]
+        if not probed:
+            return
+        try:
+            ends = self.consumer.end_offsets(probed, timeout_ms=int(self.settings.probe_timeout_s * 1000))
+        except KafkaError as exc:
+            self.metrics.retries.labels("kafka").inc()
+            log.warning("kafka does not answer: %s", exc, extra={"dependency": "kafka"})
+            return
+        self._made_contact("kafka")
+        self._update_lag(ends)
+
+    def _update_lag(self, ends: dict[TopicPartition, int] | None = None) -> None:
+        """Lag from the end offsets of the last probe, or else the high watermark of the last fetch."""
+        for tp in self.consumer.assignment():
+            nxt = self.next_offsets.get(tp.partition)
+            end = ends.get(tp) if ends is not None else self.consumer.highwater(tp)
+            if end is not None and nxt is not None:
+                self.metrics.lag.labels(str(tp.partition)).set(max(0, end - nxt))
+
     def _commit(self, polled: dict[TopicPartition, list[Any]]) -> None:
+        """Asynchronous: Redis is authoritative, Kafka's committed offsets only feed lag tooling, so a
+        commit must never hold the loop (a synchronous one waits out a dead coordinator for 30 s)."""
         offsets = {tp: OffsetAndMetadata(records[-1].offset + 1, "", -1) for tp, records in polled.items()}
         try:
-            self.consumer.commit(offsets)
-        except KafkaError as exc:  # Redis is authoritative; the next commit catches up
+            self.consumer.commit_async(offsets, callback=_log_failed_commit)
+        except KafkaError as exc:
             log.warning("kafka offset commit failed (lag tooling only): %s", exc)
 
-    def _update_lag(self) -> None:
-        for tp in self.consumer.assignment():
-            highwater = self.consumer.highwater(tp)
-            nxt = self.next_offsets.get(tp.partition)
-            if highwater is not None and nxt is not None:
-                self.metrics.lag.labels(str(tp.partition)).set(max(0, highwater - nxt))
+
+def _log_failed_commit(offsets: dict[TopicPartition, OffsetAndMetadata], response: object) -> None:
+    if isinstance(response, Exception):
+        log.warning("kafka offset commit failed (lag tooling only; the next one catches up): %s", response)
+
+
+def _transient_kafka_error(exc: KafkaError) -> bool:
+    return bool(getattr(exc, "retriable", False)) or isinstance(exc, KafkaTimeoutError)
+
+
+def _diverged(event: Event) -> Invalid:
+    return Invalid(
+        "diverged",
+        f"the update for user {event.user_id!r}, item {event.item_id!r} (value {event.value:g}, weight "
+        f"{event.weight:g}) would drive a row out of bounds (STREAMMF_MODEL__MAX_ABS_FACTOR): not applied",
+    )
 
 
 class _Abandoned(Exception):

@@ -15,11 +15,13 @@ from prometheus_client import CollectorRegistry
 
 from streammf.config import Settings
 from streammf.consumer import ConsumeLoop, LoopSettings
+from streammf.events import EventLimits
 from streammf.kafka_config import client_kwargs
 from streammf.learner import Learner, LearnerParams
 from streammf.metrics import Heartbeat, Metrics, serve_metrics
-from streammf.redis_store import RedisStore
+from streammf.redis_store import RedisStore, delete_model, model_exists, require_no_eviction
 from streammf.refresh import PeriodicRefresh
+from streammf.store import StoreLostStateError
 from streammf.timed_store import TimedStore
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,12 @@ def open_store(settings: Settings, client: redis.Redis, params: LearnerParams) -
     return RedisStore.open(client, model.name, model.mode, model.factors, hyper)
 
 
-def run_daemon(settings: Settings, params: LearnerParams, stop: threading.Event | None = None) -> None:
+def run_daemon(
+    settings: Settings, params: LearnerParams, stop: threading.Event | None = None, rebuild: bool = False
+) -> None:
+    """Run until `stop` (or SIGTERM/SIGINT). Raises `StoreLostStateError` when the store lost state it had
+    (unless `rebuild`: then the model is rebuilt from the earliest offsets Kafka retains) and
+    `StoreUnsafeError` when Redis may evict our keys."""
     from kafka import KafkaConsumer, KafkaProducer
 
     stop = stop or threading.Event()
@@ -52,11 +59,6 @@ def run_daemon(settings: Settings, params: LearnerParams, stop: threading.Event 
     heartbeat = Heartbeat(max_silence_s=max(30.0, 5 * settings.kafka.poll_timeout_ms / 1000))
     server = serve_metrics(registry, heartbeat, settings.metrics.host, settings.metrics.port)
     log.info("metrics on http://%s:%d/metrics", *server.server_address[:2])
-
-    replica_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    client = redis_client(settings)
-    store = open_store(settings, client, params)
-    learner = Learner(TimedStore(store, metrics.redis_latency), params)
     kafka_common: dict[str, Any] = client_kwargs(settings.kafka)
     consumer = KafkaConsumer(
         **kafka_common,
@@ -67,10 +69,86 @@ def run_daemon(settings: Settings, params: LearnerParams, stop: threading.Event 
         session_timeout_ms=settings.kafka.session_timeout_ms,
         heartbeat_interval_ms=settings.kafka.session_timeout_ms // 3,
     )
-    if not wait_for_topic(consumer, settings.kafka.topic, stop):
+    producer = None
+    try:
+        if not wait_for_topic(consumer, settings.kafka.topic, stop):
+            return
+        client = redis_client(settings)
+        require_no_eviction(client, settings.redis.allow_eviction)
+        try:
+            _check_store_kept_state(client, consumer, settings)
+        except StoreLostStateError as exc:
+            if not rebuild:
+                raise
+            log.warning("rebuilding model %s: %s", settings.model.name, exc)
+            deleted = delete_model(client, settings.model.name)
+            log.warning("deleted %d remaining keys of model %s", deleted, settings.model.name)
+        producer = KafkaProducer(**kafka_common, linger_ms=5)
+        _run_loop(settings, params, stop, rebuild, client, consumer, producer, metrics, heartbeat)
+    except StoreLostStateError as exc:
+        metrics.store_lost_state.set(1)
+        log.error(
+            "the store lost state it had: %s. Refusing to go on (the model would silently cover only part "
+            "of the events). To rebuild it from the earliest offsets Kafka still retains, stop every replica "
+            "and start one with `streammf run --rebuild`.",
+            exc,
+        )
+        raise
+    finally:
         consumer.close(autocommit=False)
+        if producer is not None:
+            producer.close(timeout=5)
+        server.shutdown()
+        server.server_close()
+    log.info("stopped cleanly")
+
+
+def _check_store_kept_state(client: redis.Redis, consumer: Any, settings: Settings) -> None:
+    """Kafka's group offsets for the topic say which events were applied (they are committed after the
+    store has them); a model that is gone while they exist was lost, not never created."""
+    if model_exists(client, settings.model.name):
         return
-    producer = KafkaProducer(**kafka_common, linger_ms=5)
+    committed = committed_offsets(consumer, settings.kafka.topic)
+    if committed:
+        raise StoreLostStateError(
+            f"model {settings.model.name!r} is not in Redis, but consumer group {settings.kafka.group_id!r} "
+            f"has committed offsets on {settings.kafka.topic} ({_describe(committed)}): Redis lost the model "
+            "(restarted without its data, FLUSHALL, eviction), or this group was used for another model "
+            "(then give this model its own STREAMMF_KAFKA__GROUP_ID)"
+        )
+
+
+def committed_offsets(consumer: Any, topic: str) -> dict[int, int]:
+    """partition -> offset the group committed, for the partitions that have one."""
+    from kafka.structs import TopicPartition
+
+    found = {}
+    for partition in sorted(consumer.partitions_for_topic(topic) or ()):
+        offset = consumer.committed(TopicPartition(topic, partition))
+        if offset is not None:
+            found[partition] = int(offset)
+    return found
+
+
+def _describe(offsets: dict[int, int]) -> str:
+    return ", ".join(f"partition {p} at {o}" for p, o in sorted(offsets.items()))
+
+
+def _run_loop(
+    settings: Settings,
+    params: LearnerParams,
+    stop: threading.Event,
+    rebuild: bool,
+    client: redis.Redis,
+    consumer: Any,
+    producer: Any,
+    metrics: Metrics,
+    heartbeat: Heartbeat,
+) -> None:
+    replica_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    store = open_store(settings, client, params)
+    learner = Learner(TimedStore(store, metrics.redis_latency), params)
+    value_min, value_max, weight_max = settings.model.bounds
     loop = ConsumeLoop(
         consumer,
         producer,
@@ -83,7 +161,10 @@ def run_daemon(settings: Settings, params: LearnerParams, stop: threading.Event 
             poll_timeout_ms=settings.kafka.poll_timeout_ms,
             max_poll_records=settings.kafka.max_poll_records,
             max_record_bytes=settings.kafka.max_record_bytes,
+            limits=EventLimits(value_min, value_max, weight_max),
+            rebuild=rebuild,
         ),
+        store_guard=lambda: require_no_eviction(client, settings.redis.allow_eviction),
     )
     log.info(
         "streammf run: model=%s mode=%s k=%d topic=%s group=%s",
@@ -102,15 +183,10 @@ def run_daemon(settings: Settings, params: LearnerParams, stop: threading.Event 
         settings.refresh.every_s,
         hold_lease=lambda ttl: store.hold_refresh_lease(replica_id, ttl),
         on_outcome=metrics.observe_refresh,
+        max_abs_factor=params.max_abs_factor,
     )
     refresher.start(stop)
-    try:
-        loop.run(stop)
-    finally:
-        consumer.close(autocommit=False)
-        producer.close(timeout=5)
-        server.shutdown()
-        log.info("stopped cleanly")
+    loop.run(stop)
 
 
 def wait_for_topic(consumer: Any, topic: str, stop: threading.Event) -> bool:

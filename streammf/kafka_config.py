@@ -32,4 +32,9 @@ def client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
         "ssl_certfile": kafka.ssl_certfile,
         "ssl_keyfile": kafka.ssl_keyfile,
     }
-    return {key: value for key, value in candidates.items() if value is not None}
+    connection = {
+        # kafka-python backs reconnects off up to 30 s by default: after a broker outage the daemon would
+        # sit idle that long after the broker is back. One second is cheap and recovers in seconds.
+        "reconnect_backoff_max_ms": 1000,
+    }
+    return connection | {key: value for key, value in candidates.items() if value is not None}

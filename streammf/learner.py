@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -26,6 +26,9 @@ class LearnerParams:
     sgd: SgdParams
     init_std: float = 0.05
     seed: int = 42
+    # A row whose coordinates (factors, bias) leave [-max_abs_factor, max_abs_factor] or are not finite is
+    # damaged: never written by a batch, and replaced by its initial row when read.
+    max_abs_factor: float = float("inf")
 
     @property
     def loss(self) -> LossParams:
@@ -38,10 +41,23 @@ class StepResult:
     predictions: np.ndarray  # p before each event's step (prequential)
     errors: np.ndarray  # explicit: value − p; implicit: 1 − p
     version: int
+    # Positions (in the events given) of events left out because they drove a row out of bounds; they are
+    # not applied (their offsets are, so they are not polled again). `predictions` skips them.
+    diverged: tuple[int, ...] = ()
+
+    @property
+    def applied(self) -> int:
+        return len(self.predictions)
 
 
 class VersionChurnError(RuntimeError):
     """The model version kept changing under a batch; the caller backs off and retries."""
+
+
+class DamagedGramianError(RuntimeError):
+    """The live version's Gramian is not finite: no implicit update can be computed until a refresh
+    rebuilds it from the factors. The caller backs off and retries (the daemon's periodic refresh, or
+    `streammf refresh`, repairs it)."""
 
 
 class Learner:
@@ -60,20 +76,89 @@ class Learner:
         self.max_pause_s = max_pause_s
         self.sleep = sleep
 
-    def learn(self, events: Sequence[Event], offsets: dict[int, tuple[int, int]]) -> StepResult:
+    def learn(
+        self,
+        events: Sequence[Event],
+        offsets: dict[int, tuple[int, int]],
+        on_diverged: Callable[[list[int]], None] | None = None,
+    ) -> StepResult:
         """Apply `events` (already validated, in partition order) covering `offsets` exactly once.
 
+        Events that would drive a row out of bounds are left out; `on_diverged(positions)` hears of them
+        before anything is applied (the daemon dead-letters them there; if it raises, nothing is applied).
         A version flip means recomputing against the new version. A paused version (a refresh handing
         over, normally well under a second) means waiting; if the refresh then publishes, recomputing."""
         plan = _BatchPlan.of(events)
+        reported: set[int] = set()
         for _ in range(self.max_version_retries):
             state = self.store.read_batch_state(plan.users, plan.items, plan.pairs)
-            update, predictions = self.compute(plan, state, offsets)
+            kept, update, predictions = self._compute_in_bounds(events, plan, state, offsets)
+            diverged = sorted(set(range(len(events))) - set(kept))
+            if on_diverged is not None and set(diverged) - reported:
+                on_diverged([t for t in diverged if t not in reported])
+                reported.update(diverged)
             outcome = self._apply_after_any_pause(update, state.version)
             if outcome is not ApplyOutcome.STALE_VERSION:
-                targets = plan.values if self.params.loss.mode == "explicit" else np.ones(len(predictions))
-                return StepResult(outcome, predictions, targets - predictions, state.version)
+                values = np.array([events[t].value for t in kept], dtype=np.float64)
+                targets = values if self.params.loss.mode == "explicit" else np.ones(len(predictions))
+                return StepResult(outcome, predictions, targets - predictions, state.version, tuple(diverged))
         raise VersionChurnError(f"model version changed {self.max_version_retries} times during one batch")
+
+    def _compute_in_bounds(
+        self,
+        events: Sequence[Event],
+        plan: _BatchPlan,
+        state: BatchState,
+        offsets: dict[int, tuple[int, int]],
+    ) -> tuple[list[int], BatchUpdate, np.ndarray]:
+        """The batch's update without the events that drive a row out of bounds: (positions of the events
+        kept, update, predictions). Each such event is found by bisecting for the shortest prefix (of the
+        events still kept) whose update is out of bounds; its last event is dropped and the rest redone.
+        Only a batch that fails the check pays for the search (about log2(n) computes per bad event)."""
+        gramians = [g for g in (state.item_gramian, state.user_gramian) if g is not None]
+        if not all(np.isfinite(g).all() for g in gramians):
+            raise DamagedGramianError(f"v{state.version}: a Gramian is not finite; a refresh rebuilds it")
+        update, predictions = self.compute(plan, state, offsets)
+        kept = list(range(len(events)))
+        if self._in_bounds(state, update, predictions):
+            return kept, update, predictions
+        while True:
+            good, bad = 0, len(kept)  # invariant: prefix `good` is in bounds, prefix `bad` is not
+            while bad - good > 1:
+                middle = (good + bad) // 2
+                if self._subset_in_bounds(events, plan, state, offsets, kept[:middle])[0]:
+                    good = middle
+                else:
+                    bad = middle
+            del kept[bad - 1]
+            ok, update, predictions = self._subset_in_bounds(events, plan, state, offsets, kept)
+            if ok:
+                return kept, update, predictions
+
+    def _subset_in_bounds(
+        self,
+        events: Sequence[Event],
+        plan: _BatchPlan,
+        state: BatchState,
+        offsets: dict[int, tuple[int, int]],
+        positions: list[int],
+    ) -> tuple[bool, BatchUpdate, np.ndarray]:
+        sub = _BatchPlan.of([events[t] for t in positions])
+        sub_state = _restricted(state, plan, sub)
+        update, predictions = self.compute(sub, sub_state, offsets)
+        return self._in_bounds(sub_state, update, predictions), update, predictions
+
+    def _in_bounds(self, state: BatchState, update: BatchUpdate, predictions: np.ndarray) -> bool:
+        """Every row the update writes is finite and within ±max_abs_factor; predictions are finite."""
+        bound = self.params.max_abs_factor
+        item_ok = state.item_present & _sound(state.item_rows, state.item_bias, bound)
+        item_rows = update.item_base.astype(np.float64) + update.item_delta
+        item_bias = np.where(item_ok, state.item_bias, 0).astype(np.float64) + update.item_bias_delta
+        written = [update.user_rows, update.user_bias, item_rows, item_bias]
+        if not all(np.isfinite(a).all() and (np.abs(a) <= bound).all() for a in written):
+            return False
+        extras = [predictions, update.item_gramian_delta, update.user_gramian_delta]
+        return all(a is None or np.isfinite(a).all() for a in extras)
 
     def _apply_after_any_pause(self, update: BatchUpdate, version: int) -> ApplyOutcome:
         """Apply, waiting out a refresh's pause by retrying the same update: no writer changes a paused
@@ -91,11 +176,17 @@ class Learner:
     ) -> tuple[BatchUpdate, np.ndarray]:
         """Pure: the update one batch produces from `state` (no store calls)."""
         implicit = self.params.loss.mode == "implicit"
-        user_rows = _with_initial_rows(state.user_rows, state.user_present, plan.users, self.params, "user")
-        item_base = _with_initial_rows(state.item_rows, state.item_present, plan.items, self.params, "item")
+        bound = self.params.max_abs_factor
+        user_ok = state.user_present & _sound(state.user_rows, state.user_bias, bound)
+        item_ok = state.item_present & _sound(state.item_rows, state.item_bias, bound)
+        user_rows = _with_initial_rows(state.user_rows, user_ok, plan.users, self.params, "user")
+        item_base = _with_initial_rows(state.item_rows, item_ok, plan.items, self.params, "item")
         item_rows = item_base.copy()
-        user_bias = state.user_bias.copy()
-        item_bias = state.item_bias.copy()
+        # A damaged row restarts from its initial row with a zero bias, as if it had never been written
+        # (the store treats a damaged stored item row as absent too, so the item delta applies to the base).
+        user_bias = np.where(user_ok, state.user_bias, 0).astype(DTYPE)
+        item_bias = np.where(item_ok, state.item_bias, 0).astype(DTYPE)
+        item_bias_before = item_bias.copy()
         user_counts = state.user_counts.copy()
         item_counts = state.item_counts.copy()
         k = self.k
@@ -117,8 +208,8 @@ class Learner:
             event_new_pair=new_pair,
             # A row absent from the store enters the Gramians at its first event, not earlier: so batch
             # boundaries don't matter.
-            event_new_user=plan.first_of_user & ~state.user_present[plan.event_user],
-            event_new_item=plan.first_of_item & ~state.item_present[plan.event_item],
+            event_new_user=plan.first_of_user & ~user_ok[plan.event_user],
+            event_new_item=plan.first_of_item & ~item_ok[plan.event_item],
             value_sum=state.value_sum,
             value_count=state.value_count,
             item_gramian=item_gram,
@@ -139,7 +230,7 @@ class Learner:
             items=plan.items,
             item_base=item_base,
             item_delta=item_rows.astype(np.float64) - item_base.astype(np.float64),
-            item_bias_delta=item_bias.astype(np.float64) - state.item_bias.astype(np.float64),
+            item_bias_delta=item_bias.astype(np.float64) - item_bias_before.astype(np.float64),
             item_count_delta=item_counts - state.item_counts,
             pair_users=[user for user, _ in plan.pairs],
             pair_items=[item for _, item in plan.pairs],
@@ -149,12 +240,38 @@ class Learner:
             events_applied=len(plan.values),
             item_gramian_delta=item_gram - _or_zero(state.item_gramian, k) if implicit else None,
             user_gramian_delta=user_gram - _or_zero(state.user_gramian, k) if implicit else None,
+            max_abs_factor=bound,
         )
         return update, predictions
 
 
 def _or_zero(gram: np.ndarray | None, k: int) -> np.ndarray:
     return np.zeros((k, k)) if gram is None else gram
+
+
+def _sound(rows: np.ndarray, bias: np.ndarray, bound: float) -> np.ndarray:
+    """Per row: all coordinates finite and within ±bound (NaN fails both comparisons)."""
+    return (np.abs(rows) <= bound).all(axis=1) & (np.abs(bias) <= bound)
+
+
+def _restricted(state: BatchState, plan: _BatchPlan, sub: _BatchPlan) -> BatchState:
+    """`state` (read for `plan`) cut down to the users, items and pairs of `sub`, a subset of its events."""
+    users = np.array([plan.users.index(u) for u in sub.users], dtype=np.int64)
+    items = np.array([plan.items.index(i) for i in sub.items], dtype=np.int64)
+    pair_at = {pair: p for p, pair in enumerate(plan.pairs)}
+    pairs = np.array([pair_at[pair] for pair in sub.pairs], dtype=np.int64)
+    return replace(
+        state,
+        user_rows=state.user_rows[users],
+        user_bias=state.user_bias[users],
+        user_present=state.user_present[users],
+        user_counts=state.user_counts[users],
+        item_rows=state.item_rows[items],
+        item_bias=state.item_bias[items],
+        item_present=state.item_present[items],
+        item_counts=state.item_counts[items],
+        pair_values=state.pair_values[pairs],
+    )
 
 
 def _with_initial_rows(

@@ -104,7 +104,19 @@ class Metrics:
             registry=r,
         )
         self.last_progress = Gauge(
-            "streammf_last_progress_timestamp_seconds", "When the poll loop last made progress", registry=r
+            "streammf_last_progress_timestamp_seconds",
+            "When the loop last heard from Kafka (records polled, or end offsets fetched)",
+            registry=r,
+        )
+        self.dead_letters_lost = Counter(
+            "streammf_dead_letters_lost_total",
+            "Bad records the dead-letter topic refused for good, even as metadata only (logged)",
+            registry=r,
+        )
+        self.store_lost_state = Gauge(
+            "streammf_store_lost_state",
+            "1 when the daemon refused to run because the store lost state it had (see the log)",
+            registry=r,
         )
         self._ema: float | None = None
 
@@ -129,21 +141,44 @@ class Metrics:
 
 
 class Heartbeat:
-    """The poll loop beats after every poll; /healthz is healthy while beats are recent."""
+    """Liveness for /healthz: the poll loop beats after every poll, and notes each dependency round trip
+    that succeeded (`saw`). Healthy while beats are recent and every dependency seen so far was seen
+    recently: an empty poll looks the same for an idle topic and a dead broker, a probe does not."""
 
-    def __init__(self, max_silence_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_silence_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_dependency_silence_s: float = 5.0,
+    ) -> None:
         self.max_silence_s = max_silence_s
+        self.max_dependency_silence_s = max_dependency_silence_s
         self._clock = clock
         self._last = clock()
+        self._seen: dict[str, float] = {}
 
     def beat(self) -> None:
         self._last = self._clock()
 
+    def saw(self, dependency: str) -> None:
+        self._seen[dependency] = self._clock()
+
     def healthy(self) -> bool:
-        return self._clock() - self._last <= self.max_silence_s
+        return not self.problems()
 
     def silence_s(self) -> float:
         return self._clock() - self._last
+
+    def problems(self) -> list[str]:
+        now = self._clock()
+        stalled = now - self._last > self.max_silence_s
+        found = [f"poll loop stalled for {now - self._last:.1f}s"] if stalled else []
+        found += [
+            f"{name} unreachable for {now - seen:.1f}s"
+            for name, seen in sorted(self._seen.items())
+            if now - seen > self.max_dependency_silence_s
+        ]
+        return found
 
 
 def serve_metrics(
@@ -156,9 +191,9 @@ def serve_metrics(
             if self.path.startswith("/metrics"):
                 body, status, kind = generate_latest(registry), 200, CONTENT_TYPE_LATEST
             elif self.path.startswith("/healthz"):
-                ok = heartbeat.healthy()
-                body = f"{'ok' if ok else 'stalled'} {heartbeat.silence_s():.1f}s\n".encode()
-                status, kind = (200 if ok else 503), "text/plain; charset=utf-8"
+                problems = heartbeat.problems()
+                body = ("; ".join(problems) if problems else "ok").encode() + b"\n"
+                status, kind = (503 if problems else 200), "text/plain; charset=utf-8"
             else:
                 body, status, kind = b"not found\n", 404, "text/plain; charset=utf-8"
             self.send_response(status)

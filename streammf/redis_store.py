@@ -33,7 +33,16 @@ import redis
 from redis.commands.core import Script
 
 from streammf.factors import DTYPE, Mode
-from streammf.store import ApplyOutcome, BatchState, BatchUpdate, ModelMeta, Side, StoreError
+from streammf.store import (
+    ApplyOutcome,
+    BatchState,
+    BatchUpdate,
+    ModelMeta,
+    Side,
+    StoreError,
+    StoreLostStateError,
+    StoreUnsafeError,
+)
 
 KEY_ROOT = "streammf"
 LAYOUT_VERSION = 1
@@ -42,8 +51,10 @@ ROW_DTYPE = np.dtype("<f4")
 GRAMIAN_DTYPE = np.dtype("<f8")
 SIDES: tuple[Side, ...] = ("users", "items")
 
-# A Lua script's error reply starting with this word is bad stored data; the rest of the message names it.
+# A Lua script's error reply starting with one of these words is bad (STOREERR) or missing (STORELOST)
+# stored data; the rest of the message names the key.
 _STORE_ERROR_CODE = "STOREERR"
+_STORE_LOST_CODE = "STORELOST"
 # Rows per script call when a refresh writes a version: ~130 kB of arguments at k=32.
 _WRITE_CHUNK_ROWS = 1000
 # A batch read names the version it expects; it is repeated when a publish lands in between.
@@ -141,7 +152,7 @@ class ModelKeys:
 
 def decode_gramian(blob: bytes | None, k: int, key: str) -> np.ndarray:
     if blob is None:
-        raise StoreError(f"{key} is missing (every version of an implicit model has both Gramians)")
+        raise StoreLostStateError(f"{key} is missing (every version of an implicit model has both Gramians)")
     if len(blob) != 8 * k * k:
         raise StoreError(f"{key}: {len(blob)} bytes, expected {8 * k * k} (float64 {k}×{k})")
     return np.frombuffer(blob, dtype=GRAMIAN_DTYPE).reshape(k, k).astype(np.float64)
@@ -178,7 +189,7 @@ def read_model_meta(client: redis.Redis, keys: ModelKeys) -> StoredModel:
     """Parse `…:meta`, raising `StoreError` naming the key when it is missing or malformed."""
     raw = client.hgetall(keys.meta)
     if not raw:
-        raise StoreError(f"{keys.meta} is missing: no model {keys.name!r} in this Redis database")
+        raise StoreLostStateError(f"{keys.meta} is missing: no model {keys.name!r} in this Redis database")
     layout = parse_int(raw.get(b"layout_version"), keys.meta, "field 'layout_version'", default=-1)
     if layout != LAYOUT_VERSION:
         raise StoreError(f"{keys.meta} field 'layout_version': {layout}, this code reads {LAYOUT_VERSION}")
@@ -198,8 +209,52 @@ def read_model_meta(client: redis.Redis, keys: ModelKeys) -> StoredModel:
 def read_current_version(client: redis.Redis, keys: ModelKeys) -> int:
     version = parse_int(client.get(keys.current), keys.current, "value", default=-1)
     if version < 1:
-        raise StoreError(f"{keys.current} is missing or not a version number")
+        raise StoreLostStateError(f"{keys.current} is missing or not a version number")
     return version
+
+
+def model_exists(client: redis.Redis, name: str) -> bool:
+    return bool(client.exists(ModelKeys(name).meta))
+
+
+def delete_model(client: redis.Redis, name: str) -> int:
+    """UNLINK every key of the model (SCAN over its prefix); returns how many there were."""
+    deleted = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=_glob_escape(ModelKeys(name).prefix) + "*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            deleted += int(client.unlink(*batch))
+            batch.clear()
+    if batch:
+        deleted += int(client.unlink(*batch))
+    return deleted
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([\\*?\[\]{}])", r"\\\1", text)
+
+
+# Policies under which Redis may delete keys that have no TTL, i.e. any of ours.
+EVICTING_POLICIES = frozenset({"allkeys-lru", "allkeys-lfu", "allkeys-random"})
+
+
+def eviction_policy(client: redis.Redis) -> str:
+    """The server's maxmemory-policy, from INFO (allowed where CONFIG GET is not, e.g. managed Redis)."""
+    return str(client.info("memory").get("maxmemory_policy", "unknown"))
+
+
+def require_no_eviction(client: redis.Redis, allow_eviction: bool) -> str:
+    """Refuse a server that may evict our keys (it would silently delete parts of the model); returns the
+    policy. Our keys carry no TTL, so the volatile-* policies and noeviction are safe."""
+    policy = eviction_policy(client)
+    if policy in EVICTING_POLICIES and not allow_eviction:
+        raise StoreUnsafeError(
+            f"Redis maxmemory-policy is {policy}: it may evict the model's keys and silently lose state. "
+            "Set it to noeviction (CONFIG SET maxmemory-policy noeviction, or in redis.conf), or accept "
+            "the risk with STREAMMF_REDIS__ALLOW_EVICTION=true"
+        )
+    return policy
 
 
 def require_binary_client(client: redis.Redis) -> None:
@@ -213,6 +268,8 @@ def store_error_from(exc: redis.ResponseError) -> StoreError | None:
     message = str(exc)
     if message.startswith(_STORE_ERROR_CODE + " "):
         return StoreError(message.removeprefix(_STORE_ERROR_CODE + " "))
+    if message.startswith(_STORE_LOST_CODE + " "):
+        return StoreLostStateError(message.removeprefix(_STORE_LOST_CODE + " "))
     return None
 
 
@@ -246,6 +303,7 @@ def split_numbers(joined: bytes, n: int) -> list[bytes]:
 LUA_PRELUDE = """
 local NUL = string.char(0)
 local function bad(key, what) return redis.error_reply('STOREERR ' .. key .. ' ' .. what) end
+local function lost(key, what) return redis.error_reply('STORELOST ' .. key .. ' ' .. what) end
 local function is_int(s) return string.match(s, '^%-?%d+$') ~= nil end
 local function split(joined, n)
   local out, pos = {}, 1
@@ -413,15 +471,16 @@ return {user_rows, user_mask, table.concat(user_counts, ','), item_rows, item_ma
 #       14 item deltas '<f8' (n_items × (k+1): factors then bias), 15 item count deltas '<i8',
 #       16 pair items, 17 per pair the KEYS index of its user's inter hash ('<I4' each), 18 pair values '<f8',
 #       19 item Gramian delta '<f8' k×k or '', 20 user Gramian delta or '',
-#       21.. per partition: partition, first offset, next offset
+#       21 max |coordinate| of a sound stored item row (a damaged one is replaced by its base row),
+#       22.. per partition: partition, first offset, next offset
 _APPLY_LUA = (
     LUA_PRELUDE
     + """
 local current = redis.call('GET', KEYS[1])
-if not current then return bad(KEYS[1], 'is missing: the model has no current version') end
+if not current then return lost(KEYS[1], 'is missing: the model has no current version') end
 if current ~= ARGV[1] then return 'stale_version' end
 if redis.call('EXISTS', KEYS[3]) == 0 then
-  return bad(KEYS[3], 'is missing: ' .. KEYS[1] .. ' names a version without meta')
+  return lost(KEYS[3], 'is missing: ' .. KEYS[1] .. ' names a version without meta')
 end
 local handover = redis.call('HMGET', KEYS[3], 'tracking', 'paused_until')
 if handover[2] then
@@ -431,7 +490,7 @@ end
 
 -- Offset fencing, exactly streammf.store.fence.
 local ahead, behind, overlap = false, false, false
-for o = 21, #ARGV, 3 do
+for o = 22, #ARGV, 3 do
   local stored = redis.call('HGET', KEYS[2], ARGV[o])
   if stored then
     local have = tonumber(stored)
@@ -457,6 +516,13 @@ local row_d = '<' .. string.rep('d', k + 1)
 local row_bytes = 4 * (k + 1)
 local base_bytes = 4 * k
 local zero_bias = struct.pack('<f', 0)
+local max_abs = tonumber(ARGV[21])
+local function sound(row)  -- every coordinate finite and within ±max_abs (NaN fails the comparison)
+  for c = 1, k + 1 do
+    if not (math.abs(row[c]) <= max_abs) then return false end
+  end
+  return true
+end
 local item_rows, item_order, count_deltas = {}, {}, {}
 for r = 1, n_items do
   local item = items[r]
@@ -479,6 +545,9 @@ for r = 1, n_items do
     count_deltas[item] = 0
   end
   local row = {struct.unpack(row_f, stored)}
+  if not sound(row) then  -- damaged: the learner started this item again from its base row
+    row = {struct.unpack(row_f, string.sub(ARGV[13], (r - 1) * base_bytes + 1, r * base_bytes) .. zero_bias)}
+  end
   local delta = {struct.unpack(row_d, ARGV[14], (r - 1) * 8 * (k + 1) + 1)}
   for c = 1, k + 1 do row[c] = row[c] + delta[c] end
   item_rows[item] = struct.pack(row_f, unpack(row, 1, k + 1))
@@ -525,7 +594,7 @@ end
 
 local function add_gramian(key, delta)
   local stored = redis.call('GET', key)
-  if not stored then return nil, bad(key, 'is missing (implicit models keep a Gramian per version)') end
+  if not stored then return nil, lost(key, 'is missing (implicit models keep a Gramian per version)') end
   if #stored ~= 8 * k * k then
     return nil, bad(key, 'holds ' .. #stored .. ' bytes, expected ' .. 8 * k * k)
   end
@@ -562,7 +631,7 @@ redis.call('HSET', KEYS[7], 'value_sum', string.format('%.17g', value_sum + tonu
 redis.call('HINCRBY', KEYS[7], 'value_count', ARGV[8])
 redis.call('HINCRBY', KEYS[7], 'events_applied', ARGV[9])
 for _, g in ipairs(gramians) do redis.call('SET', g[1], g[2]) end
-for o = 21, #ARGV, 3 do redis.call('HSET', KEYS[2], ARGV[o], ARGV[o + 2]) end
+for o = 22, #ARGV, 3 do redis.call('HSET', KEYS[2], ARGV[o], ARGV[o + 2]) end
 if handover[1] then  -- a refresh is catching up with this version: tell it what changed
   for u = 1, n_users do redis.call('SADD', KEYS[10], users[u]) end
   for _, item in ipairs(item_order) do redis.call('SADD', KEYS[11], item) end
@@ -763,7 +832,7 @@ class RedisStore:
         if reply == b"moved":
             return None
         if reply == b"no_meta":
-            raise StoreError(
+            raise StoreLostStateError(
                 f"{keys.version_meta(version)} is missing: {keys.current} names a version without meta"
             )
         (user_blob, user_mask, user_counts, item_blob, item_mask, item_counts, pair_values, value_sum,
@@ -844,6 +913,7 @@ class RedisStore:
             np.asarray(update.pair_values, dtype="<f8").tobytes(),
             gramian_delta(update.item_gramian_delta),
             gramian_delta(update.user_gramian_delta),
+            repr(min(float(update.max_abs_factor), 1e308)),  # Lua's tonumber does not read 'inf'
         ]
         for partition, (first, nxt) in update.offsets.items():
             args += [int(partition), int(first), int(nxt)]

@@ -62,6 +62,10 @@ class Snapshot:
             if parts
             else (np.array([], dtype=str), np.array([], dtype=str), np.array([]))
         )
+        finite = np.isfinite(values.astype(np.float64))
+        if not finite.all():  # a damaged stored interaction is left out rather than poisoning the fit
+            log.warning("refresh: %d interactions with a non-finite value left out", (~finite).sum())
+            users, items, values = users[finite], items[finite], values[finite]
         user_ids, user_codes = np.unique(users.astype(str), return_inverse=True)
         item_ids, item_codes = np.unique(items.astype(str), return_inverse=True)
         user_list, item_list = user_ids.tolist(), item_ids.tolist()
@@ -134,14 +138,21 @@ def refit(
     iterations: int,
     init_std: float,
     seed: int,
+    max_abs_factor: float = float("inf"),
 ) -> Refit:
     """Pure: WALS over the snapshot, warm-started from the current rows.
 
-    Rows that have interactions but no current factors start from the deterministic init.
+    Rows that have interactions but no current factors start from the deterministic init, and so do
+    damaged rows (a coordinate not finite or beyond `max_abs_factor`): a refresh repairs a damaged model
+    from its interactions. A non-finite global mean is recomputed from the snapshot.
     """
     k = current_users[1].shape[1] if len(current_users[1]) else current_items[1].shape[1]
+    current_users = _without_damaged(current_users, max_abs_factor)
+    current_items = _without_damaged(current_items, max_abs_factor)
     user_rows, user_bias = _warm_rows(snapshot.user_ids, current_users, k, init_std, seed, "user")
     item_rows, item_bias = _warm_rows(snapshot.item_ids, current_items, k, init_std, seed, "item")
+    if not np.isfinite(global_mean):
+        global_mean = float(snapshot.values.mean()) if len(snapshot.values) else 0.0
     mean = global_mean if params.mode == "explicit" else 0.0
     start = Factors(user_rows, item_rows, user_bias, item_bias, mean)
     data = snapshot.data(params)
@@ -222,6 +233,17 @@ def _entries_of(
     return Interactions.from_coo(at[picked], others[picked], values[picked], (len(wanted), shape[1]), params)
 
 
+def _without_damaged(
+    current: tuple[list[str], np.ndarray, np.ndarray], bound: float
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    ids, rows, bias = current
+    sound = (np.abs(rows) <= bound).all(axis=1) & (np.abs(bias) <= bound)  # NaN compares False
+    if sound.all():
+        return current
+    log.warning("refresh: %d damaged rows (not finite or out of bounds) restart from init", (~sound).sum())
+    return [i for i, ok in zip(ids, sound, strict=True) if ok], rows[sound], bias[sound]
+
+
 def _warm_rows(
     ids: list[str],
     current: tuple[list[str], np.ndarray, np.ndarray],
@@ -267,6 +289,7 @@ def refresh(
     init_std: float,
     seed: int,
     pause_limit_s: float = PAUSE_LIMIT_S,
+    max_abs_factor: float = float("inf"),
 ) -> RefreshReport:
     started = time.perf_counter()
     live = store.current_version()
@@ -283,6 +306,7 @@ def refresh(
         iterations,
         init_std,
         seed,
+        max_abs_factor,
     )
     caught_up_rows = 0
     for _ in range(OPEN_CATCH_UP_ROUNDS):
@@ -381,9 +405,10 @@ class PeriodicRefresh:
         hold_lease: Callable[[float], bool],
         on_outcome: Callable[[str, RefreshReport | None], None],
         grace_s: float = 60.0,
+        max_abs_factor: float = float("inf"),
     ) -> None:
         self.store = store
-        self.args = (params, iterations, init_std, seed)
+        self.args = (params, iterations, init_std, seed, PAUSE_LIMIT_S, max_abs_factor)
         self.every_s = every_s
         self.hold_lease = hold_lease
         self.on_outcome = on_outcome

@@ -15,7 +15,9 @@ so a pass over the data applies it once per row; it is never computed by densify
 G_V = VᵀV and G_U = UᵀU are kept current by exact rank-one updates after every step
 (G += v'v'ᵀ − vvᵀ) inside the kernel, stored as deltas, and recomputed exactly at every WALS refresh.
 
-Explicit mode takes the gradient step, halved (absorbed into the learning rate): x ← x − η·½∇ℓ.
+Explicit mode takes the gradient step, halved (absorbed into the learning rate): x ← x − η·½∇ℓ, with
+the scalar w·e clipped to ±max_gradient so that no single event can throw a row far (ordinary errors are
+far inside the clip, so it changes nothing for them).
 Implicit mode's ℓ is quadratic in each row and stiff (confidence weights, the Gramian), so it takes the
 implicit (proximal) step x' = argmin ½ℓ(x') + ‖x' − x‖²/2η, one small SPD solve per row: stable at any
 η, with the same fixed points.
@@ -42,6 +44,9 @@ class SgdParams:
     bias_learning_rate: float = 0.04
     bias_damping: float = 5.0  # β in the bias step η_b + 1/(n + β)
     fit_biases: bool = True  # explicit mode; False: p = ⟨u, v⟩ (no μ, biases held at their values)
+    # Explicit mode: |w·e| is clipped to this (a Huber-like step), so one extreme event moves a row by a
+    # bounded amount. Within the input bounds it never binds for ordinary errors (see `learner_params`).
+    max_gradient: float = float("inf")
 
 
 @dataclass
@@ -94,6 +99,7 @@ def sgd_step(batch: SgdBatch, params: SgdParams) -> tuple[np.ndarray, float, int
         batch.user_gramian,
         loss.mode == "explicit",
         params.fit_biases,
+        params.max_gradient,
         params.learning_rate,
         params.bias_learning_rate,
         params.bias_damping,
@@ -109,7 +115,7 @@ def sgd_step(batch: SgdBatch, params: SgdParams) -> tuple[np.ndarray, float, int
 @njit(cache=True)
 def _sgd_kernel(
     U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_val, ev_w, ev_new, ev_new_u, ev_new_i, value_sum, value_count,
-    G_V, G_U, explicit, fit_biases, lr, lr_b, bias_damping, reg, reg_b, alpha, w0, predictions,
+    G_V, G_U, explicit, fit_biases, max_gradient, lr, lr_b, bias_damping, reg, reg_b, alpha, w0, predictions,
 ):  # fmt: skip
     k = U.shape[1]
     u_old = np.empty(k, dtype=np.float64)
@@ -135,8 +141,8 @@ def _sgd_kernel(
             mu = value_sum / value_count if value_count > 0 and fit_biases else 0.0
             p = mu + bu[a] + bv[b] + dot
             predictions[t] = p
-            # ½ dℓ/dp = −w·e
-            g = -ev_w[t] * (ev_val[t] - p)
+            # ½ dℓ/dp = −w·e, clipped: a step stays bounded however far off the prediction is.
+            g = min(max(-ev_w[t] * (ev_val[t] - p), -max_gradient), max_gradient)
             # Bias step η_b + 1/(n + β): a damped running mean of the residuals while a row is young,
             # a constant-rate tracker once it is old (ratings drift).
             step_u = lr_b + 1.0 / (n_u[a] + bias_damping)

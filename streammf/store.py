@@ -41,6 +41,17 @@ class StoreError(RuntimeError):
     """Stored data is missing or malformed; the message names the key."""
 
 
+class StoreLostStateError(StoreError):
+    """The store no longer holds state it had: a key of the model is gone (Redis restarted empty,
+    FLUSHALL, eviction), or Kafka's committed offsets show events the store has no record of. Going on
+    would silently build a model over a fraction of the events, so the daemon stops instead; an operator
+    chooses to rebuild (`streammf run --rebuild`: from the earliest offsets Kafka retains)."""
+
+
+class StoreUnsafeError(StoreError):
+    """The store is configured so that it may lose state (an eviction policy that can evict our keys)."""
+
+
 class ApplyOutcome(enum.Enum):
     APPLIED = "applied"
     DUPLICATE = "duplicate"
@@ -100,6 +111,9 @@ class BatchUpdate:
     events_applied: int
     item_gramian_delta: np.ndarray | None = None  # (k, k) float64
     user_gramian_delta: np.ndarray | None = None
+    # A stored item row with a coordinate not finite or beyond this is damaged: the delta applies to the
+    # base row instead (the learner computed it from there), which repairs the row.
+    max_abs_factor: float = float("inf")
 
 
 class FactorStore(Protocol):
@@ -272,7 +286,7 @@ class MemoryStore:
             self.user_rows[user] = np.append(update.user_rows[row], update.user_bias[row]).astype(DTYPE)
         for row, item in enumerate(update.items):
             stored = self.item_rows.get(item)
-            if stored is None:
+            if stored is None or not (np.abs(stored) <= update.max_abs_factor).all():
                 stored = np.append(update.item_base[row], 0.0).astype(DTYPE)
             delta = np.append(update.item_delta[row], update.item_bias_delta[row])
             self.item_rows[item] = (stored.astype(np.float64) + delta).astype(DTYPE)

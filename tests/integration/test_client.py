@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
+from streammf.cli import cli
 from streammf.cli_client import recommend, similar
-from streammf.client import StreamMFClient, VersionUnavailableError
-from streammf.redis_store import RedisStore
+from streammf.client import DamagedRowError, StreamMFClient, VersionUnavailableError, _top
+from streammf.factors import NonFiniteFactorsError
+from streammf.redis_store import ModelKeys, RedisStore
 from streammf.store import ApplyOutcome, BatchUpdate, StoreError
 
 K = 3
@@ -225,3 +227,149 @@ def test_cli_unknown_user(redis_url: str, model_name: str, known_model: KnownMod
     result = CliRunner().invoke(recommend, ["nobody", "--redis-url", redis_url, "--model", model_name])
     assert result.exit_code == 1
     assert "no recommendations for user 'nobody'" in result.output
+
+
+# -------------------------------------------------------------------------------------------- damaged rows
+
+
+def damage(client: redis.Redis, model_name: str, side: str, ident: str, value: float) -> None:
+    """Overwrite one stored row of version 1 with a row holding `value` (NaN or inf)."""
+    row = np.zeros(K + 1, dtype="<f4")
+    row[1] = value
+    client.hset(ModelKeys(model_name).rows(1, side), ident, row.tobytes())  # type: ignore[arg-type]
+
+
+def test_a_damaged_user_row_is_an_error_not_an_unknown_user(
+    redis_client: redis.Redis, redis_url: str, model_name: str, known_model: KnownModel
+) -> None:
+    damage(redis_client, model_name, "users", "alice", float("nan"))
+    client = StreamMFClient(redis_client, model_name)
+    with pytest.raises(DamagedRowError) as caught:
+        client.recommend("alice")
+    assert (caught.value.side, caught.value.ident, caught.value.version) == ("user", "alice", 1)
+    assert isinstance(caught.value, StoreError)
+    assert client.recommend("nobody") == []  # unknown is still an empty result
+    assert len(client.recommend("bob", k=5)) == 5
+
+    result = CliRunner().invoke(recommend, ["alice", "--redis-url", redis_url, "--model", model_name])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"Error: row of user 'alice' in model {model_name!r} version 1 is damaged (non-finite factors); "
+        "run `streammf refresh` to rebuild it"
+    )
+
+
+def test_damaged_item_rows_are_left_out_of_scores(
+    redis_client: redis.Redis, redis_url: str, model_name: str, known_model: KnownModel
+) -> None:
+    damage(redis_client, model_name, "items", "m5", float("nan"))
+    damage(redis_client, model_name, "items", "m6", float("inf"))
+    client = StreamMFClient(redis_client, model_name)
+    healthy = [item for item in known_model.items if item not in ("m5", "m6")]
+    for user in known_model.users:
+        results = client.recommend(user, k=N_ITEMS, exclude_seen=False)
+        assert all(np.isfinite(score) for _, score in results)
+        expected = [item for item in known_model.top(user, N_ITEMS, exclude_seen=False) if item in healthy]
+        assert [item for item, _ in results] == expected
+    similar_to_m4 = client.similar_items("m4", k=N_ITEMS)
+    assert {item for item, _ in similar_to_m4} == set(healthy) - {"m4"}
+    assert all(np.isfinite(score) for _, score in similar_to_m4)
+
+    for item in ("m5", "m6"):
+        with pytest.raises(DamagedRowError, match=f"row of item '{item}' in model .* version 1 is damaged"):
+            client.similar_items(item)
+    result = CliRunner().invoke(similar, ["m6", "--redis-url", redis_url, "--model", model_name])
+    assert result.exit_code == 1
+    damaged = f"row of item 'm6' in model {model_name!r} version 1 is damaged (non-finite factors)"
+    assert damaged in result.output
+    assert "run `streammf refresh` to rebuild it" in result.output
+    assert "unknown" not in result.output
+
+
+def test_a_non_finite_global_mean_is_an_error_not_an_empty_result(
+    redis_client: redis.Redis, model_name: str, known_model: KnownModel
+) -> None:
+    redis_client.hset(ModelKeys(model_name).stats, "value_sum", "inf")
+    with pytest.raises(StoreError, match="global mean is not finite"):
+        StreamMFClient(redis_client, model_name).recommend("bob")
+
+
+def test_top_skips_non_finite_scores() -> None:
+    scores = np.array([1.0, np.nan, 3.0, np.inf, -np.inf, 2.0, 0.5])
+    ids = [f"i{i}" for i in range(len(scores))]
+    assert _top(scores, ids, 10, []) == [("i2", 3.0), ("i5", 2.0), ("i0", 1.0), ("i6", 0.5)]
+    assert _top(scores, ids, 2, [2]) == [("i5", 2.0), ("i0", 1.0)]
+    assert _top(np.array([np.nan, np.nan]), ids[:2], 3, []) == []
+
+
+def test_cli_unknown_item(redis_url: str, model_name: str, known_model: KnownModel) -> None:
+    result = CliRunner().invoke(similar, ["nothing", "--redis-url", redis_url, "--model", model_name])
+    assert result.exit_code == 1
+    assert "no similar items for item 'nothing'" in result.output and "unknown item" in result.output
+
+
+def test_cli_a_user_who_has_seen_everything_is_not_called_unknown(
+    redis_client: redis.Redis, redis_url: str, model_name: str
+) -> None:
+    store = RedisStore.open(redis_client, model_name, "implicit", 2)
+    version = store.begin_version()
+    store.write_rows(version, "users", ["carol"], np.float32([[1, 1]]))
+    store.write_rows(version, "items", ["only"], np.float32([[1, 1]]))
+    assert store.publish(version, expected_current=1)
+    redis_client.hset(ModelKeys(model_name).prefix + "inter:carol", "only", 1)  # carol has seen it
+    result = CliRunner().invoke(recommend, ["carol", "--redis-url", redis_url, "--model", model_name])
+    assert result.exit_code == 1
+    assert "no recommendations for user 'carol'" in result.output
+    assert "unknown" not in result.output
+
+
+# --------------------------------------------------------------------------------------- refresh errors
+
+
+def refresh_env(redis_url: str, model_name: str, factors: int = K) -> dict[str, str]:
+    return {
+        "STREAMMF_REDIS__URL": redis_url,
+        "STREAMMF_MODEL__NAME": model_name,
+        "STREAMMF_MODEL__MODE": "explicit",
+        "STREAMMF_MODEL__FACTORS": str(factors),
+    }
+
+
+def assert_one_error_line(result: Result) -> None:
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_refresh_of_a_model_with_other_factors_is_one_error_line(
+    redis_url: str, model_name: str, known_model: KnownModel
+) -> None:
+    result = CliRunner().invoke(cli, ["refresh"], env=refresh_env(redis_url, model_name, factors=K + 1))
+    assert_one_error_line(result)
+    assert f"k={K}" in result.output and "STREAMMF_MODEL__FACTORS" in result.output
+
+
+def test_cli_refresh_producing_non_finite_factors_is_one_error_line(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, model_name: str, known_model: KnownModel
+) -> None:
+    def diverge(*args: object, **kwargs: object) -> None:
+        raise NonFiniteFactorsError("user factors contain NaN or inf")
+
+    monkeypatch.setattr("streammf.refresh.refresh", diverge)
+    result = CliRunner().invoke(cli, ["refresh", "--iterations", "1"], env=refresh_env(redis_url, model_name))
+    assert_one_error_line(result)
+    assert "nothing published" in result.output and "non-finite" in result.output
+    client = redis.Redis.from_url(redis_url)
+    assert RedisStore.attach(client, model_name).refresh_lease_holder() is None, "the lease is given back"
+    client.close()
+
+
+def test_cli_refresh_of_a_missing_model_is_one_error_line(
+    redis_client: redis.Redis, redis_url: str, model_name: str, known_model: KnownModel
+) -> None:
+    redis_client.delete(ModelKeys(model_name).current)
+    result = CliRunner().invoke(cli, ["refresh"], env=refresh_env(redis_url, model_name))
+    assert_one_error_line(result)
+    assert ModelKeys(model_name).current in result.output

@@ -66,14 +66,23 @@ class ScriptedConsumer:
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.seeks.append((tp, offset))
 
-    def commit(self, offsets: Any) -> None:
+    def commit_async(self, offsets: Any, callback: Any = None) -> None:
         pass
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        return None
 
     def assignment(self) -> set[TopicPartition]:
         return {TP}
 
     def highwater(self, tp: TopicPartition) -> int | None:
         return None
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {TP.partition}
+
+    def end_offsets(self, partitions: list[TopicPartition], timeout_ms: int) -> dict[TopicPartition, int]:
+        return dict.fromkeys(partitions, 0)
 
 
 class CountingProducer:

@@ -13,7 +13,15 @@ def test_defaults_give_plaintext_connection_only() -> None:
         "bootstrap_servers": ["127.0.0.1:9092"],
         "client_id": "streammf",
         "security_protocol": "PLAINTEXT",
+        "reconnect_backoff_max_ms": 1000,
     }
+
+
+def test_every_client_accepts_the_kwargs() -> None:
+    from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+
+    for client in (KafkaAdminClient, KafkaConsumer, KafkaProducer):
+        assert set(client_kwargs(KafkaSettings())) <= set(client.DEFAULT_CONFIG), client.__name__
 
 
 def test_security_settings_pass_through_with_the_secret_revealed() -> None:

@@ -221,6 +221,35 @@ def refresh(settings: Settings, iterations: int | None) -> None:
     )
 
 
+@cli.command("forget-user")
+@click.argument("user")
+@click.pass_obj
+def forget_user(settings: Settings, user: str) -> None:
+    """Delete USER from the live model, atomically: their row in every version, their interactions, their
+    share of item counts and statistics. Idempotent. To keep it in order with the user's events, produce
+    {"user_id": USER, "event_type": "forget_user"} to the topic instead (keyed by the user)."""
+    import time
+
+    import redis
+
+    from streammf.cli_client import failure_message
+    from streammf.daemon import redis_client
+    from streammf.redis_store import RedisStore
+    from streammf.store import ApplyOutcome, StoreError
+
+    try:
+        with redis_client(settings) as client:
+            store = RedisStore.attach(client, settings.model.name)
+            deadline = time.monotonic() + 60
+            while (outcome := store.forget_user(user)) is ApplyOutcome.PAUSED and time.monotonic() < deadline:
+                time.sleep(0.05)  # a refresh is handing the live version over: a moment
+    except (redis.RedisError, StoreError) as exc:
+        raise click.ClickException(f"forget-user failed: {failure_message(exc)}") from exc
+    if outcome is not ApplyOutcome.APPLIED:
+        raise click.ClickException(f"forget-user failed: the store answered {outcome.value}; run it again")
+    click.echo(f"user {user!r} forgotten in model {settings.model.name!r}")
+
+
 cli.add_command(generate)
 cli.add_command(replay_command)
 cli.add_command(recommend)

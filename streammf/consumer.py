@@ -27,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from streammf.events import DEFAULT_LIMITS, Event, EventLimits, Invalid, decode
+from streammf.events import DEFAULT_LIMITS, Event, EventLimits, ForgetUser, Invalid, decode
 from streammf.learner import DamagedGramianError, Learner, StepResult, VersionChurnError
 from streammf.metrics import Heartbeat, Metrics
 from streammf.store import ApplyOutcome, StoreLostStateError
@@ -188,45 +188,82 @@ class ConsumeLoop:
         return True
 
     def process(self, polled: dict[TopicPartition, list[Any]], stop: threading.Event) -> StepResult | None:
-        """One batch. Returns the step result, or None when the batch was abandoned (to be re-polled)."""
+        """One poll's records. Returns the (last) step result, or None when the batch was abandoned (to be
+        re-polled) or held nothing new.
+
+        Normally one batch covers every partition. A `forget_user` record splits its partition's records
+        around it, so it takes effect in stream order: the events before it are applied (with their
+        offsets), then the forget (with its offset), then the events after it."""
         polled = self._drop_applied(polled)
         if not polled:
             return None
         received = time.perf_counter()
+        decoded = {
+            tp: [(r, decode(r.value, self.settings.max_record_bytes, self.settings.limits)) for r in records]
+            for tp, records in polled.items()
+        }
+        self.metrics.events_consumed.inc(sum(len(r) for r in polled.values()))
+        if not any(isinstance(d, ForgetUser) for pairs in decoded.values() for _, d in pairs):
+            segments = [decoded]
+        else:
+            segments = [{tp: run} for tp, pairs in decoded.items() for run in _split_at_forgets(pairs)]
+        result = None
+        try:
+            for segment in segments:
+                first = next(iter(segment.values()))[0]
+                if isinstance(first[1], ForgetUser):
+                    self._forget(first[0], first[1], stop)
+                else:
+                    result = self._learn(segment, stop, received)
+        except _Abandoned:
+            self._rewind(polled)
+            return None
+        self._commit(polled)
+        return result
+
+    def _learn(
+        self, decoded: dict[TopicPartition, list[tuple[Any, Any]]], stop: threading.Event, received: float
+    ) -> StepResult:
+        """Dead-letter the invalid records, learn the events, account; raises _Abandoned."""
         events: list[Event] = []
         sources: list[Any] = []  # the record of each event
         dead: list[tuple[Any, Invalid]] = []
         offsets: dict[int, tuple[int, int]] = {}
-        for tp, records in polled.items():
-            offsets[tp.partition] = (records[0].offset, records[-1].offset + 1)
-            for record in records:
-                decoded = decode(record.value, self.settings.max_record_bytes, self.settings.limits)
-                if isinstance(decoded, Invalid):
-                    dead.append((record, decoded))
-                    self.metrics.events_invalid.labels(decoded.reason).inc()
+        for tp, pairs in decoded.items():
+            offsets[tp.partition] = (pairs[0][0].offset, pairs[-1][0].offset + 1)
+            for record, item in pairs:
+                if isinstance(item, Invalid):
+                    dead.append((record, item))
+                    self.metrics.events_invalid.labels(item.reason).inc()
                     continue
-                if decoded.timestamp is None:
-                    decoded = decoded.model_copy(update={"timestamp": record.timestamp / 1000.0})
-                events.append(decoded)
+                if item.timestamp is None:
+                    item = item.model_copy(update={"timestamp": record.timestamp / 1000.0})
+                events.append(item)
                 sources.append(record)
-        self.metrics.events_consumed.inc(sum(len(r) for r in polled.values()))
 
         def dead_letter_diverged(positions: list[int]) -> None:
             diverged = [(sources[t], _diverged(events[t])) for t in positions]
             self.metrics.events_invalid.labels("diverged").inc(len(diverged))
             self._dead_letter(diverged)
 
-        try:
-            if dead:
-                self._with_retry(lambda: self._dead_letter(dead), stop, dependency="kafka")
-            result = self._with_retry(lambda: self.learner.learn(events, offsets, dead_letter_diverged), stop)
-        except _Abandoned:
-            self._rewind(polled)
-            return None
+        if dead:
+            self._with_retry(lambda: self._dead_letter(dead), stop, dependency="kafka")
+        result = self._with_retry(lambda: self.learner.learn(events, offsets, dead_letter_diverged), stop)
         applied = [e for t, e in enumerate(events) if t not in set(result.diverged)]
         self._account(result, applied, offsets, received)
-        self._commit(polled)
         return result
+
+    def _forget(self, record: Any, forget: ForgetUser, stop: threading.Event) -> None:
+        offsets = {record.partition: (record.offset, record.offset + 1)}
+        outcome = self._with_retry(lambda: self.learner.forget_user(forget.user_id, offsets), stop)
+        if outcome is ApplyOutcome.CONFLICT:
+            log.warning("offset conflict at a forget: resyncing", extra={"offsets": offsets})
+            self.unsynced.add(TopicPartition(self.settings.topic, record.partition))
+            raise _Abandoned
+        if outcome is ApplyOutcome.APPLIED:
+            self.metrics.users_forgotten.inc()
+            log.info("forgot a user", extra={"partition": record.partition, "offset": record.offset})
+        self.next_offsets[record.partition] = record.offset + 1
 
     def _drop_applied(self, polled: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, list[Any]]:
         """Without records this process knows are applied: a redelivery (e.g. a fetch that raced a seek)
@@ -412,6 +449,17 @@ class ConsumeLoop:
 def _log_failed_commit(offsets: dict[TopicPartition, OffsetAndMetadata], response: object) -> None:
     if isinstance(response, Exception):
         log.warning("kafka offset commit failed (lag tooling only; the next one catches up): %s", response)
+
+
+def _split_at_forgets(pairs: list[tuple[Any, Any]]) -> list[list[tuple[Any, Any]]]:
+    """Consecutive runs of records, each forget_user record a run of its own."""
+    runs: list[list[tuple[Any, Any]]] = []
+    for pair in pairs:
+        if isinstance(pair[1], ForgetUser) or not runs or isinstance(runs[-1][0][1], ForgetUser):
+            runs.append([pair])
+        else:
+            runs[-1].append(pair)
+    return runs
 
 
 def _transient_kafka_error(exc: KafkaError) -> bool:

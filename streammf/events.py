@@ -84,6 +84,23 @@ class Event(BaseModel):
     event_type: Annotated[str, BeforeValidator(_text), Field(max_length=64)] | None = None
 
 
+# `{"user_id": "u1", "event_type": "forget_user"}`: delete everything the model holds about the user,
+# in stream order with the user's other events (see README, "Forgetting a user").
+FORGET_USER = "forget_user"
+
+
+class _ForgetUserPayload(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    user_id: Identifier
+    event_type: Literal["forget_user"]
+
+
+@dataclass(frozen=True)
+class ForgetUser:
+    user_id: str
+
+
 @dataclass(frozen=True)
 class Invalid:
     reason: InvalidReason
@@ -141,7 +158,9 @@ def _out_of_range(event: Event, limits: EventLimits) -> str | None:
     return "; ".join(problems) or None
 
 
-def decode(raw: bytes | None, max_bytes: int, limits: EventLimits = DEFAULT_LIMITS) -> Event | Invalid:
+def decode(
+    raw: bytes | None, max_bytes: int, limits: EventLimits = DEFAULT_LIMITS
+) -> Event | ForgetUser | Invalid:
     if raw is None:
         return Invalid("undecodable", "record has no value")
     if len(raw) > max_bytes:
@@ -163,6 +182,8 @@ def decode(raw: bytes | None, max_bytes: int, limits: EventLimits = DEFAULT_LIMI
     if not isinstance(payload, dict):
         return Invalid("schema", f"expected a JSON object, got {type(payload).__name__}")
     try:
+        if payload.get("event_type") == FORGET_USER:
+            return ForgetUser(_ForgetUserPayload.model_validate(payload, strict=True).user_id)
         # Strict: numbers must be JSON numbers, ids strings or integers (no "4", no true, no 1.5).
         event = Event.model_validate(payload, strict=True)
     except ValidationError as exc:

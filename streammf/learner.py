@@ -160,6 +160,16 @@ class Learner:
         extras = [predictions, update.item_gramian_delta, update.user_gramian_delta]
         return all(a is None or np.isfinite(a).all() for a in extras)
 
+    def forget_user(self, user: str, offsets: dict[int, tuple[int, int]] | None = None) -> ApplyOutcome:
+        """Delete the user from the model (see `FactorStore.forget_user`), waiting out a refresh's pause."""
+        waited_s = 0.0
+        while (outcome := self.store.forget_user(user, offsets)) is ApplyOutcome.PAUSED:
+            if waited_s >= self.max_pause_s:
+                raise VersionChurnError(f"the live version stayed paused for over {waited_s:.0f}s")
+            self.sleep(_PAUSE_POLL_S)
+            waited_s += _PAUSE_POLL_S
+        return outcome
+
     def _apply_after_any_pause(self, update: BatchUpdate, version: int) -> ApplyOutcome:
         """Apply, waiting out a refresh's pause by retrying the same update: no writer changes a paused
         version, so the update stays valid unless the version flips (then STALE_VERSION: recompute)."""

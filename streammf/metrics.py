@@ -108,6 +108,11 @@ class Metrics:
             "When the loop last heard from Kafka (records polled, or end offsets fetched)",
             registry=r,
         )
+        self.users_forgotten = Counter(
+            "streammf_users_forgotten_total",
+            "forget_user events applied (users deleted from the model)",
+            registry=r,
+        )
         self.dead_letters_lost = Counter(
             "streammf_dead_letters_lost_total",
             "Bad records the dead-letter topic refused for good, even as metadata only (logged)",

@@ -315,6 +315,32 @@ local function split(joined, n)
   if n > 0 then out[n] = string.sub(joined, pos) end
   return out
 end
+-- Offset fencing, exactly streammf.store.fence: ARGV[from..] holds (partition, first, next) triples.
+-- Returns nil when the update may be applied, else 'conflict', 'duplicate' or an error reply.
+local function fence(offsets_key, from)
+  local ahead, behind, overlap = false, false, false
+  for o = from, #ARGV, 3 do
+    local stored = redis.call('HGET', offsets_key, ARGV[o])
+    if stored then
+      local have = tonumber(stored)
+      if not have then return bad(offsets_key, 'field ' .. ARGV[o] .. ': not a number: ' .. stored) end
+      if have <= tonumber(ARGV[o + 1]) then ahead = true
+      elseif have >= tonumber(ARGV[o + 2]) then behind = true
+      else overlap = true end
+    else
+      ahead = true
+    end
+  end
+  if overlap or (behind and ahead) then return 'conflict' end
+  if behind then return 'duplicate' end
+  return nil
+end
+local function paused(meta_key)  -- a refresh is handing this version over (writers wait)
+  local paused_until = redis.call('HGET', meta_key, 'paused_until')
+  if not paused_until then return false end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6 < tonumber(paused_until)
+end
 local function gather_rows(key, ids, row_bytes)
   local rows, mask, zero = {}, {}, string.rep(NUL, row_bytes)
   for i, id in ipairs(ids) do
@@ -482,28 +508,11 @@ if current ~= ARGV[1] then return 'stale_version' end
 if redis.call('EXISTS', KEYS[3]) == 0 then
   return lost(KEYS[3], 'is missing: ' .. KEYS[1] .. ' names a version without meta')
 end
-local handover = redis.call('HMGET', KEYS[3], 'tracking', 'paused_until')
-if handover[2] then
-  local t = redis.call('TIME')
-  if tonumber(t[1]) + tonumber(t[2]) / 1e6 < tonumber(handover[2]) then return 'paused' end
-end
+local tracking = redis.call('HGET', KEYS[3], 'tracking')
+if paused(KEYS[3]) then return 'paused' end
 
--- Offset fencing, exactly streammf.store.fence.
-local ahead, behind, overlap = false, false, false
-for o = 22, #ARGV, 3 do
-  local stored = redis.call('HGET', KEYS[2], ARGV[o])
-  if stored then
-    local have = tonumber(stored)
-    if not have then return bad(KEYS[2], 'field ' .. ARGV[o] .. ': not a number: ' .. stored) end
-    if have <= tonumber(ARGV[o + 1]) then ahead = true
-    elseif have >= tonumber(ARGV[o + 2]) then behind = true
-    else overlap = true end
-  else
-    ahead = true
-  end
-end
-if overlap or (behind and ahead) then return 'conflict' end
-if behind then return 'duplicate' end
+local refused = fence(KEYS[2], 22)
+if refused then return refused end
 
 local k = tonumber(ARGV[2])
 local additive = ARGV[3] == '1'
@@ -632,7 +641,7 @@ redis.call('HINCRBY', KEYS[7], 'value_count', ARGV[8])
 redis.call('HINCRBY', KEYS[7], 'events_applied', ARGV[9])
 for _, g in ipairs(gramians) do redis.call('SET', g[1], g[2]) end
 for o = 22, #ARGV, 3 do redis.call('HSET', KEYS[2], ARGV[o], ARGV[o + 2]) end
-if handover[1] then  -- a refresh is catching up with this version: tell it what changed
+if tracking then  -- a refresh is catching up with this version: tell it what changed
   for u = 1, n_users do redis.call('SADD', KEYS[10], users[u]) end
   for _, item in ipairs(item_order) do redis.call('SADD', KEYS[11], item) end
 end
@@ -640,9 +649,79 @@ return 'applied'
 """
 )
 
+# Deletes a user from the model (see FactorStore.forget_user). Phase 1 reads and checks, phase 2 writes.
+# KEYS: 1 current, 2 offsets, 3 inter:<user>, 4 item_counts, 5 stats, then per version (4 each):
+#       v:meta, v:users, v:gram:users, v:changed:users
+# ARGV: 1 user, 2 k, 3 implicit (1|0), 4 number of versions n, 5 .. 4+n version numbers (the same order
+#       as their KEYS), then (partition, first, next) triples.
+_FORGET_USER_LUA = (
+    LUA_PRELUDE
+    + """
+local current = redis.call('GET', KEYS[1])
+if not current then return lost(KEYS[1], 'is missing: the model has no current version') end
+local user, k, implicit, n = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1', tonumber(ARGV[4])
+local live = nil
+for v = 1, n do if ARGV[4 + v] == current then live = v end end
+if not live then return 'stale_version' end  -- a version was published since the caller listed them
+if paused(KEYS[5 + 4 * (live - 1) + 1]) then return 'paused' end
+local refused = fence(KEYS[2], 5 + n)
+if refused then return refused end
+
+local interactions = redis.call('HGETALL', KEYS[3])
+local value_sum_delta = 0
+for f = 2, #interactions, 2 do
+  local value = tonumber(interactions[f])
+  if not value then return bad(KEYS[3], 'field ' .. interactions[f - 1] .. ': not a number') end
+  value_sum_delta = value_sum_delta + value
+end
+local stats_sum = redis.call('HGET', KEYS[5], 'value_sum')
+if stats_sum and not tonumber(stats_sum) then return bad(KEYS[5], 'field value_sum: not a number') end
+local row_bytes, row_f, grams = 4 * (k + 1), '<' .. string.rep('f', k + 1), {}
+for v = 1, n do
+  local meta, rows, gram_key = KEYS[5 + 4 * (v - 1) + 1], KEYS[5 + 4 * (v - 1) + 2], KEYS[5 + 4 * (v - 1) + 3]
+  local row = redis.call('EXISTS', meta) == 1 and redis.call('HGET', rows, user)
+  if row and implicit then
+    if #row ~= row_bytes then return bad(rows, 'field ' .. user .. ': ' .. #row .. ' bytes') end
+    local gram = redis.call('GET', gram_key)
+    if not gram then return lost(gram_key, 'is missing (implicit models keep a Gramian per version)') end
+    if #gram ~= 8 * k * k then return bad(gram_key, 'holds ' .. #gram .. ' bytes') end
+    local x, fmt, out = {struct.unpack(row_f, row)}, '<' .. string.rep('d', k), {}
+    for r = 0, k - 1 do
+      local g = {struct.unpack(fmt, gram, r * 8 * k + 1)}
+      for c = 1, k do g[c] = g[c] - x[r + 1] * x[c] end
+      out[r + 1] = struct.pack(fmt, unpack(g, 1, k))
+    end
+    grams[v] = table.concat(out)
+  end
+end
+
+for v = 1, n do
+  local base = 5 + 4 * (v - 1)
+  if redis.call('HDEL', KEYS[base + 2], user) == 1 and grams[v] then
+    redis.call('SET', KEYS[base + 3], grams[v])
+  end
+  if redis.call('HGET', KEYS[base + 1], 'tracking') then redis.call('SADD', KEYS[base + 4], user) end
+end
+for f = 1, #interactions, 2 do
+  if redis.call('HINCRBY', KEYS[4], interactions[f], -1) <= 0 then
+    redis.call('HDEL', KEYS[4], interactions[f])
+  end
+end
+redis.call('DEL', KEYS[3])
+if not implicit and #interactions > 0 then
+  local value_sum = (tonumber(stats_sum) or 0) - value_sum_delta
+  redis.call('HSET', KEYS[5], 'value_sum', string.format('%.17g', value_sum))
+  redis.call('HINCRBY', KEYS[5], 'value_count', -(#interactions / 2))
+end
+for o = 5 + n, #ARGV, 3 do redis.call('HSET', KEYS[2], ARGV[o], ARGV[o + 2]) end
+return 'applied'
+"""
+)
+
 # Writes into a version only while it is being built, so a refresh that lost the race (its version was
 # retired, maybe already deleted) cannot resurrect keys nobody will collect. Returns 0 when refused.
-# KEYS: v:meta, target key.  ARGV: 'rows', n, ids, concatenated rows, row bytes | 'string', value.
+# KEYS: v:meta, target key.
+# ARGV: 'rows', n, ids, concatenated rows, row bytes | 'delete', n, ids | 'string', value.
 _WRITE_VERSION_LUA = (
     LUA_PRELUDE
     + """
@@ -652,6 +731,8 @@ if ARGV[1] == 'rows' then
   for i, id in ipairs(split(ARGV[3], n)) do
     redis.call('HSET', KEYS[2], id, string.sub(ARGV[4], (i - 1) * row_bytes + 1, i * row_bytes))
   end
+elseif ARGV[1] == 'delete' then
+  for _, id in ipairs(split(ARGV[3], tonumber(ARGV[2]))) do redis.call('HDEL', KEYS[2], id) end
 else
   redis.call('SET', KEYS[2], ARGV[2])
 end
@@ -719,6 +800,7 @@ class RedisStore:
         self._model = model
         self._read_script = client.register_script(_READ_STATE_LUA)
         self._apply_script = client.register_script(_APPLY_LUA)
+        self._forget_script = client.register_script(_FORGET_USER_LUA)
         self._write_script = client.register_script(_WRITE_VERSION_LUA)
         self._publish_script = client.register_script(_PUBLISH_LUA)
         self._discard_script = client.register_script(_DISCARD_LUA)
@@ -937,6 +1019,38 @@ class RedisStore:
             raise store_error_from(exc) or exc from None
         return ApplyOutcome(outcome.decode())
 
+    def forget_user(self, user: str, offsets: dict[int, tuple[int, int]] | None = None) -> ApplyOutcome:
+        keys = self.keys
+        for _ in range(_SNAPSHOT_ATTEMPTS):
+            versions = self._versions_with_rows()
+            script_keys = [keys.current, keys.offsets, keys.inter(user), keys.item_counts, keys.stats]
+            for version in versions:
+                script_keys += [
+                    keys.version_meta(version),
+                    keys.rows(version, "users"),
+                    keys.gramian(version, "users"),
+                    keys.changed(version, "users"),
+                ]
+            args: list[str | int] = [user, self._model.k, int(self._model.mode == "implicit"), len(versions)]
+            args += versions
+            for partition, (first, nxt) in (offsets or {}).items():
+                args += [int(partition), int(first), int(nxt)]
+            try:
+                outcome = ApplyOutcome(self._forget_script(keys=script_keys, args=args).decode())
+            except redis.ResponseError as exc:
+                raise store_error_from(exc) or exc from None
+            if outcome is not ApplyOutcome.STALE_VERSION:
+                return outcome
+        raise StoreError(f"{keys.current} moved on each of {_SNAPSHOT_ATTEMPTS} attempts to forget a user")
+
+    def _versions_with_rows(self) -> list[int]:
+        """Every version that may still hold rows: the live one, those being built after it, and those
+        retired but not yet collected (readers may still use them)."""
+        current = self.current_version()
+        last = parse_int(self._client.get(self.keys.next_version), self.keys.next_version, "value", current)
+        retired = {int(v) for v in self._client.zrange(self.keys.retired, 0, -1)}
+        return sorted(retired | set(range(current, max(current, last) + 1)))
+
     def applied_offsets(self) -> dict[int, int]:
         raw = self._client.hgetall(self.keys.offsets)
         return {
@@ -1038,6 +1152,14 @@ class RedisStore:
             ]
             self._write_script(keys=[meta_key, target], args=args, client=pipe)
         self._check_written(version, pipe.execute())
+
+    def delete_rows(self, version: int, side: Side, ids: Sequence[str]) -> None:
+        """Remove rows from a version being built (users forgotten while a refresh ran)."""
+        if not ids:
+            return
+        meta_key, target = self.keys.version_meta(version), self.keys.rows(version, side)
+        written = self._write_script(keys=[meta_key, target], args=["delete", len(ids), join_ids(ids)])
+        self._check_written(version, [written])
 
     def write_gramian(self, version: int, side: Side, gramian: np.ndarray) -> None:
         if self._model.mode != "implicit":

@@ -315,7 +315,7 @@ def refresh(
         if rows < SMALL_CATCH_UP_ROWS:
             break
     version = store.begin_version()
-    _write(store, version, params, fitted)
+    _write(store, version, params, fitted, snapshot)
     paused_at = time.perf_counter()
     published = False
     if store.pause_writes(live, pause_limit_s):
@@ -365,7 +365,7 @@ def _catch_up_with_store(
     else:
         user_rows = item_rows = np.array([], dtype=np.int64)
     if write_to is not None:
-        _write(store, write_to, params, fitted, user_rows, item_rows)
+        _write(store, write_to, params, fitted, snapshot, user_rows, item_rows)
     return fitted, snapshot, len(user_rows) + len(item_rows)
 
 
@@ -374,19 +374,26 @@ def _write(
     version: int,
     params: LossParams,
     fitted: Refit,
+    snapshot: Snapshot,
     user_rows: np.ndarray | None = None,
     item_rows: np.ndarray | None = None,
 ) -> None:
-    """Rows (all, or the given positions) and, in implicit mode, both Gramians."""
+    """Rows (all, or the given positions) and, in implicit mode, both Gramians. A user without
+    interactions in `snapshot` (forgotten while the refresh ran) gets no row, and none in the Gramian."""
     f = fitted.factors
-    for side, ids, rows, bias, picked in (
-        ("users", fitted.users, f.user, f.user_bias, user_rows),
-        ("items", fitted.items, f.item, f.item_bias, item_rows),
+    has_entries = np.bincount(snapshot.users, minlength=len(fitted.users)) > 0
+    picked_users = np.arange(len(fitted.users)) if user_rows is None else user_rows
+    store.delete_rows(version, "users", [fitted.users[r] for r in picked_users if not has_entries[r]])
+    picked_users = picked_users[has_entries[picked_users]]
+    picked_items = np.arange(len(fitted.items)) if item_rows is None else item_rows
+    for side, ids, rows, bias, at in (
+        ("users", fitted.users, f.user, f.user_bias, picked_users),
+        ("items", fitted.items, f.item, f.item_bias, picked_items),
     ):
-        at = np.arange(len(ids)) if picked is None else picked
         store.write_rows(version, side, [ids[r] for r in at], rows[at], bias[at])  # type: ignore[arg-type]
     if params.mode == "implicit":
-        store.write_gramian(version, "users", f.user.astype(np.float64).T @ f.user.astype(np.float64))
+        users = f.user[has_entries].astype(np.float64)
+        store.write_gramian(version, "users", users.T @ users)
         store.write_gramian(version, "items", f.item.astype(np.float64).T @ f.item.astype(np.float64))
 
 

@@ -131,6 +131,13 @@ class FactorStore(Protocol):
 
     def events_applied(self) -> int: ...
 
+    def forget_user(self, user: str, offsets: dict[int, tuple[int, int]] | None = None) -> ApplyOutcome:
+        """Delete the user from the model, atomically: their row in every version (and their share of the
+        implicit user Gramians), their interactions, their share of item counts (and, explicit, of the
+        global mean). `offsets` (the forget event's [offset, offset + 1)) are fenced and stored like a
+        batch's. Idempotent. PAUSED while a refresh hands the live version over."""
+        ...
+
 
 class RefreshableStore(FactorStore, Protocol):
     """What a WALS refresh needs on top of `FactorStore`: the interactions, and a way to build a new version
@@ -174,6 +181,10 @@ class RefreshableStore(FactorStore, Protocol):
     ) -> None: ...
 
     def write_gramian(self, version: int, side: Side, gramian: np.ndarray) -> None: ...
+
+    def delete_rows(self, version: int, side: Side, ids: Sequence[str]) -> None:
+        """Remove rows from a version being built."""
+        ...
 
     def publish(self, version: int, expected_current: int) -> bool: ...
 
@@ -312,6 +323,32 @@ class MemoryStore:
     def events_applied(self) -> int:
         return self._events_applied
 
+    def forget_user(self, user: str, offsets: dict[int, tuple[int, int]] | None = None) -> ApplyOutcome:
+        if self._paused_until is not None and time.monotonic() < self._paused_until:
+            return ApplyOutcome.PAUSED
+        refused = fence(self.offsets, offsets or {})
+        if refused is not None:
+            return refused
+        versions = [(self.user_rows, self.user_gramian)]
+        versions += [(draft.users, draft.user_gramian) for draft in self._drafts.values()]
+        for rows, gramian in versions:
+            row = rows.pop(user, None)
+            if row is not None and gramian is not None:
+                factors = row[: self._meta.k].astype(np.float64)
+                gramian -= np.outer(factors, factors)
+        for item, value in self.interactions.pop(user, {}).items():
+            self.item_counts[item] = self.item_counts.get(item, 0) - 1
+            if self.item_counts[item] <= 0:
+                del self.item_counts[item]
+            if self._meta.mode == "explicit":
+                self.value_sum -= value
+                self.value_count -= 1
+        if self._changes is not None:
+            self._changes[0].add(user)
+        for partition, (_, nxt) in (offsets or {}).items():
+            self.offsets[partition] = nxt
+        return ApplyOutcome.APPLIED
+
     def iter_interactions(self, batch: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         users = list(self.interactions)
         for start in range(0, len(users), batch):
@@ -346,6 +383,11 @@ class MemoryStore:
         bias = np.zeros(len(ids)) if biases is None else biases
         for row, ident in enumerate(ids):
             target[ident] = np.append(rows[row], bias[row]).astype(DTYPE)
+
+    def delete_rows(self, version: int, side: Side, ids: Sequence[str]) -> None:
+        target = self._draft(version).users if side == "users" else self._draft(version).items
+        for ident in ids:
+            target.pop(ident, None)
 
     def write_gramian(self, version: int, side: Side, gramian: np.ndarray) -> None:
         if self._meta.mode != "implicit":

@@ -15,6 +15,7 @@ class TimedStore:
         self._read = latency.labels("read_batch_state")
         self._apply = latency.labels("apply")
         self._offsets = latency.labels("applied_offsets")
+        self._forget = latency.labels("forget_user")
 
     def meta(self) -> ModelMeta:
         return self.inner.meta()
@@ -34,6 +35,13 @@ class TimedStore:
             return self.inner.apply(update)
         finally:
             self._apply.observe(time.perf_counter() - started)
+
+    def forget_user(self, user: str, offsets: dict[int, tuple[int, int]] | None = None) -> ApplyOutcome:
+        started = time.perf_counter()
+        try:
+            return self.inner.forget_user(user, offsets)
+        finally:
+            self._forget.observe(time.perf_counter() - started)
 
     def applied_offsets(self) -> dict[int, int]:
         started = time.perf_counter()

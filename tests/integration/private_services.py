@@ -13,12 +13,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import redis
+
+from tests.integration.test_daemon import _wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("STREAMMF_CACHE", Path.home() / ".cache" / "streammf"))
@@ -28,15 +29,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _wait(condition, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 class PrivateRedis:
@@ -65,7 +57,7 @@ class PrivateRedis:
                 "--appendonly", "no", "--dir", str(self.workdir), *self.extra]  # fmt: skip
         log = (self.workdir / "redis.log").open("ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
-        _wait(self._answers, 20, f"redis-server on port {self.port}")
+        _wait_for(self._answers, 20, f"redis-server on port {self.port}")
         return self
 
     def _answers(self) -> bool:
@@ -154,7 +146,7 @@ class PrivateKafka:
             cwd=self.workdir,
             start_new_session=True,
         )
-        _wait(self.answers, 120, f"Kafka on port {self.port}")
+        _wait_for(self.answers, 120, f"Kafka on port {self.port}")
         return self
 
     def answers(self) -> bool:

@@ -137,15 +137,18 @@ def _scrape(port: int) -> dict[str, float]:
 
 
 class _InProcessDaemon:
-    def __init__(self, settings: Settings) -> None:
+    """`run_daemon` on a thread. What it raised is raised again on exit, unless `wait_for_exit` took it."""
+
+    def __init__(self, settings: Settings, rebuild: bool = False) -> None:
         self.settings = settings
+        self.rebuild = rebuild
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         try:
-            run_daemon(self.settings, learner_params(self.settings.model), self.stop)
+            run_daemon(self.settings, learner_params(self.settings.model), self.stop, rebuild=self.rebuild)
         except BaseException as exc:  # surfaced by the test
             self.error = exc
 
@@ -159,6 +162,13 @@ class _InProcessDaemon:
         assert not self.thread.is_alive(), "daemon did not stop within 30 s of the stop request"
         if self.error is not None:
             raise self.error
+
+    def wait_for_exit(self, timeout_s: float) -> BaseException | None:
+        """Waits for the daemon to stop by itself; returns what it raised (no longer raised on exit)."""
+        self.thread.join(timeout=timeout_s)
+        assert not self.thread.is_alive(), f"daemon still running after {timeout_s:.0f} s"
+        error, self.error = self.error, None
+        return error
 
 
 def _store(redis_client: redis.Redis, name: str) -> RedisStore:

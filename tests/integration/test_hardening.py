@@ -6,7 +6,6 @@ twice, and every refusal is loud."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +19,6 @@ import redis
 from streammf.cli import learner_params
 from streammf.client import StreamMFClient
 from streammf.config import ModelSettings, RedisSettings, Settings
-from streammf.daemon import run_daemon
 from streammf.evaluate import evaluate
 from streammf.ratings import RatingsLog
 from streammf.redis_store import ModelKeys, model_exists
@@ -36,39 +34,11 @@ from tests.integration.test_daemon import (
     _stored_rows,
     _wait_for,
 )
+from tests.integration.test_daemon import (
+    _InProcessDaemon as Daemon,
+)
 
 MAX_ABS = ModelSettings().max_abs_factor
-
-
-class Daemon:
-    """`run_daemon` on a thread; what it raised is kept for the test (`error`)."""
-
-    def __init__(self, settings: Settings, rebuild: bool = False) -> None:
-        self.settings = settings
-        self.rebuild = rebuild
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            run_daemon(self.settings, learner_params(self.settings.model), self.stop, rebuild=self.rebuild)
-        except BaseException as exc:
-            self.error = exc
-
-    def __enter__(self) -> Daemon:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive(), "daemon did not stop within 30 s of the stop request"
-
-    def wait_for_exit(self, timeout_s: float) -> BaseException | None:
-        self.thread.join(timeout=timeout_s)
-        assert not self.thread.is_alive(), f"daemon still running after {timeout_s:.0f} s"
-        return self.error
 
 
 def _dead_letters(bootstrap: str, topic: str) -> list:

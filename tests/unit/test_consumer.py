@@ -145,3 +145,33 @@ def test_a_partition_the_store_has_never_seen_starts_where_kafka_put_it() -> Non
     _loop(consumer, producer, store).run(stop)
     assert consumer.seeks == []
     assert store.events_applied() == 15
+
+
+def test_the_store_guard_stops_the_loop_when_redis_turns_unsafe() -> None:
+    from streammf.store import StoreUnsafeError
+
+    store, stop = MemoryStore("m", "implicit", 4), threading.Event()
+    checks: list[int] = []
+
+    def guard() -> None:
+        checks.append(1)
+        if len(checks) > 1:  # fine at first, then someone sets maxmemory-policy allkeys-lru
+            raise StoreUnsafeError("maxmemory-policy is allkeys-lru")
+
+    consumer = ScriptedConsumer([(True, {TP: _records(0, 5)})] + [(False, {})] * 5, stop)
+    loop = ConsumeLoop(
+        consumer,
+        CountingProducer(),
+        Learner(store, LearnerParams(SgdParams(LossParams("implicit")))),
+        Metrics(CollectorRegistry()),
+        Heartbeat(max_silence_s=30),
+        LoopSettings(topic=TOPIC, dead_letter_topic=f"{TOPIC}.dlq", guard_every_s=0.0),
+        store_guard=guard,
+    )
+    try:
+        loop.run(stop)
+    except StoreUnsafeError:
+        pass
+    else:
+        raise AssertionError("the loop went on with an unsafe store")
+    assert store.events_applied() == 5 and len(checks) == 2

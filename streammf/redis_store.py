@@ -1208,6 +1208,13 @@ class RedisStore:
         """From now on, updates applied to `version` record their users and items (see `take_changes`)."""
         return bool(self._handover(version, "tracking", 0.0))
 
+    def stop_tracking(self, version: int) -> None:
+        """Undo `track_changes`: the mark and what was recorded under it go."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hdel(self.keys.version_meta(version), "tracking")
+        pipe.delete(*(self.keys.changed(version, side) for side in SIDES))
+        pipe.execute()
+
     def take_changes(self, version: int) -> tuple[list[str], list[str]]:
         """The users and items updated in `version` since tracking began or the last take; forgets them."""
         keys = [self.keys.changed(version, side) for side in SIDES]

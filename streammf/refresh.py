@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -291,48 +292,48 @@ def refresh(
     pause_limit_s: float = PAUSE_LIMIT_S,
     max_abs_factor: float = float("inf"),
 ) -> RefreshReport:
+    """Tracking the live version, building the new one and pausing writers are each scoped: whatever
+    happens (published, lost a race, overran the pause, raised), the live version stops tracking and
+    writers resume, and an unpublished version goes to garbage collection."""
     started = time.perf_counter()
     live = store.current_version()
-    if not store.track_changes(live):
-        log.info("wals refresh skipped: version %d was replaced before it began", live)
-        return RefreshReport(None, False, 0, 0, float("nan"), float("nan"), 0, 0.0, 0.0)
-    snapshot = Snapshot.of(store.iter_interactions())
-    fitted = refit(
-        snapshot,
-        store.read_all_rows("users"),
-        store.read_all_rows("items"),
-        store.global_mean(),
-        params,
-        iterations,
-        init_std,
-        seed,
-        max_abs_factor,
-    )
-    caught_up_rows = 0
-    for _ in range(OPEN_CATCH_UP_ROUNDS):
-        fitted, snapshot, rows = _catch_up_with_store(store, live, fitted, snapshot, params, init_std, seed)
-        caught_up_rows += rows
-        if rows < SMALL_CATCH_UP_ROWS:
-            break
-    version = store.begin_version()
-    _write(store, version, params, fitted, snapshot)
-    paused_at = time.perf_counter()
-    published = False
-    if store.pause_writes(live, pause_limit_s):
-        try:
-            fitted, snapshot, rows = _catch_up_with_store(
-                store, live, fitted, snapshot, params, init_std, seed, write_to=version
-            )
+    with _tracking(store, live) as tracked:
+        if not tracked:
+            log.info("wals refresh skipped: version %d was replaced before it began", live)
+            return RefreshReport(None, False, 0, 0, float("nan"), float("nan"), 0, 0.0, 0.0)
+        snapshot = Snapshot.of(store.iter_interactions())
+        fitted = refit(
+            snapshot,
+            store.read_all_rows("users"),
+            store.read_all_rows("items"),
+            store.global_mean(),
+            params,
+            iterations,
+            init_std,
+            seed,
+            max_abs_factor,
+        )
+        caught_up_rows = 0
+        for _ in range(OPEN_CATCH_UP_ROUNDS):
+            caught = _catch_up_with_store(store, live, fitted, snapshot, params, init_std, seed)
+            fitted, snapshot, rows = caught
             caught_up_rows += rows
-            published = store.publish(version, live)
-        finally:
-            store.resume_writes(live)
-    paused_seconds = time.perf_counter() - paused_at
-    if not published:
-        store.discard_version(version)  # lost a race or overran the pause: leave nothing half-made
+            if rows < SMALL_CATCH_UP_ROWS:
+                break
+        with _building(store) as build:
+            _write(store, build.version, params, fitted, snapshot)
+            paused_at = time.perf_counter()
+            with _paused(store, live, pause_limit_s) as paused:
+                if paused:  # else the live version was replaced meanwhile: nothing to publish over
+                    fitted, snapshot, rows = _catch_up_with_store(
+                        store, live, fitted, snapshot, params, init_std, seed, write_to=build.version
+                    )
+                    caught_up_rows += rows
+                    build.published = store.publish(build.version, live)
+            paused_seconds = time.perf_counter() - paused_at
     report = RefreshReport(
-        version,
-        published,
+        build.version,
+        build.published,
         len(fitted.users),
         len(fitted.items),
         fitted.objective_before,
@@ -343,6 +344,44 @@ def refresh(
     )
     log.info("wals refresh %s", report)
     return report
+
+
+@contextmanager
+def _tracking(store: RefreshableStore, live: int) -> Iterator[bool]:
+    """Updates to `live` record what they change while the refresh runs; never left on afterwards."""
+    tracked = store.track_changes(live)
+    try:
+        yield tracked
+    finally:
+        if tracked:
+            store.stop_tracking(live)
+
+
+@dataclass
+class _Build:
+    version: int
+    published: bool = False
+
+
+@contextmanager
+def _building(store: RefreshableStore) -> Iterator[_Build]:
+    """A new version; handed to garbage collection unless published (lost a race, overran, raised)."""
+    build = _Build(store.begin_version())
+    try:
+        yield build
+    finally:
+        if not build.published:
+            store.discard_version(build.version)
+
+
+@contextmanager
+def _paused(store: RefreshableStore, live: int, ttl_s: float) -> Iterator[bool]:
+    paused = store.pause_writes(live, ttl_s)
+    try:
+        yield paused
+    finally:
+        if paused:
+            store.resume_writes(live)
 
 
 def _catch_up_with_store(

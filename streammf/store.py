@@ -194,6 +194,10 @@ class RefreshableStore(FactorStore, Protocol):
         """Start recording the users and items of updates applied to `version`; False if not current."""
         ...
 
+    def stop_tracking(self, version: int) -> None:
+        """Undo `track_changes`: updates to `version` no longer record what they change."""
+        ...
+
     def take_changes(self, version: int) -> tuple[list[str], list[str]]:
         """(users, items) of updates applied to `version` since tracking began or the last take."""
         ...
@@ -425,6 +429,10 @@ class MemoryStore:
         if self._changes is None:
             self._changes = (set(), set())
         return True
+
+    def stop_tracking(self, version: int) -> None:
+        if version == self._meta.version:
+            self._changes = None
 
     def take_changes(self, version: int) -> tuple[list[str], list[str]]:
         if version != self._meta.version or self._changes is None:

@@ -348,3 +348,64 @@ def test_a_broker_killed_for_15_s_shows_unhealthy_and_the_daemon_resumes_within_
 def _url(client: redis.Redis) -> str:
     kwargs = client.connection_pool.connection_kwargs
     return f"redis://{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+
+
+# ------------------------------------------------------------------------------------ a hostile mix
+
+
+def _hostile_mix(log: RatingsLog, n: int, seed: int) -> tuple[list[tuple[bytes, bytes | None]], int]:
+    """n records: mostly ratings, a tenth hostile (seeded). Returns them and how many are forget events."""
+    rng = np.random.default_rng(seed)
+    good = _ratings_payloads(log, n)
+    hostile: list[bytes | None] = [
+        None,
+        b"",
+        b"\xff" * 9,
+        '{"user_id": "u", "item_id": "i"}'.encode("utf-16"),
+        b'{"user_id": "u", "item_id": "i", "value": "4"}',
+        b'{"user_id": "u", "item_id": "i", "value": true}',
+        b'{"user_id": "u", "item_id": "i", "user_id": "v"}',
+        b'{"user_id": "u", "item_id": "i", "value": 1e308}',
+        b'{"user_id": "u", "item_id": "i", "value": -1e4, "weight": 1e9}',
+        b'{"user_id": "u", "item_id": "i", "value": 4, "weight": -1}',
+        b'{"user_id": "u", "item_id": "i", "value": Infinity}',
+        b"[" * 5000,
+        b'{"user_id": "' + b"u" * 200 + b'", "item_id": "i"}',
+        b'{"user_id": 1.5, "item_id": "i"}',
+    ]
+    records: list[tuple[bytes, bytes | None]] = []
+    forgets = 0
+    for key, value in good:
+        records.append((key, value))
+        if rng.random() < 0.1:
+            if rng.random() < 0.1:
+                forgets += 1
+                records.append(
+                    (key, json.dumps({"user_id": key.decode(), "event_type": "forget_user"}).encode())
+                )
+            else:
+                records.append((key, hostile[int(rng.integers(len(hostile)))]))
+    return records, forgets
+
+
+def test_a_seeded_hostile_mix_is_applied_or_dead_lettered_exactly_once(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens
+):
+    topic = make_topic(topic_name, 3)
+    make_topic(f"{topic}.dlq", 1)
+    records, forgets = _hostile_mix(movielens, 5000, seed=13)
+    _produce(kafka_bootstrap, topic, records)  # type: ignore[arg-type]
+    keys = ModelKeys(model)
+
+    def consumed() -> int:
+        return sum(int(v) for v in redis_client.hgetall(keys.offsets).values())
+
+    port = _free_port()
+    with Daemon(_settings(kafka_bootstrap, redis_url, topic, model, port)):
+        _wait_for(lambda: consumed() >= len(records), 120, "every record consumed")
+        metrics = _scrape(port)
+    dead = _dead_letters(kafka_bootstrap, topic)
+    assert consumed() == len(records)
+    assert _applied(redis_client, model) + len(dead) + forgets == len(records)
+    assert metrics["streammf_users_forgotten_total"] == forgets
+    _assert_sound(redis_client, model)

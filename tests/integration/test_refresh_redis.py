@@ -104,3 +104,40 @@ def test_cli_refresh_publishes_and_respects_a_daemons_lease(
     assert result.exit_code == 0, result.output
     assert "version 2 published" in result.output and store.current_version() == 2
     assert store.refresh_lease_holder() is None, "the command gives its lease back"
+
+
+def test_a_refresh_that_does_not_publish_leaves_no_tracking_behind(
+    redis_client: redis.Redis, model_name: str
+) -> None:
+    """Regression: a discarded (or failed) refresh left the live version 'tracking', so every later batch
+    kept adding ids to v<N>:changed:* until the next refresh; and a failed one left its build forever."""
+    params = LearnerParams(SgdParams(LossParams("implicit")), init_std=0.1, seed=5)
+    store = RedisStore.open(redis_client, model_name, "implicit", 4)
+    rng = np.random.default_rng(2)
+    events = [Event(user_id=f"u{rng.integers(30)}", item_id=f"i{rng.integers(20)}") for _ in range(600)]
+    learner = Learner(store, params)
+    learner.learn(events[:400], {0: (0, 400)})
+    keys = ModelKeys(model_name)
+    live = store.current_version()
+
+    original_publish = store.publish
+    store.publish = lambda version, expected: False  # type: ignore[method-assign]  # lost a race
+    report = refresh(store, params.loss, 1, params.init_std, params.seed)
+    store.publish = original_publish  # type: ignore[method-assign]
+    assert not report.published and store.current_version() == live
+
+    def fail(*_args: object) -> None:
+        raise RuntimeError("refresh died half-way")
+
+    store.write_gramian = fail  # type: ignore[method-assign]
+    try:
+        refresh(store, params.loss, 1, params.init_std, params.seed)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the refresh should have failed")
+    learner.learn(events[400:], {0: (400, 600)})
+    assert redis_client.hget(keys.version_meta(live), "tracking") is None
+    assert not redis_client.exists(keys.changed(live, "users"), keys.changed(live, "items"))
+    retired = {int(v) for v in redis_client.zrange(keys.retired, 0, -1)}
+    assert retired == {live + 1, live + 2}, "both unpublished builds are handed to garbage collection"

@@ -20,8 +20,9 @@ import numpy as np
 import redis
 
 from streammf.client import StreamMFClient
-from streammf.redis_store import ModelKeys, RedisStore
-from streammf.store import BatchUpdate
+from streammf.store.contract import BatchUpdate
+from streammf.store.layout import ModelKeys
+from streammf.store.redis_store import RedisStore
 
 PIPELINE_CHUNK = 1000
 

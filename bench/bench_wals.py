@@ -66,9 +66,9 @@ def run_contender(name: str, data_file: str, settings: dict[str, Any]) -> dict[s
     import scipy.sparse as sp
     from threadpoolctl import threadpool_limits
 
-    from streammf.factors import DTYPE, Factors, LossParams
-    from streammf.interactions import Interactions
-    from streammf.objective import objective
+    from streammf.model.factors import DTYPE, Factors, LossParams
+    from streammf.model.interactions import Interactions
+    from streammf.model.objective import objective
 
     threads, iterations, reg = settings["threads"], settings["iterations"], settings["reg"]
     numba.set_num_threads(threads)
@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.small:
         args.users, args.items, args.nnz, args.factors = 10_000, 2_000, 150_000, 32
 
-    from streammf.factors import DTYPE, LossParams
-    from streammf.interactions import Interactions
+    from streammf.model.factors import DTYPE, LossParams
+    from streammf.model.interactions import Interactions
 
     started = time.perf_counter()
     users, items, strengths = make_synthetic(args.users, args.items, args.nnz, args.seed)

@@ -1,6 +1,6 @@
 """`StreamMFClient`: a small reader of a model's factors in Redis for services that recommend.
 
-It reads the public layout (`streammf.redis_store`) and never writes. The item matrix is copied to the
+It reads the public layout (`streammf.store.redis_store`) and never writes. The item matrix is copied to the
 client and refreshed when older than `item_cache_ttl_s` or when the live version changes; a user's vector,
 seen items and the version number come from one Lua call, so they are from one moment. A recommendation
 never combines a user vector of one version with item vectors of another: when the two differ the item
@@ -18,15 +18,15 @@ import math
 import time
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import redis
 from redis.commands.core import Script
 
-from streammf.redis_store import (
-    LUA_PRELUDE,
-    SCAN_ROWS_LUA,
+from streammf.store import scripts
+from streammf.store.contract import StoreError
+from streammf.store.layout import (
     ModelKeys,
     StoredModel,
     join_ids,
@@ -40,42 +40,8 @@ from streammf.redis_store import (
     split_ids,
     store_error_from,
 )
-from streammf.store import StoreError
 
 log = logging.getLogger(__name__)
-
-# Reads the live version number and, from that version, the user's row; the user's seen items and the
-# stats for the global mean come along in the same call.
-# KEYS: current.  ARGV: key prefix, user, k, '1' to include the user's seen items.
-# Returns version, row, mask, NUL-joined seen items, their number, value_sum, value_count.
-_READ_USER_LUA = (
-    LUA_PRELUDE
-    + """
-local version = redis.call('GET', KEYS[1])
-if not version then return bad(KEYS[1], 'is missing: no live version') end
-local users_key, row_bytes = ARGV[1] .. 'v' .. version .. ':users', 4 * (tonumber(ARGV[3]) + 1)
-local row, mask, err = gather_rows(users_key, {ARGV[2]}, row_bytes)
-if err then return err end
-local seen = {}
-if mask == '1' and ARGV[4] == '1' then seen = redis.call('HKEYS', ARGV[1] .. 'inter:' .. ARGV[2]) end
-local stats = redis.call('HMGET', ARGV[1] .. 'stats', 'value_sum', 'value_count')
-return {version, row, mask, table.concat(seen, NUL), #seen, stats[1], stats[2]}
-"""
-)
-
-# KEYS: current.  ARGV: key prefix, k, number of items, NUL-joined items.
-# Returns the version and the rows of those items in it (concatenated, with a mask).
-_READ_ITEMS_LUA = (
-    LUA_PRELUDE
-    + """
-local version = redis.call('GET', KEYS[1])
-if not version then return bad(KEYS[1], 'is missing: no live version') end
-local key = ARGV[1] .. 'v' .. version .. ':items'
-local rows, mask, err = gather_rows(key, split(ARGV[4], tonumber(ARGV[3])), 4 * (tonumber(ARGV[2]) + 1))
-if err then return err end
-return {version, rows, mask}
-"""
-)
 
 
 class VersionUnavailableError(RuntimeError):
@@ -132,9 +98,9 @@ class StreamMFClient:
         self.model: StoredModel = read_model_meta(redis_client, self.keys)
         self._ttl_s = item_cache_ttl_s
         self._max_attempts = max_attempts
-        self._read_user_script = redis_client.register_script(_READ_USER_LUA)
-        self._read_items_script = redis_client.register_script(_READ_ITEMS_LUA)
-        self._scan_rows_script = redis_client.register_script(SCAN_ROWS_LUA)
+        self._read_user_script = scripts.READ_USER.register(redis_client)
+        self._read_items_script = scripts.READ_ITEMS.register(redis_client)
+        self._scan_rows_script = scripts.SCAN_ROWS.register(redis_client)
         self._cache: _ItemMatrix | None = None
 
     def current_version(self) -> int:
@@ -151,12 +117,21 @@ class StreamMFClient:
         row is damaged); unknown items left out."""
         if not items:
             return {}
-        k = self.model.k
-        _, blob, mask = self._call(
-            self._read_items_script, [self.keys.prefix, k, len(items), join_ids(items)]
-        )
-        rows, present = rows_from_blob(blob, mask, len(items), k)
-        return {item: rows[i, :k].copy() for i, item in enumerate(items) if present[i]}
+        k, keys = self.model.k, self.keys
+        for _ in range(self._max_attempts):
+            version = self.current_version()
+            reply = self._call(
+                self._read_items_script,
+                scripts.READ_ITEMS.key_list(
+                    current=self.keys.current, items=self.keys.rows(version, "items")
+                ),
+                scripts.READ_ITEMS.arg_list(version=version, k=k, n=len(items), items=join_ids(items)),
+            )
+            if reply != b"moved":
+                blob, mask = reply
+                rows, present = rows_from_blob(blob, mask, len(items), k)
+                return {item: rows[i, :k].copy() for i, item in enumerate(items) if present[i]}
+        raise VersionUnavailableError(f"{keys.current} moved on each of {self._max_attempts} reads")
 
     def recommend(self, user: str, k: int = 10, exclude_seen: bool = True) -> list[tuple[str, float]]:
         """Top-`k` items by predicted score for `user`, best first; [] for an unknown user.
@@ -210,22 +185,37 @@ class StreamMFClient:
 
     # ----------------------------------------------------------------------------------- internals
 
-    def _call(self, script: Script, args: list[str | int | bytes], keys: list[str] | None = None) -> list:
+    def _call(self, script: Script, keys: list[str], args: list[object]) -> Any:
         try:
-            return script(keys=keys or [self.keys.current], args=args)
+            return script(keys=keys, args=args)
         except redis.ResponseError as exc:
             raise store_error_from(exc) or exc from None
 
     def _read_user(self, user: str, with_seen: bool) -> _UserRead:
-        k = self.model.k
-        version, blob, mask, seen, n_seen, value_sum, value_count = self._call(
-            self._read_user_script, [self.keys.prefix, user, k, "1" if with_seen else "0"]
-        )
+        """The user's row, from the version `current` names (read again if it moves in between)."""
+        k, keys = self.model.k, self.keys
+        for _ in range(self._max_attempts):
+            version = self.current_version()
+            reply = self._call(
+                self._read_user_script,
+                scripts.READ_USER.key_list(
+                    current=keys.current,
+                    users=keys.rows(version, "users"),
+                    inter=keys.inter(user),
+                    stats=keys.stats,
+                ),
+                scripts.READ_USER.arg_list(version=version, user=user, k=k, with_seen=int(with_seen)),
+            )
+            if reply != b"moved":
+                break
+        else:
+            raise VersionUnavailableError(f"{keys.current} moved on each of {self._max_attempts} reads")
+        blob, mask, seen, n_seen, value_sum, value_count = reply
         rows, present = rows_from_blob(blob, mask, 1, k)
-        count = parse_int(value_count, self.keys.stats, "field 'value_count'")
-        total = parse_float(value_sum, self.keys.stats, "field 'value_sum'")
+        count = parse_int(value_count, keys.stats, "field 'value_count'")
+        total = parse_float(value_sum, keys.stats, "field 'value_sum'")
         return _UserRead(
-            version=int(version),
+            version=version,
             row=rows[0] if present[0] else None,
             seen=split_ids(seen, n_seen),
             global_mean=total / count if count else 0.0,

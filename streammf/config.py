@@ -18,7 +18,7 @@ class _Section(BaseModel):
 
 class KafkaSettings(_Section):
     bootstrap_servers: str = "127.0.0.1:9092"
-    topic: str = "streammf.events"
+    topic: str = "streammf.stream.events"
     group_id: str = "streammf"
     client_id: str = "streammf"
     # Passed through to kafka-python unchanged; secrets never logged.

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from streammf.ratings import RatingsLog, load_ratings
-from streammf.redis_store import ModelKeys
+from streammf.store.layout import ModelKeys
+from streammf.tools.ratings import RatingsLog, load_ratings
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ import redis
 from click.testing import CliRunner, Result
 
 from streammf.cli import cli
-from streammf.cli_client import similar
-from streammf.redis_store import ModelKeys
+from streammf.cli.read import similar
+from streammf.store.layout import ModelKeys
 from tests.integration.test_client import K, KnownModel
 
 PASSWORD = f"pw-{uuid.uuid4().hex}"

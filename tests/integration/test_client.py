@@ -11,11 +11,12 @@ import redis
 from click.testing import CliRunner, Result
 
 from streammf.cli import cli
-from streammf.cli_client import recommend, similar
+from streammf.cli.read import recommend, similar
 from streammf.client import DamagedRowError, StreamMFClient, VersionUnavailableError, _top
-from streammf.factors import NonFiniteFactorsError
-from streammf.redis_store import ModelKeys, RedisStore
-from streammf.store import ApplyOutcome, BatchUpdate, StoreError
+from streammf.model.factors import NonFiniteFactorsError
+from streammf.store.contract import ApplyOutcome, BatchUpdate, StoreError
+from streammf.store.layout import ModelKeys
+from streammf.store.redis_store import RedisStore
 
 K = 3
 N_ITEMS = 40
@@ -357,7 +358,7 @@ def test_cli_refresh_producing_non_finite_factors_is_one_error_line(
     def diverge(*args: object, **kwargs: object) -> None:
         raise NonFiniteFactorsError("user factors contain NaN or inf")
 
-    monkeypatch.setattr("streammf.refresh.refresh", diverge)
+    monkeypatch.setattr("streammf.stream.refresh.refresh", diverge)
     result = CliRunner().invoke(cli, ["refresh", "--iterations", "1"], env=refresh_env(redis_url, model_name))
     assert_one_error_line(result)
     assert "nothing published" in result.output and "non-finite" in result.output

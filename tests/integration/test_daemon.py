@@ -29,11 +29,12 @@ from streammf.config import (
     RefreshSettings,
     Settings,
 )
-from streammf.daemon import run_daemon
-from streammf.evaluate import evaluate
-from streammf.ratings import RatingsLog
-from streammf.redis_store import ModelKeys, RedisStore
-from streammf.store import MemoryStore
+from streammf.store.layout import ModelKeys
+from streammf.store.memory import MemoryStore
+from streammf.store.redis_store import RedisStore
+from streammf.stream.daemon import run_daemon
+from streammf.tools.evaluate import evaluate
+from streammf.tools.ratings import RatingsLog
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,15 @@ import redis
 from click.testing import CliRunner
 
 from streammf.cli import cli
-from streammf.events import Event
-from streammf.factors import LossParams
-from streammf.learner import Learner, LearnerParams
-from streammf.redis_store import ModelKeys, RedisStore
-from streammf.refresh import refresh
-from streammf.sgd import SgdParams
-from streammf.store import ApplyOutcome, MemoryStore
+from streammf.model.factors import LossParams
+from streammf.model.sgd import SgdParams
+from streammf.store.contract import ApplyOutcome
+from streammf.store.layout import ModelKeys
+from streammf.store.memory import MemoryStore
+from streammf.store.redis_store import RedisStore
+from streammf.stream.events import Event
+from streammf.stream.learner import Learner, LearnerParams
+from streammf.stream.refresh import refresh
 from tests.integration.test_daemon import (
     _free_port,
     _InProcessDaemon,

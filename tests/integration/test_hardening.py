@@ -19,10 +19,11 @@ import redis
 from streammf.cli import learner_params
 from streammf.client import StreamMFClient
 from streammf.config import ModelSettings, RedisSettings, Settings
-from streammf.evaluate import evaluate
-from streammf.ratings import RatingsLog
-from streammf.redis_store import ModelKeys, model_exists
-from streammf.store import MemoryStore, StoreLostStateError, StoreUnsafeError
+from streammf.store.contract import StoreLostStateError, StoreUnsafeError
+from streammf.store.layout import ModelKeys, model_exists
+from streammf.store.memory import MemoryStore
+from streammf.tools.evaluate import evaluate
+from streammf.tools.ratings import RatingsLog
 from tests.integration.private_services import PrivateKafka, PrivateRedis
 from tests.integration.test_daemon import (
     _applied,

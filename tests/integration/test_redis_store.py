@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import redis
 
-from streammf.redis_store import ModelKeys, ModelMismatchError, RedisStore
-from streammf.store import ApplyOutcome, BatchUpdate, StoreError
+from streammf.store.contract import ApplyOutcome, BatchUpdate, StoreError
+from streammf.store.layout import ModelKeys
+from streammf.store.redis_store import ModelMismatchError, RedisStore
 
 K = 4
 

@@ -10,13 +10,14 @@ import redis
 from click.testing import CliRunner
 
 from streammf.cli import cli
-from streammf.events import Event
-from streammf.factors import LossParams
-from streammf.learner import Learner, LearnerParams
-from streammf.redis_store import ModelKeys, RedisStore
-from streammf.refresh import refresh
-from streammf.sgd import SgdParams
-from streammf.store import ApplyOutcome
+from streammf.model.factors import LossParams
+from streammf.model.sgd import SgdParams
+from streammf.store.contract import ApplyOutcome
+from streammf.store.layout import ModelKeys
+from streammf.store.redis_store import RedisStore
+from streammf.stream.events import Event
+from streammf.stream.learner import Learner, LearnerParams
+from streammf.stream.refresh import refresh
 
 
 def test_refresh_flips_version_and_old_one_is_collected(redis_client: redis.Redis, model_name: str) -> None:

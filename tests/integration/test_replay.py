@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 
-from streammf.cli_stream import generate, replay_command
+from streammf.cli.stream import generate, replay_command
 from streammf.config import KafkaSettings, Settings
-from streammf.events import Event, Invalid, decode
-from streammf.generate import SyntheticStream
-from streammf.replay import ensure_topic, replay
+from streammf.stream.events import Event, Invalid, decode
+from streammf.tools.generate import SyntheticStream
+from streammf.tools.replay import ensure_topic, replay
 
 MAX_BYTES = Settings().kafka.max_record_bytes
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import redis
 
-from streammf.factors import Mode
-from streammf.redis_store import RedisStore
-from streammf.store import ApplyOutcome, BatchState, BatchUpdate, MemoryStore, RefreshableStore
+from streammf.model.factors import Mode
+from streammf.store.contract import ApplyOutcome, BatchState, BatchUpdate, RefreshableStore
+from streammf.store.memory import MemoryStore
+from streammf.store.redis_store import RedisStore
 
 K = 3
 MakeStore = Callable[[Mode], RefreshableStore]

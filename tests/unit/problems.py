@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from streammf.factors import DTYPE, Factors, LossParams, Mode
-from streammf.interactions import Interactions
+from streammf.model.factors import DTYPE, Factors, LossParams, Mode
+from streammf.model.interactions import Interactions
 
 
 def random_problem(

@@ -11,12 +11,12 @@ from typing import Any
 from kafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from streammf.consumer import ConsumeLoop, LoopSettings
-from streammf.factors import LossParams
-from streammf.learner import Learner, LearnerParams
-from streammf.metrics import Heartbeat, Metrics
-from streammf.sgd import SgdParams
-from streammf.store import MemoryStore
+from streammf.model.factors import LossParams
+from streammf.model.sgd import SgdParams
+from streammf.store.memory import MemoryStore
+from streammf.stream.consumer import ConsumeLoop, LoopSettings
+from streammf.stream.learner import Learner, LearnerParams
+from streammf.stream.metrics import Heartbeat, Metrics
 
 TOPIC = "events"
 TP = TopicPartition(TOPIC, 0)
@@ -148,7 +148,7 @@ def test_a_partition_the_store_has_never_seen_starts_where_kafka_put_it() -> Non
 
 
 def test_the_store_guard_stops_the_loop_when_redis_turns_unsafe() -> None:
-    from streammf.store import StoreUnsafeError
+    from streammf.store.contract import StoreUnsafeError
 
     store, stop = MemoryStore("m", "implicit", 4), threading.Event()
     checks: list[int] = []

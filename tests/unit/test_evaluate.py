@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from streammf.cli import cli, learner_params
 from streammf.config import ModelSettings
-from streammf.evaluate import EvaluationReport, evaluate
-from streammf.ratings import RatingsLog, load_ratings
-from streammf.store import MemoryStore
+from streammf.store.memory import MemoryStore
+from streammf.tools.evaluate import EvaluationReport, evaluate
+from streammf.tools.ratings import RatingsLog, load_ratings
 
 ML100K = Path(__file__).resolve().parents[2].parent / "shared/data/ml-100k/u.data"
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from streammf.events import (
+from streammf.stream.events import (
     DEFAULT_LIMITS,
     INVALID_REASONS,
     MAX_ID_LENGTH,

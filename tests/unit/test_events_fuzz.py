@@ -9,7 +9,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streammf.events import (
+from streammf.stream.events import (
     DEFAULT_LIMITS,
     INVALID_REASONS,
     MAX_ID_LENGTH,

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from streammf.consumer import ConsumeLoop, LoopSettings
-from streammf.events import Event, ForgetUser, decode
-from streammf.factors import LossParams
-from streammf.learner import Learner, LearnerParams
-from streammf.metrics import Heartbeat, Metrics
-from streammf.refresh import refresh
-from streammf.sgd import SgdParams
-from streammf.store import ApplyOutcome, MemoryStore
+from streammf.model.factors import LossParams
+from streammf.model.sgd import SgdParams
+from streammf.store.contract import ApplyOutcome
+from streammf.store.memory import MemoryStore
+from streammf.stream.consumer import ConsumeLoop, LoopSettings
+from streammf.stream.events import Event, ForgetUser, decode
+from streammf.stream.learner import Learner, LearnerParams
+from streammf.stream.metrics import Heartbeat, Metrics
+from streammf.stream.refresh import refresh
 from tests.unit.test_consumer import TOPIC, TP, CountingProducer, Record, ScriptedConsumer
 
 K = 4

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from streammf.cli_stream import generate
+from streammf.cli.stream import generate
 from streammf.config import Settings
-from streammf.events import Event, Invalid, decode, encode
-from streammf.generate import POISON_KINDS, SyntheticStream, item_id, user_id
+from streammf.stream.events import Event, Invalid, decode, encode
+from streammf.tools.generate import POISON_KINDS, SyntheticStream, item_id, user_id
 
 MAX_BYTES = Settings().kafka.max_record_bytes
 N_USERS, N_ITEMS, N_EVENTS = 1000, 500, 20_000

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from streammf.config import ModelSettings
-from streammf.events import Event
-from streammf.factors import LossParams
-from streammf.learner import DamagedGramianError, Learner, LearnerParams
-from streammf.refresh import refresh
-from streammf.sgd import SgdParams
-from streammf.store import ApplyOutcome, MemoryStore
+from streammf.model.factors import LossParams
+from streammf.model.sgd import SgdParams
+from streammf.store.contract import ApplyOutcome
+from streammf.store.memory import MemoryStore
+from streammf.stream.events import Event
+from streammf.stream.learner import DamagedGramianError, Learner, LearnerParams
+from streammf.stream.refresh import refresh
 
 K = 4
 BOUND = 20.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import SecretStr
 
 from streammf.config import KafkaSettings
-from streammf.kafka_config import client_kwargs
+from streammf.stream.kafka_config import client_kwargs
 
 
 def test_defaults_give_plaintext_connection_only() -> None:

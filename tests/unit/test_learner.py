@@ -12,11 +12,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from streammf.events import Event
-from streammf.factors import LossParams, init_rows
-from streammf.learner import Learner, LearnerParams, VersionChurnError
-from streammf.sgd import SgdParams
-from streammf.store import ApplyOutcome, BatchState, MemoryStore, fence
+from streammf.model.factors import LossParams, init_rows
+from streammf.model.sgd import SgdParams
+from streammf.store.contract import ApplyOutcome, BatchState, fence
+from streammf.store.memory import MemoryStore
+from streammf.stream.events import Event
+from streammf.stream.learner import Learner, LearnerParams, VersionChurnError
 
 K = 4
 
@@ -252,7 +253,7 @@ def test_init_rows_do_not_depend_on_order_or_process() -> None:
     np.testing.assert_array_equal(init_rows(ids[::-1], 6, 0.1, 7, "user")[::-1], here)
     np.testing.assert_array_equal(init_rows(ids[2:3], 6, 0.1, 7, "user")[0], here[2])
     code = (
-        "import sys, numpy as np; from streammf.factors import init_rows; "
+        "import sys, numpy as np; from streammf.model.factors import init_rows; "
         "sys.stdout.write(init_rows(['alice', 'bob', '42', 'ü'], 6, 0.1, 7, 'user').tobytes().hex())"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONIOENCODING": "utf-8"}

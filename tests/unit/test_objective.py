@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from streammf.factors import DTYPE, Factors, LossParams, Mode
-from streammf.interactions import Interactions
-from streammf.objective import (
+from streammf.model.factors import DTYPE, Factors, LossParams, Mode
+from streammf.model.interactions import Interactions
+from streammf.model.objective import (
     dense_objective_reference,
     objective,
     predict_entries,

@@ -15,11 +15,11 @@ from prometheus_client import CollectorRegistry
 
 from streammf.cli import learner_params
 from streammf.config import ModelSettings
-from streammf.consumer import ConsumeLoop, LoopSettings
-from streammf.events import EventLimits
-from streammf.learner import Learner
-from streammf.metrics import Heartbeat, Metrics
-from streammf.store import MemoryStore
+from streammf.store.memory import MemoryStore
+from streammf.stream.consumer import ConsumeLoop, LoopSettings
+from streammf.stream.events import EventLimits
+from streammf.stream.learner import Learner
+from streammf.stream.metrics import Heartbeat, Metrics
 from tests.unit.test_consumer import TOPIC, TP, CountingProducer, Record, ScriptedConsumer
 
 _numbers = st.one_of(

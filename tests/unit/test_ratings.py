@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streammf.ratings import RatingsFormatError, load_ratings
+from streammf.tools.ratings import RatingsFormatError, load_ratings
 
 # (user, item, rating, time) in file order; times out of order with ties.
 ROWS = [

@@ -11,15 +11,16 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from streammf.events import Event
-from streammf.factors import LossParams
-from streammf.interactions import Interactions
-from streammf.learner import Learner, LearnerParams, VersionChurnError
-from streammf.objective import objective
-from streammf.refresh import PeriodicRefresh, Snapshot, catch_up, refit, refresh
-from streammf.sgd import SgdParams
-from streammf.store import ApplyOutcome, MemoryStore
-from streammf.wals import solve_items
+from streammf.model.factors import LossParams
+from streammf.model.interactions import Interactions
+from streammf.model.objective import objective
+from streammf.model.sgd import SgdParams
+from streammf.model.wals import solve_items
+from streammf.store.contract import ApplyOutcome
+from streammf.store.memory import MemoryStore
+from streammf.stream.events import Event
+from streammf.stream.learner import Learner, LearnerParams, VersionChurnError
+from streammf.stream.refresh import PeriodicRefresh, Snapshot, catch_up, refit, refresh
 
 
 def _trained_store(mode: str = "explicit", events: int = 2000) -> tuple[MemoryStore, LearnerParams]:

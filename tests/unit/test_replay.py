@@ -11,9 +11,9 @@ import pytest
 from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 from kafka.future import Future
 
-from streammf.events import Event, decode
-from streammf.ratings import RatingsLog
-from streammf.replay import TokenBucket, jsonl_records, ratings_records, replay
+from streammf.stream.events import Event, decode
+from streammf.tools.ratings import RatingsLog
+from streammf.tools.replay import TokenBucket, jsonl_records, ratings_records, replay
 
 
 class FakeClock:

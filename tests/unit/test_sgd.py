@@ -1,4 +1,4 @@
-"""The SGD kernel (`streammf.sgd.sgd_step`) against its own specification, without any store.
+"""The SGD kernel (`streammf.model.sgd.sgd_step`) against its own specification, without any store.
 
 - one event's step is x − η·½∇ℓ, with ∇ℓ the finite-difference gradient of `event_loss_reference`;
 - the Gramians it keeps are exactly VᵀV and UᵀU of the rows it updated;
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streammf.factors import DTYPE, LossParams
-from streammf.sgd import SgdBatch, SgdParams, event_loss_reference, sgd_step
+from streammf.model.factors import DTYPE, LossParams
+from streammf.model.sgd import SgdBatch, SgdParams, event_loss_reference, sgd_step
 
 # ------------------------------------------------------------------------------------------- helpers
 

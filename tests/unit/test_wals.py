@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streammf.factors import DTYPE, Factors, LossParams, Mode, NonFiniteFactorsError
-from streammf.interactions import Interactions
-from streammf.objective import objective, rmse, weighted_reg
-from streammf.wals import (
+from streammf.model.factors import DTYPE, Factors, LossParams, Mode, NonFiniteFactorsError
+from streammf.model.interactions import Interactions
+from streammf.model.objective import objective, rmse, weighted_reg
+from streammf.model.wals import (
     CG_STEPS,
     _cg_rows_kernel,
     _chunk_starts,

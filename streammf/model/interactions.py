@@ -22,7 +22,7 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-from streammf.factors import DTYPE, LossParams, Mode
+from streammf.model.factors import DTYPE, LossParams, Mode
 
 INDEX_DTYPE = np.int32
 _MAX_INDEX = np.iinfo(INDEX_DTYPE).max

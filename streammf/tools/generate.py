@@ -16,7 +16,8 @@ The world behind the events:
     (value 1) or, more often for liked items, a purchase (value 5, event_type "purchase").
 
 `records(n)` gives the Kafka payloads (key = user id, value = `encode(event)`); with `poison_rate > 0` that
-share of them is replaced by bad payloads of every kind `streammf.events.decode` rejects, for fault tests.
+share of them is replaced by bad payloads of every kind `decode` (streammf.stream.events) rejects, for
+fault tests.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 
-from streammf.events import Event, encode
+from streammf.stream.events import Event, encode
 
 Mode = Literal["explicit", "implicit"]
 PoisonKind = Literal["undecodable", "schema", "non_finite", "oversized"]

@@ -9,13 +9,13 @@ from pathlib import Path
 import click
 
 from streammf import __version__
-from streammf.cli_client import recommend, similar
-from streammf.cli_stream import generate, replay_command
+from streammf.cli.read import recommend, similar
+from streammf.cli.stream import generate, replay_command
 from streammf.config import ModelSettings, Settings
-from streammf.factors import LossParams
-from streammf.learner import LearnerParams
 from streammf.logs import configure_logging
-from streammf.sgd import SgdParams
+from streammf.model.factors import LossParams
+from streammf.model.sgd import SgdParams
+from streammf.stream.learner import LearnerParams
 
 # Longer than any refresh should take; released at the end, so it only matters if the command dies.
 CLI_LEASE_S = 3600.0
@@ -97,9 +97,9 @@ def evaluate(
 ) -> None:
     """Prequential evaluation of a rating log (MovieLens u.data, ratings.dat, ratings.csv): every event is
     predicted, then learned, through the daemon's own update code on an in-memory store."""
-    from streammf.evaluate import evaluate as run_evaluation
-    from streammf.ratings import RatingsFormatError, load_ratings
-    from streammf.store import MemoryStore
+    from streammf.store.memory import MemoryStore
+    from streammf.tools.evaluate import evaluate as run_evaluation
+    from streammf.tools.ratings import RatingsFormatError, load_ratings
 
     overrides = {key: value for key, value in {"mode": mode, "factors": factors}.items() if value is not None}
     model = settings.model.model_copy(update=overrides)
@@ -130,8 +130,8 @@ def run(settings: Settings, rebuild: bool) -> None:
     Configured entirely by STREAMMF_* environment variables (see README); stops cleanly on SIGTERM/SIGINT.
     Exits with status 3 when the store lost state (see --rebuild) or may evict the model's keys.
     """
-    from streammf.daemon import run_daemon
-    from streammf.store import StoreLostStateError, StoreUnsafeError
+    from streammf.store.contract import StoreLostStateError, StoreUnsafeError
+    from streammf.stream.daemon import run_daemon
 
     try:
         run_daemon(settings, learner_params(settings.model), rebuild=rebuild)
@@ -156,12 +156,12 @@ def refresh(settings: Settings, iterations: int | None) -> None:
 
     import redis
 
-    from streammf.cli_client import failure_message
-    from streammf.daemon import open_store, redis_client
-    from streammf.factors import NonFiniteFactorsError
-    from streammf.redis_store import ModelMismatchError
-    from streammf.refresh import refresh as run_refresh
-    from streammf.store import StoreError
+    from streammf.cli.read import failure_message
+    from streammf.model.factors import NonFiniteFactorsError
+    from streammf.store.contract import StoreError
+    from streammf.store.redis_store import ModelMismatchError
+    from streammf.stream.daemon import open_store, redis_client
+    from streammf.stream.refresh import refresh as run_refresh
 
     params = learner_params(settings.model)
     owner = f"cli:{socket.gethostname()}:{os.getpid()}"
@@ -232,10 +232,10 @@ def forget_user(settings: Settings, user: str) -> None:
 
     import redis
 
-    from streammf.cli_client import failure_message
-    from streammf.daemon import redis_client
-    from streammf.redis_store import RedisStore
-    from streammf.store import ApplyOutcome, StoreError
+    from streammf.cli.read import failure_message
+    from streammf.store.contract import ApplyOutcome, StoreError
+    from streammf.store.redis_store import RedisStore
+    from streammf.stream.daemon import redis_client
 
     try:
         with redis_client(settings) as client:

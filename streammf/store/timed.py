@@ -6,7 +6,7 @@ import time
 
 from prometheus_client import Histogram
 
-from streammf.store import ApplyOutcome, BatchState, BatchUpdate, FactorStore, ModelMeta
+from streammf.store.contract import ApplyOutcome, BatchState, BatchUpdate, FactorStore, ModelMeta
 
 
 class TimedStore:

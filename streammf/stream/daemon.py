@@ -14,15 +14,16 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from streammf.config import Settings
-from streammf.consumer import ConsumeLoop, LoopSettings
-from streammf.events import EventLimits
-from streammf.kafka_config import client_kwargs
-from streammf.learner import Learner, LearnerParams
-from streammf.metrics import Heartbeat, Metrics, serve_metrics
-from streammf.redis_store import RedisStore, delete_model, model_exists, require_no_eviction
-from streammf.refresh import PeriodicRefresh
-from streammf.store import StoreLostStateError
-from streammf.timed_store import TimedStore
+from streammf.store.contract import StoreLostStateError
+from streammf.store.layout import delete_model, model_exists, require_no_eviction
+from streammf.store.redis_store import RedisStore
+from streammf.store.timed import TimedStore
+from streammf.stream.consumer import ConsumeLoop, LoopSettings
+from streammf.stream.events import EventLimits
+from streammf.stream.kafka_config import client_kwargs
+from streammf.stream.learner import Learner, LearnerParams
+from streammf.stream.metrics import Heartbeat, Metrics, serve_metrics
+from streammf.stream.refresh import PeriodicRefresh
 
 log = logging.getLogger(__name__)
 

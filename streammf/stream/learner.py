@@ -13,10 +13,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from streammf.events import Event
-from streammf.factors import DTYPE, LossParams, init_rows
-from streammf.sgd import SgdBatch, SgdParams, sgd_step
-from streammf.store import ApplyOutcome, BatchState, BatchUpdate, FactorStore
+from streammf.model.factors import DTYPE, LossParams, init_rows
+from streammf.model.sgd import SgdBatch, SgdParams, sgd_step
+from streammf.store.contract import ApplyOutcome, BatchState, BatchUpdate, FactorStore
+from streammf.stream.events import Event
 
 _PAUSE_POLL_S = 0.02  # how often a paused writer looks again (a refresh's hand-over is short)
 

@@ -27,10 +27,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from streammf.events import DEFAULT_LIMITS, Event, EventLimits, ForgetUser, Invalid, decode
-from streammf.learner import DamagedGramianError, Learner, StepResult, VersionChurnError
-from streammf.metrics import Heartbeat, Metrics
-from streammf.store import ApplyOutcome, StoreLostStateError
+from streammf.store.contract import ApplyOutcome, StoreLostStateError
+from streammf.stream.events import DEFAULT_LIMITS, Event, EventLimits, ForgetUser, Invalid, decode
+from streammf.stream.learner import DamagedGramianError, Learner, StepResult, VersionChurnError
+from streammf.stream.metrics import Heartbeat, Metrics
 
 log = logging.getLogger(__name__)
 # OutOfMemoryError: Redis at maxmemory with noeviction refuses writes (a script fails at its first write,

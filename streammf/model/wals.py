@@ -45,9 +45,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from streammf.factors import DTYPE, Factors, LossParams, NonFiniteFactorsError
-from streammf.interactions import Interactions
-from streammf.objective import gramian, weighted_reg
+from streammf.model.factors import DTYPE, Factors, LossParams, NonFiniteFactorsError
+from streammf.model.interactions import Interactions
+from streammf.model.objective import gramian, weighted_reg
 
 Solver = Literal["cg", "cholesky"]
 DEFAULT_SOLVER: Solver = "cg"

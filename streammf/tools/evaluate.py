@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from streammf.events import Event
-from streammf.learner import Learner, LearnerParams
-from streammf.ratings import RatingsLog
-from streammf.refresh import refresh
-from streammf.store import MemoryStore
+from streammf.store.memory import MemoryStore
+from streammf.stream.events import Event
+from streammf.stream.learner import Learner, LearnerParams
+from streammf.stream.refresh import refresh
+from streammf.tools.ratings import RatingsLog
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The exact value of the objective L (see `streammf.factors`) for a set of factors, and error metrics.
+"""The exact value of the objective L (see `streammf.model.factors`) for a set of factors, and error metrics.
 
     L = Σ_obs w_ij (a_ij − p_ij)²  +  w0 Σ_unobs p_ij²
         + Σ_i λ_i ‖u_i‖² + Σ_j λ_j ‖v_j‖²  [+ λ_b (Σ_i n_i b_i² + Σ_j m_j c_j²)]
@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from streammf.factors import Factors, LossParams
-from streammf.interactions import Interactions
+from streammf.model.factors import Factors, LossParams
+from streammf.model.interactions import Interactions
 
 # Entries scored per numpy pass: bounds the float64 temporaries to ~16 MB at k = 64.
 _CHUNK = 1 << 15

@@ -21,7 +21,7 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
-    from streammf.refresh import RefreshReport
+    from streammf.stream.refresh import RefreshReport
 
 # Milliseconds matter for update latency; freshness spans ms (live) to hours (a replayed backlog).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)

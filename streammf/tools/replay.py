@@ -20,9 +20,9 @@ from kafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExist
 from tqdm import tqdm
 
 from streammf.config import KafkaSettings
-from streammf.events import Event, encode
-from streammf.kafka_config import client_kwargs
-from streammf.ratings import RatingsLog
+from streammf.stream.events import Event, encode
+from streammf.stream.kafka_config import client_kwargs
+from streammf.tools.ratings import RatingsLog
 
 Record = tuple[bytes | None, bytes]
 

@@ -12,7 +12,7 @@ from typing import Any, BinaryIO, TypeVar
 import click
 
 from streammf.config import Settings
-from streammf.generate import SyntheticStream
+from streammf.tools.generate import SyntheticStream
 
 F = TypeVar("F", bound=Callable[..., Any])
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -110,9 +110,9 @@ def replay_command(
     *.ndjson, *.json, sent unchanged); or use --synthetic N instead of FILE."""
     from kafka import KafkaProducer
 
-    from streammf.kafka_config import client_kwargs
-    from streammf.ratings import RatingsFormatError, load_ratings
-    from streammf.replay import ensure_topic, jsonl_records, ratings_records, replay
+    from streammf.stream.kafka_config import client_kwargs
+    from streammf.tools.ratings import RatingsFormatError, load_ratings
+    from streammf.tools.replay import ensure_topic, jsonl_records, ratings_records, replay
 
     if (file is None) == (synthetic is None):
         raise click.UsageError("give either FILE or --synthetic N")

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streammf.factors import DTYPE, Factors, LossParams, init_rows
-from streammf.interactions import Interactions
-from streammf.objective import objective
-from streammf.store import RefreshableStore
-from streammf.wals import fold_in_items, fold_in_users, wals
+from streammf.model.factors import DTYPE, Factors, LossParams, init_rows
+from streammf.model.interactions import Interactions
+from streammf.model.objective import objective
+from streammf.model.wals import fold_in_items, fold_in_users, wals
+from streammf.store.contract import RefreshableStore
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Online SGD on the weighted-MF objective (see `streammf.factors`), one event at a time, in order.
+"""Online SGD on the weighted-MF objective (see `streammf.model.factors`), one event at a time, in order.
 
 Each event's step descends the change in L that the event causes, evaluated at the current factors
 ("increment rule"), plus its share of the implicit-mode unobserved term:
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from streammf.factors import DTYPE, LossParams
+from streammf.model.factors import DTYPE, LossParams
 
 
 @dataclass(frozen=True)

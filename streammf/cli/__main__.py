@@ -1,0 +1,5 @@
+"""`python -m streammf.cli ...`, as the `streammf` script."""
+
+from streammf.cli import main
+
+main()

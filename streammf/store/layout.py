@@ -1,0 +1,307 @@
+"""The public Redis key layout v1 (`ModelKeys`), its codecs and the model meta: what the store writes and
+every reader (`streammf.client`, or a service in another language) reads.
+
+Other services read this layout without our code (README, "Reading embeddings from Redis"). Every key of a
+model starts with ``streammf:{<name>}:``; the hash tag puts them all in one Redis Cluster slot, so one Lua
+script may touch any of them (always through KEYS, see `streammf.store.scripts`).
+
+    current                     string  the live version number N
+    next_version                string  last version number handed out (INCR; numbers are never reused)
+    meta                        hash    mode, k, hyper (JSON), layout_version, created_at
+    retired                     zset    version -> server time it stopped being current (garbage collection)
+    v<N>:meta                   hash    created_at, source, state (building|live|retired), published_at, …
+    v<N>:users, v<N>:items      hash    id -> little-endian float32 blob: k factors, then the bias
+    v<N>:gram:users, …:items    string  little-endian float64 k×k Gramian (implicit mode)
+    inter:<user>                hash    item -> value (text; implicit: summed strength, explicit: rating)
+    item_counts                 hash    item -> observed entries m_j (n_i of a user is HLEN inter:<user>)
+    stats                       hash    value_sum (decimal text), value_count, events_applied
+    offsets                     hash    Kafka partition -> next offset to consume
+
+Floats stored as text are written with 17 significant digits, so they read back as the exact float64.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+from redis.commands.core import Script
+
+from streammf.model.factors import DTYPE, Mode
+from streammf.store import scripts
+from streammf.store.contract import Side, StoreError, StoreLostStateError, StoreUnsafeError
+
+KEY_ROOT = "streammf"
+LAYOUT_VERSION = 1
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+ROW_DTYPE = np.dtype("<f4")
+GRAMIAN_DTYPE = np.dtype("<f8")
+SIDES: tuple[Side, ...] = ("users", "items")
+
+# A Lua script's error reply starting with one of these words is bad (STOREERR) or missing (STORELOST)
+# stored data; the rest of the message names the key.
+_STORE_ERROR_CODE = "STOREERR"
+_STORE_LOST_CODE = "STORELOST"
+
+
+@dataclass(frozen=True)
+class ModelKeys:
+    """Key names of one model (layout v1)."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        # The name sits inside the hash tag, so braces would break slot routing; keep it to config's charset.
+        if not MODEL_NAME_PATTERN.match(self.name):
+            raise ValueError(f"model name must match {MODEL_NAME_PATTERN.pattern}, got {self.name!r}")
+
+    @property
+    def prefix(self) -> str:
+        return f"{KEY_ROOT}:{{{self.name}}}:"
+
+    @property
+    def current(self) -> str:
+        return self.prefix + "current"
+
+    @property
+    def next_version(self) -> str:
+        return self.prefix + "next_version"
+
+    @property
+    def meta(self) -> str:
+        return self.prefix + "meta"
+
+    @property
+    def retired(self) -> str:
+        return self.prefix + "retired"
+
+    @property
+    def refresh_lease(self) -> str:
+        return self.prefix + "refresh_lease"
+
+    @property
+    def item_counts(self) -> str:
+        return self.prefix + "item_counts"
+
+    @property
+    def stats(self) -> str:
+        return self.prefix + "stats"
+
+    @property
+    def offsets(self) -> str:
+        return self.prefix + "offsets"
+
+    @property
+    def inter_prefix(self) -> str:
+        return self.prefix + "inter:"
+
+    def inter(self, user: str) -> str:
+        return self.inter_prefix + user
+
+    def version_meta(self, version: int) -> str:
+        return f"{self.prefix}v{version}:meta"
+
+    def rows(self, version: int, side: Side) -> str:
+        return f"{self.prefix}v{version}:{side}"
+
+    def gramian(self, version: int, side: Side) -> str:
+        return f"{self.prefix}v{version}:gram:{side}"
+
+    def changed(self, version: int, side: Side) -> str:
+        return f"{self.prefix}v{version}:changed:{side}"
+
+    def version_keys(self, version: int) -> list[str]:
+        return [
+            self.version_meta(version),
+            *(self.rows(version, side) for side in SIDES),
+            *(self.gramian(version, side) for side in SIDES),
+            *(self.changed(version, side) for side in SIDES),
+        ]
+
+
+def decode_gramian(blob: bytes | None, k: int, key: str) -> np.ndarray:
+    if blob is None:
+        raise StoreLostStateError(f"{key} is missing (every version of an implicit model has both Gramians)")
+    if len(blob) != 8 * k * k:
+        raise StoreError(f"{key}: {len(blob)} bytes, expected {8 * k * k} (float64 {k}×{k})")
+    return np.frombuffer(blob, dtype=GRAMIAN_DTYPE).reshape(k, k).astype(np.float64)
+
+
+def parse_int(raw: bytes | None, key: str, what: str, default: int = 0) -> int:
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise StoreError(f"{key} {what}: not an integer: {raw!r}") from None
+
+
+def parse_float(raw: bytes | None, key: str, what: str, default: float = 0.0) -> float:
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise StoreError(f"{key} {what}: not a number: {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """The immutable part of a model's meta hash, checked on the way in."""
+
+    mode: Mode
+    k: int
+    hyper: dict[str, float]
+
+
+def read_model_meta(client: redis.Redis, keys: ModelKeys) -> StoredModel:
+    """Parse `…:meta`, raising `StoreError` naming the key when it is missing or malformed."""
+    raw = client.hgetall(keys.meta)
+    if not raw:
+        raise StoreLostStateError(f"{keys.meta} is missing: no model {keys.name!r} in this Redis database")
+    layout = parse_int(raw.get(b"layout_version"), keys.meta, "field 'layout_version'", default=-1)
+    if layout != LAYOUT_VERSION:
+        raise StoreError(f"{keys.meta} field 'layout_version': {layout}, this code reads {LAYOUT_VERSION}")
+    mode = raw.get(b"mode", b"").decode()
+    if mode not in ("explicit", "implicit"):
+        raise StoreError(f"{keys.meta} field 'mode': {mode!r} is neither 'explicit' nor 'implicit'")
+    k = parse_int(raw.get(b"k"), keys.meta, "field 'k'", default=0)
+    if k < 1:
+        raise StoreError(f"{keys.meta} field 'k': {k} is not a positive number of factors")
+    try:
+        hyper = json.loads(raw.get(b"hyper", b"{}"))
+    except ValueError:
+        raise StoreError(f"{keys.meta} field 'hyper': not JSON: {raw.get(b'hyper')!r}") from None
+    return StoredModel(mode=mode, k=k, hyper=hyper)  # type: ignore[arg-type]  # checked above
+
+
+def read_current_version(client: redis.Redis, keys: ModelKeys) -> int:
+    version = parse_int(client.get(keys.current), keys.current, "value", default=-1)
+    if version < 1:
+        raise StoreLostStateError(f"{keys.current} is missing or not a version number")
+    return version
+
+
+def model_exists(client: redis.Redis, name: str) -> bool:
+    return bool(client.exists(ModelKeys(name).meta))
+
+
+def delete_model(client: redis.Redis, name: str) -> int:
+    """UNLINK every key of the model (SCAN over its prefix); returns how many there were."""
+    deleted = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=_glob_escape(ModelKeys(name).prefix) + "*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            deleted += int(client.unlink(*batch))
+            batch.clear()
+    if batch:
+        deleted += int(client.unlink(*batch))
+    return deleted
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([\\*?\[\]{}])", r"\\\1", text)
+
+
+# Policies under which Redis may delete keys that have no TTL, i.e. any of ours.
+EVICTING_POLICIES = frozenset({"allkeys-lru", "allkeys-lfu", "allkeys-random"})
+
+
+def eviction_policy(client: redis.Redis) -> str:
+    """The server's maxmemory-policy, from INFO (allowed where CONFIG GET is not, e.g. managed Redis)."""
+    return str(client.info("memory").get("maxmemory_policy", "unknown"))
+
+
+def require_no_eviction(client: redis.Redis, allow_eviction: bool) -> str:
+    """Refuse a server that may evict our keys (it would silently delete parts of the model); returns the
+    policy. Our keys carry no TTL, so the volatile-* policies and noeviction are safe."""
+    policy = eviction_policy(client)
+    if policy in EVICTING_POLICIES and not allow_eviction:
+        raise StoreUnsafeError(
+            f"Redis maxmemory-policy is {policy}: it may evict the model's keys and silently lose state. "
+            "Set it to noeviction (CONFIG SET maxmemory-policy noeviction, or in redis.conf), or accept "
+            "the risk with STREAMMF_REDIS__ALLOW_EVICTION=true"
+        )
+    return policy
+
+
+def require_binary_client(client: redis.Redis) -> None:
+    """Row blobs are bytes; a client that decodes replies to str would corrupt them."""
+    if client.get_connection_kwargs().get("decode_responses"):
+        raise ValueError("the Redis client must be created with decode_responses=False (rows are binary)")
+
+
+def store_error_from(exc: redis.ResponseError) -> StoreError | None:
+    """The StoreError a Lua script reported, or None when the reply is some other Redis error."""
+    message = str(exc)
+    if message.startswith(_STORE_ERROR_CODE + " "):
+        return StoreError(message.removeprefix(_STORE_ERROR_CODE + " "))
+    if message.startswith(_STORE_LOST_CODE + " "):
+        return StoreLostStateError(message.removeprefix(_STORE_LOST_CODE + " "))
+    return None
+
+
+def join_ids(ids: Sequence[str]) -> bytes:
+    """Ids as one script argument, NUL-separated (split by lua/prelude.lua): with the pure-Python RESP
+    parser each argument costs redis-py microseconds, and a batch has thousands of ids."""
+    joined = "\0".join(ids)
+    if joined.count("\0") != max(len(ids) - 1, 0):
+        raise ValueError("ids must not contain NUL characters")
+    return joined.encode()
+
+
+def split_ids(joined: bytes, n: int) -> list[str]:
+    return joined.decode().split("\0") if n else []
+
+
+def rows_from_blob(blob: bytes, mask: bytes, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A script's concatenated rows and '1'/'0' mask -> ((n, k+1) float32 rows, (n,) bool present)."""
+    rows = np.frombuffer(blob, dtype=ROW_DTYPE).reshape(n, k + 1).astype(DTYPE)
+    return rows, np.frombuffer(mask, dtype=np.uint8) == ord("1")
+
+
+def split_numbers(joined: bytes, n: int) -> list[bytes]:
+    """A script's ','-joined numbers ('' for absent) as n raw values."""
+    return joined.split(b",") if n else []  # the scripts return only validated numbers: no ',' inside
+
+
+_SCAN_STEP_ROWS = 2000
+
+
+def scan_version_rows(
+    script: Script, keys: ModelKeys, version: int, side: Side, k: int
+) -> tuple[list[str], np.ndarray] | None:
+    """All rows of one side of a version: (ids, (n, k+1) float32 rows), or None if the version was deleted.
+
+    Every step checks that the version's meta still exists, and garbage collection deletes a version's
+    meta and rows in one UNLINK: so all rows returned belong to `version`, and none is from a half-deleted
+    one. Rows written meanwhile may or may not be included (HSCAN's guarantee).
+    """
+    script_keys = scripts.SCAN_ROWS.key_list(meta=keys.version_meta(version), rows=keys.rows(version, side))
+    ids: list[str] = []
+    blobs: list[bytes] = []
+    cursor: bytes | int = 0
+    while True:
+        try:
+            args = scripts.SCAN_ROWS.arg_list(cursor=cursor, count=_SCAN_STEP_ROWS, row_bytes=4 * (k + 1))
+            reply = script(keys=script_keys, args=args)
+        except redis.ResponseError as exc:
+            raise store_error_from(exc) or exc from None
+        if reply == b"gone":
+            return None
+        cursor, n, joined, blob = reply
+        ids += split_ids(joined, n)
+        blobs.append(blob)
+        if cursor == b"0":
+            break
+    rows = np.frombuffer(b"".join(blobs), dtype=ROW_DTYPE).reshape(len(ids), k + 1).astype(DTYPE)
+    first_seen = {ident: i for i, ident in reversed(list(enumerate(ids)))}
+    if len(first_seen) < len(ids):  # HSCAN may return an id twice; keep one row each
+        keep = sorted(first_seen.values())
+        ids, rows = [ids[i] for i in keep], rows[keep]
+    return ids, rows

@@ -1,0 +1,144 @@
+local current = redis.call('GET', KEYS[K.current])
+if not current then return lost(KEYS[K.current], 'is missing: the model has no current version') end
+if current ~= ARGV[A.version] then return 'stale_version' end
+if redis.call('EXISTS', KEYS[K.meta]) == 0 then
+  return lost(KEYS[K.meta], 'is missing: ' .. KEYS[K.current] .. ' names a version without meta')
+end
+local tracking = redis.call('HGET', KEYS[K.meta], 'tracking')
+if paused(KEYS[K.meta]) then return 'paused' end
+
+local refused = fence(KEYS[K.offsets], NA + 1)
+if refused then return refused end
+
+local k = tonumber(ARGV[A.k])
+local additive = ARGV[A.additive] == '1'
+local n_users, n_items, n_pairs = tonumber(ARGV[A.n_users]), tonumber(ARGV[A.n_items]), tonumber(ARGV[A.n_pairs])
+local users, items, pair_items = split(ARGV[A.users], n_users), split(ARGV[A.items], n_items), split(ARGV[A.pair_items], n_pairs)
+
+-- Items: stored (or base) float32 row + float64 delta, rounded to float32 after each add, like the twin.
+local row_f = '<' .. string.rep('f', k + 1)
+local row_d = '<' .. string.rep('d', k + 1)
+local row_bytes = 4 * (k + 1)
+local base_bytes = 4 * k
+local zero_bias = struct.pack('<f', 0)
+local max_abs = tonumber(ARGV[A.max_abs_factor])
+local function sound(row)  -- every coordinate finite and within ±max_abs (NaN fails the comparison)
+  for c = 1, k + 1 do
+    if not (math.abs(row[c]) <= max_abs) then return false end
+  end
+  return true
+end
+local item_rows, item_order, count_deltas = {}, {}, {}
+for r = 1, n_items do
+  local item = items[r]
+  local stored = item_rows[item]
+  if not stored then
+    stored = redis.call('HGET', KEYS[K.items], item)
+    if stored then
+      if #stored ~= row_bytes then
+        return bad(KEYS[K.items], 'field ' .. item .. ': ' .. #stored .. ' bytes, expected ' .. row_bytes ..
+                   ' (k float32 factors + bias)')
+      end
+    else
+      stored = string.sub(ARGV[A.item_base], (r - 1) * base_bytes + 1, r * base_bytes) .. zero_bias
+    end
+    local count = redis.call('HGET', KEYS[K.item_counts], item)
+    if count and not is_int(count) then
+      return bad(KEYS[K.item_counts], 'field ' .. item .. ': not an integer: ' .. count)
+    end
+    item_order[#item_order + 1] = item
+    count_deltas[item] = 0
+  end
+  local row = {struct.unpack(row_f, stored)}
+  if not sound(row) then  -- damaged: the learner started this item again from its base row
+    row = {struct.unpack(row_f, string.sub(ARGV[A.item_base], (r - 1) * base_bytes + 1, r * base_bytes) .. zero_bias)}
+  end
+  local delta = {struct.unpack(row_d, ARGV[A.item_deltas], (r - 1) * 8 * (k + 1) + 1)}
+  for c = 1, k + 1 do row[c] = row[c] + delta[c] end
+  item_rows[item] = struct.pack(row_f, unpack(row, 1, k + 1))
+  count_deltas[item] = count_deltas[item] + struct.unpack('<i8', ARGV[A.item_count_deltas], (r - 1) * 8 + 1)
+end
+
+-- Interactions: implicit strengths add, explicit ratings replace; a pair repeated in one update
+-- builds on its own earlier value.
+local pair_values, pair_order = {}, {}
+for p = 1, n_pairs do
+  local key, item = KEYS[struct.unpack('<I4', ARGV[A.pair_inter_keys], 4 * p - 3)], pair_items[p]
+  local value = struct.unpack('<d', ARGV[A.pair_values], 8 * p - 7)
+  local values = pair_values[key]
+  if not values then
+    values = {}
+    pair_values[key] = values
+  end
+  if values[item] == nil then
+    pair_order[#pair_order + 1] = {key, item}
+    if additive then
+      local stored = redis.call('HGET', key, item)
+      values[item] = 0
+      if stored then
+        values[item] = tonumber(stored)
+        if not values[item] then return bad(key, 'field ' .. item .. ': not a number: ' .. stored) end
+      end
+    end
+  end
+  if additive then values[item] = values[item] + value else values[item] = value end
+end
+
+local stats = redis.call('HMGET', KEYS[K.stats], 'value_sum', 'value_count', 'events_applied')
+local value_sum = 0
+if stats[1] then
+  value_sum = tonumber(stats[1])
+  if not value_sum then return bad(KEYS[K.stats], 'field value_sum: not a number: ' .. stats[1]) end
+end
+if stats[2] and not is_int(stats[2]) then
+  return bad(KEYS[K.stats], 'field value_count: not an integer: ' .. stats[2])
+end
+if stats[3] and not is_int(stats[3]) then
+  return bad(KEYS[K.stats], 'field events_applied: not an integer: ' .. stats[3])
+end
+
+local function add_gramian(key, delta)
+  local stored = redis.call('GET', key)
+  if not stored then return nil, lost(key, 'is missing (implicit models keep a Gramian per version)') end
+  if #stored ~= 8 * k * k then
+    return nil, bad(key, 'holds ' .. #stored .. ' bytes, expected ' .. 8 * k * k)
+  end
+  local fmt, out = '<' .. string.rep('d', k), {}
+  for r = 0, k - 1 do
+    local g = {struct.unpack(fmt, stored, r * 8 * k + 1)}
+    local d = {struct.unpack(fmt, delta, r * 8 * k + 1)}
+    for c = 1, k do g[c] = g[c] + d[c] end
+    out[r + 1] = struct.pack(fmt, unpack(g, 1, k))
+  end
+  return table.concat(out), nil
+end
+local gramians = {}
+for _, slot in ipairs({{K.gram_items, A.item_gramian_delta}, {K.gram_users, A.user_gramian_delta}}) do
+  if ARGV[slot[2]] ~= '' then
+    local blob, err = add_gramian(KEYS[slot[1]], ARGV[slot[2]])
+    if err then return err end
+    gramians[#gramians + 1] = {KEYS[slot[1]], blob}
+  end
+end
+
+-- Phase 2: everything checked; write.
+for u = 1, n_users do
+  redis.call('HSET', KEYS[K.users], users[u], string.sub(ARGV[A.user_rows], (u - 1) * row_bytes + 1, u * row_bytes))
+end
+for _, item in ipairs(item_order) do
+  redis.call('HSET', KEYS[K.items], item, item_rows[item])
+  redis.call('HINCRBY', KEYS[K.item_counts], item, string.format('%d', count_deltas[item]))
+end
+for _, pair in ipairs(pair_order) do
+  redis.call('HSET', pair[1], pair[2], string.format('%.17g', pair_values[pair[1]][pair[2]]))
+end
+redis.call('HSET', KEYS[K.stats], 'value_sum', string.format('%.17g', value_sum + tonumber(ARGV[A.value_sum_delta])))
+redis.call('HINCRBY', KEYS[K.stats], 'value_count', ARGV[A.value_count_delta])
+redis.call('HINCRBY', KEYS[K.stats], 'events_applied', ARGV[A.events_applied])
+for _, g in ipairs(gramians) do redis.call('SET', g[1], g[2]) end
+for o = NA + 1, #ARGV, 3 do redis.call('HSET', KEYS[K.offsets], ARGV[o], ARGV[o + 2]) end
+if tracking then  -- a refresh is catching up with this version: tell it what changed
+  for u = 1, n_users do redis.call('SADD', KEYS[K.changed_users], users[u]) end
+  for _, item in ipairs(item_order) do redis.call('SADD', KEYS[K.changed_items], item) end
+end
+return 'applied'

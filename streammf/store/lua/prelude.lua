@@ -1,0 +1,59 @@
+local NUL = string.char(0)
+local function bad(key, what) return redis.error_reply('STOREERR ' .. key .. ' ' .. what) end
+local function lost(key, what) return redis.error_reply('STORELOST ' .. key .. ' ' .. what) end
+local function is_int(s) return string.match(s, '^%-?%d+$') ~= nil end
+local function split(joined, n)
+  local out, pos = {}, 1
+  for i = 1, n - 1 do
+    local stop = string.find(joined, NUL, pos, true)
+    out[i] = string.sub(joined, pos, stop - 1)
+    pos = stop + 1
+  end
+  if n > 0 then out[n] = string.sub(joined, pos) end
+  return out
+end
+-- Offset fencing, exactly streammf.store.contract.fence: ARGV[from..] holds (partition, first, next) triples.
+-- Returns nil when the update may be applied, else 'conflict', 'duplicate' or an error reply.
+local function fence(offsets_key, from)
+  local ahead, behind, overlap = false, false, false
+  for o = from, #ARGV, 3 do
+    local stored = redis.call('HGET', offsets_key, ARGV[o])
+    if stored then
+      local have = tonumber(stored)
+      if not have then return bad(offsets_key, 'field ' .. ARGV[o] .. ': not a number: ' .. stored) end
+      if have <= tonumber(ARGV[o + 1]) then ahead = true
+      elseif have >= tonumber(ARGV[o + 2]) then behind = true
+      else overlap = true end
+    else
+      ahead = true
+    end
+  end
+  if overlap or (behind and ahead) then return 'conflict' end
+  if behind then return 'duplicate' end
+  return nil
+end
+local function building(meta_key)  -- a version a refresh is still writing
+  return redis.call('HGET', meta_key, 'state') == 'building'
+end
+local function paused(meta_key)  -- a refresh is handing this version over (writers wait)
+  local paused_until = redis.call('HGET', meta_key, 'paused_until')
+  if not paused_until then return false end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6 < tonumber(paused_until)
+end
+local function gather_rows(key, ids, row_bytes)
+  local rows, mask, zero = {}, {}, string.rep(NUL, row_bytes)
+  for i, id in ipairs(ids) do
+    local row = redis.call('HGET', key, id)
+    if row then
+      if #row ~= row_bytes then
+        return nil, nil, bad(key, 'field ' .. id .. ': ' .. #row .. ' bytes, expected ' .. row_bytes ..
+                             ' (k float32 factors + bias)')
+      end
+      rows[i], mask[i] = row, '1'
+    else
+      rows[i], mask[i] = zero, '0'
+    end
+  end
+  return table.concat(rows), table.concat(mask), nil
+end

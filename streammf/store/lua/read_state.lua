@@ -1,0 +1,36 @@
+if redis.call('GET', KEYS[K.current]) ~= ARGV[A.version] then return 'moved' end
+if redis.call('EXISTS', KEYS[K.meta]) == 0 then return 'no_meta' end
+local row_bytes = 4 * (tonumber(ARGV[A.k]) + 1)
+local n_users, n_items, n_pairs = tonumber(ARGV[A.n_users]), tonumber(ARGV[A.n_items]), tonumber(ARGV[A.n_pairs])
+local users, items, pair_items = split(ARGV[A.users], n_users), split(ARGV[A.items], n_items), split(ARGV[A.pair_items], n_pairs)
+
+local user_rows, user_mask, err = gather_rows(KEYS[K.users], users, row_bytes)
+if err then return err end
+local item_rows, item_mask, err2 = gather_rows(KEYS[K.items], items, row_bytes)
+if err2 then return err2 end
+local user_counts, item_counts, pair_values = {}, {}, {}
+for u = 1, n_users do user_counts[u] = redis.call('HLEN', KEYS[NK + u]) end
+for i, item in ipairs(items) do
+  local count = redis.call('HGET', KEYS[K.item_counts], item)
+  if count and not is_int(count) then
+    return bad(KEYS[K.item_counts], 'field ' .. item .. ': not an integer: ' .. count)
+  end
+  item_counts[i] = count or '0'
+end
+for p = 1, n_pairs do
+  local key = KEYS[struct.unpack('<I4', ARGV[A.pair_inter_keys], 4 * p - 3)]
+  local value = redis.call('HGET', key, pair_items[p])
+  if value and not tonumber(value) then
+    return bad(key, 'field ' .. pair_items[p] .. ': not a number: ' .. value)
+  end
+  pair_values[p] = value or ''
+end
+local stats = redis.call('HMGET', KEYS[K.stats], 'value_sum', 'value_count')
+local item_gramian, user_gramian = false, false
+if ARGV[A.implicit] == '1' then
+  item_gramian = redis.call('GET', KEYS[K.gram_items]) or false
+  user_gramian = redis.call('GET', KEYS[K.gram_users]) or false
+end
+return {user_rows, user_mask, table.concat(user_counts, ','), item_rows, item_mask,
+        table.concat(item_counts, ','), table.concat(pair_values, ','), stats[1], stats[2],
+        item_gramian, user_gramian}

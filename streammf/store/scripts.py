@@ -1,0 +1,108 @@
+"""The Redis store's Lua scripts (`lua/*.lua`) and, once, the names of their KEYS and ARGV positions.
+
+Each script starts with a generated header, `local K = {current = 1, ...}`, `local A = {...}`, and `NK`,
+`NA` (the number of fixed KEYS and ARGV), so the Lua reads `KEYS[K.current]` and Python builds the lists
+from the same names (`keys()`, `args()`): nothing has to agree on a magic index. Variable-length tails
+(one `inter:<user>` key per batch user, offset triples) follow the fixed positions: `KEYS[NK + i]`,
+`ARGV[NA + i]`.
+
+Every key a script touches is passed in KEYS, none is built inside a script (Redis Cluster needs to see
+them; tests/unit/test_lua_scripts.py checks the files).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import redis
+from redis.commands.core import Script
+
+
+@dataclass(frozen=True)
+class LuaScript:
+    name: str  # lua/<name>.lua
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+    prelude: bool = True  # helpers shared by the scripts (lua/prelude.lua)
+
+    def source(self) -> str:
+        header = "\n".join(
+            [
+                "local K = {" + ", ".join(f"{k} = {i}" for i, k in enumerate(self.keys, 1)) + "}",
+                "local A = {" + ", ".join(f"{a} = {i}" for i, a in enumerate(self.args, 1)) + "}",
+                f"local NK, NA = {len(self.keys)}, {len(self.args)}",
+            ]
+        )
+        parts = [header, _read("prelude") if self.prelude else "", _read(self.name)]
+        return "\n".join(part for part in parts if part)
+
+    def register(self, client: redis.Redis) -> Script:
+        return client.register_script(self.source())
+
+    def key_list(self, tail: Sequence[str] = (), **named: str) -> list[str]:
+        """KEYS in the declared order (every fixed name required, no other), then `tail`."""
+        if set(named) != set(self.keys):
+            raise ValueError(f"{self.name}: keys {sorted(named)} != declared {sorted(self.keys)}")
+        return [named[key] for key in self.keys] + list(tail)
+
+    def arg_list(self, tail: Sequence[object] = (), **named: object) -> list[object]:
+        """ARGV in the declared order, then `tail`."""
+        if set(named) != set(self.args):
+            raise ValueError(f"{self.name}: args {sorted(named)} != declared {sorted(self.args)}")
+        return [named[arg] for arg in self.args] + list(tail)
+
+
+@cache
+def _read(name: str) -> str:
+    return resources.files("streammf.store").joinpath("lua", f"{name}.lua").read_text()
+
+
+def _script(name: str, keys: str, args: str, prelude: bool = True) -> LuaScript:
+    return LuaScript(name, tuple(keys.split()), tuple(args.split()), prelude)
+
+
+LEASE = _script("lease", "lease", "owner ttl_ms", prelude=False)
+RELEASE_LEASE = _script("release_lease", "lease", "owner", prelude=False)
+SCAN_ROWS = _script("scan_rows", "meta rows", "cursor count row_bytes")
+OPEN = _script(
+    "open",
+    "meta current next_version stats v1_meta v1_gram_items v1_gram_users",
+    "mode k hyper zero_gramian",
+    prelude=False,
+)
+# Tail: KEYS inter:<user> of each batch user, then of each other pair user.
+READ_STATE = _script(
+    "read_state",
+    "current meta users items item_counts stats gram_items gram_users",
+    "version implicit k n_users n_items n_pairs users items pair_items pair_inter_keys",
+)
+# Tails: KEYS inter:<user> of each distinct pair user; ARGV (partition, first, next) triples.
+APPLY = _script(
+    "apply",
+    "current offsets meta users items item_counts stats gram_items gram_users changed_users changed_items",
+    """version k additive n_users n_items n_pairs value_sum_delta value_count_delta events_applied users
+    user_rows items item_base item_deltas item_count_deltas pair_items pair_inter_keys pair_values
+    item_gramian_delta user_gramian_delta max_abs_factor""",
+)
+# Tails: KEYS per version (v:meta, v:users, v:gram:users, v:changed:users); ARGV the version numbers, then
+# (partition, first, next) triples.
+FORGET_USER = _script("forget_user", "current offsets inter item_counts stats", "user k implicit n_versions")
+WRITE_ROWS = _script("write_rows", "meta rows", "n ids rows row_bytes")
+DELETE_ROWS = _script("delete_rows", "meta rows", "n ids")
+WRITE_STRING = _script("write_string", "meta target", "value")
+# Tail: KEYS v:meta of every version from the old current one up to (not including) the new one.
+PUBLISH = _script("publish", "current retired new_meta", "version expected", prelude=False)
+HANDOVER = _script("handover", "current meta", "version mark ttl_s", prelude=False)
+DISCARD = _script("discard", "meta retired", "version", prelude=False)
+
+# The reader's (streammf.client): one version's rows, 'moved' if it stopped being current.
+READ_USER = _script("read_user", "current users inter stats", "version user k with_seen")
+READ_ITEMS = _script("read_items", "current items", "version k n items")
+
+ALL = (
+    LEASE, RELEASE_LEASE, SCAN_ROWS, OPEN, READ_STATE, APPLY, FORGET_USER, WRITE_ROWS, DELETE_ROWS,
+    WRITE_STRING, PUBLISH, HANDOVER, DISCARD, READ_USER, READ_ITEMS,
+)  # fmt: skip

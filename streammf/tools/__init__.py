@@ -1,0 +1,2 @@
+"""Offline helpers: the synthetic stream, the Kafka producer for replays, rating-log readers, and the
+prequential evaluation."""

@@ -185,7 +185,7 @@ class StreamMFClient:
 
     # ----------------------------------------------------------------------------------- internals
 
-    def _call(self, script: Script, keys: list[str], args: list[object]) -> Any:
+    def _call(self, script: Script, keys: list[str], args: list[scripts.Arg]) -> Any:
         try:
             return script(keys=keys, args=args)
         except redis.ResponseError as exc:

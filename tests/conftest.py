@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 import pytest
 import redis
 
+from streammf.store.layout import ModelKeys
+
 if TYPE_CHECKING:  # imported lazily below, after pytest_configure has silenced its import-time warnings
     from kafka import KafkaAdminClient
 
@@ -249,3 +251,15 @@ def _delete_prefix(client: redis.Redis, prefix: str) -> None:
             batch.clear()
     if batch:
         client.delete(*batch)
+
+
+@pytest.fixture
+def model_name(redis_client: redis.Redis) -> Iterator[str]:
+    """A model name unique to this test. Model keys live under streammf:{name}: (the public layout), not
+    under `redis_prefix`, so they are cleaned up here."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    yield name
+    with contextlib.suppress(redis.RedisError):
+        keys = list(redis_client.scan_iter(match=ModelKeys(name).prefix + "*", count=1000))
+        for start in range(0, len(keys), 1000):
+            redis_client.unlink(*keys[start : start + 1000])

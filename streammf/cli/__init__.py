@@ -11,29 +11,12 @@ import click
 from streammf import __version__
 from streammf.cli.read import recommend, similar
 from streammf.cli.stream import generate, replay_command
-from streammf.config import ModelSettings, Settings
+from streammf.config import Settings
 from streammf.logs import configure_logging
-from streammf.model.factors import LossParams
-from streammf.model.sgd import SgdParams
 from streammf.stream.learner import LearnerParams
 
 # Longer than any refresh should take; released at the end, so it only matters if the command dies.
 CLI_LEASE_S = 3600.0
-
-
-def learner_params(model: ModelSettings) -> LearnerParams:
-    loss = LossParams(mode=model.mode, reg=model.reg, reg_bias=model.reg_bias, alpha=model.alpha, w0=model.w0)
-    value_min, value_max, _ = model.bounds
-    # An error can be at most the width of the value range for a prediction inside it: the clip only
-    # binds for predictions far outside, which is where a step would otherwise throw a row away.
-    sgd = SgdParams(
-        loss,
-        model.learning_rate,
-        model.bias_learning_rate,
-        model.bias_damping,
-        max_gradient=value_max - value_min,
-    )
-    return LearnerParams(sgd, init_std=model.init_std, seed=model.seed, max_abs_factor=model.max_abs_factor)
 
 
 def load_settings() -> Settings:
@@ -103,7 +86,7 @@ def evaluate(
 
     overrides = {key: value for key, value in {"mode": mode, "factors": factors}.items() if value is not None}
     model = settings.model.model_copy(update=overrides)
-    params = learner_params(model)
+    params = LearnerParams.from_settings(model)
     try:
         log = load_ratings(file)
     except RatingsFormatError as exc:
@@ -134,7 +117,7 @@ def run(settings: Settings, rebuild: bool) -> None:
     from streammf.stream.daemon import run_daemon
 
     try:
-        run_daemon(settings, learner_params(settings.model), rebuild=rebuild)
+        run_daemon(settings, LearnerParams.from_settings(settings.model), rebuild=rebuild)
     except StoreLostStateError as exc:
         click.echo(
             f"Error: the store lost state: {exc}. Refusing to go on; to rebuild the model from the earliest "
@@ -152,53 +135,29 @@ def run(settings: Settings, rebuild: bool) -> None:
 @click.pass_obj
 def refresh(settings: Settings, iterations: int | None) -> None:
     """One WALS refresh of the live model in Redis: snapshot -> WALS -> new version -> pointer flip."""
-    import contextlib
-
     import redis
 
     from streammf.cli.read import failure_message
     from streammf.model.factors import NonFiniteFactorsError
     from streammf.store.contract import StoreError
     from streammf.store.redis_store import ModelMismatchError
-    from streammf.stream.daemon import open_store, redis_client
-    from streammf.stream.refresh import refresh as run_refresh
+    from streammf.stream.daemon import attach_store, redis_client
+    from streammf.stream.refresh import RefreshLeaseHeldError, refresh_with_lease
 
-    params = learner_params(settings.model)
+    params = LearnerParams.from_settings(settings.model)
     owner = f"cli:{socket.gethostname()}:{os.getpid()}"
     # Expected failures are one line; anything else is a bug and keeps its traceback.
     try:
         with redis_client(settings) as client:
-            store = open_store(settings, client, params)
-            # The lease keeps this refresh from racing a daemon's: two refreshes tracking one version would
-            # each take part of what the stream changed, and the winner would miss the loser's part.
-            if not store.hold_refresh_lease(owner, CLI_LEASE_S):
-                raise click.ClickException(
-                    f"the refresh lease is held by {store.refresh_lease_holder()}: a daemon refreshes this "
-                    f"model every STREAMMF_REFRESH__EVERY_S ({settings.refresh.every_s:g} s); lower that, "
-                    "or stop the daemons, to refresh now"
-                )
-            rounds = iterations or settings.refresh.iterations
-            try:
-                report = run_refresh(
-                    store,
-                    params.loss,
-                    rounds,
-                    params.init_std,
-                    params.seed,
-                    max_abs_factor=params.max_abs_factor,
-                )
-            except BaseException:
-                with contextlib.suppress(redis.RedisError):  # report the refresh's failure, not this one's
-                    store.release_refresh_lease(owner)
-                raise
-            try:
-                store.release_refresh_lease(owner)
-            except redis.RedisError as exc:  # the refresh itself is done: say so below, and warn
-                click.echo(
-                    f"warning: the refresh lease was not released ({failure_message(exc)}); daemons cannot "
-                    f"refresh this model until it expires (within {CLI_LEASE_S:g} s)",
-                    err=True,
-                )
+            store = attach_store(settings, client)
+            report = refresh_with_lease(
+                store, params, iterations or settings.refresh.iterations, owner, CLI_LEASE_S
+            )
+    except RefreshLeaseHeldError as exc:
+        raise click.ClickException(
+            f"{exc}: a daemon refreshes this model every STREAMMF_REFRESH__EVERY_S "
+            f"({settings.refresh.every_s:g} s); lower that, or stop the daemons, to refresh now"
+        ) from exc
     except ModelMismatchError as exc:
         raise click.ClickException(
             f"{exc} (STREAMMF_MODEL__MODE and STREAMMF_MODEL__FACTORS must match the stored model)"

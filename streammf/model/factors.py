@@ -21,17 +21,22 @@ from typing import Literal
 
 import numpy as np
 
+from streammf.config import ModelSettings
+
 Mode = Literal["explicit", "implicit"]
+DEFAULTS = ModelSettings()
 DTYPE = np.float32
 
 
 @dataclass(frozen=True)
 class LossParams:
+    """The loss's hyperparameters; defaults are the settings' (streammf.config), the one place they live."""
+
     mode: Mode
-    reg: float = 0.05
-    reg_bias: float = 0.01
-    alpha: float = 10.0
-    w0: float = 0.01
+    reg: float = DEFAULTS.reg
+    reg_bias: float = DEFAULTS.reg_bias
+    alpha: float = DEFAULTS.alpha
+    w0: float = DEFAULTS.w0
 
     def __post_init__(self) -> None:
         if self.mode not in ("explicit", "implicit"):

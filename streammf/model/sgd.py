@@ -34,18 +34,19 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from streammf.model.factors import DTYPE, LossParams
+from streammf.model.factors import DEFAULTS, DTYPE, LossParams
 
 
 @dataclass(frozen=True)
 class SgdParams:
     loss: LossParams
-    learning_rate: float = 0.01
-    bias_learning_rate: float = 0.04
-    bias_damping: float = 5.0  # β in the bias step η_b + 1/(n + β)
+    learning_rate: float = DEFAULTS.learning_rate
+    bias_learning_rate: float = DEFAULTS.bias_learning_rate
+    bias_damping: float = DEFAULTS.bias_damping  # β in the bias step η_b + 1/(n + β)
     fit_biases: bool = True  # explicit mode; False: p = ⟨u, v⟩ (no μ, biases held at their values)
     # Explicit mode: |w·e| is clipped to this (a Huber-like step), so one extreme event moves a row by a
-    # bounded amount. Within the input bounds it never binds for ordinary errors (see `learner_params`).
+    # bounded amount. Within the input bounds it never binds for ordinary errors
+    # (see `LearnerParams.from_settings`).
     max_gradient: float = float("inf")
 
 

@@ -40,6 +40,12 @@ class StoreError(RuntimeError):
     """Stored data is missing or malformed; the message names the key."""
 
 
+class StoreUnavailableError(StoreError):
+    """The store cannot be reached or cannot take writes right now (connection refused or lost, timeout,
+    loading its data, out of memory). Transient: nothing was half-applied; the caller backs off and retries.
+    Stores raise this instead of their client library's exceptions, so callers never import those."""
+
+
 class StoreLostStateError(StoreError):
     """The store no longer holds state it had: a key of the model is gone (Redis restarted empty,
     FLUSHALL, eviction), or Kafka's committed offsets show events the store has no record of. Going on

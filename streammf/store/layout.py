@@ -131,7 +131,12 @@ def decode_gramian(blob: bytes | None, k: int, key: str) -> np.ndarray:
     return np.frombuffer(blob, dtype=GRAMIAN_DTYPE).reshape(k, k).astype(np.float64)
 
 
-def parse_int(raw: bytes | None, key: str, what: str, default: int = 0) -> int:
+def text(raw: bytes | str) -> str:
+    """A reply as text (our clients reply in bytes; redis-py's types allow str as well)."""
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def parse_int(raw: bytes | str | None, key: str, what: str, default: int = 0) -> int:
     if raw is None:
         return default
     try:
@@ -140,7 +145,7 @@ def parse_int(raw: bytes | None, key: str, what: str, default: int = 0) -> int:
         raise StoreError(f"{key} {what}: not an integer: {raw!r}") from None
 
 
-def parse_float(raw: bytes | None, key: str, what: str, default: float = 0.0) -> float:
+def parse_float(raw: bytes | str | None, key: str, what: str, default: float = 0.0) -> float:
     if raw is None:
         return default
     try:
@@ -166,7 +171,7 @@ def read_model_meta(client: redis.Redis, keys: ModelKeys) -> StoredModel:
     layout = parse_int(raw.get(b"layout_version"), keys.meta, "field 'layout_version'", default=-1)
     if layout != LAYOUT_VERSION:
         raise StoreError(f"{keys.meta} field 'layout_version': {layout}, this code reads {LAYOUT_VERSION}")
-    mode = raw.get(b"mode", b"").decode()
+    mode = text(raw.get(b"mode", b""))
     if mode not in ("explicit", "implicit"):
         raise StoreError(f"{keys.meta} field 'mode': {mode!r} is neither 'explicit' nor 'implicit'")
     k = parse_int(raw.get(b"k"), keys.meta, "field 'k'", default=0)

@@ -91,8 +91,8 @@ class MemoryStore:
             self.item_counts[item] = self.item_counts.get(item, 0) + int(update.item_count_delta[row])
         additive = self._meta.mode == "implicit"
         for user, item, value in zip(update.pair_users, update.pair_items, update.pair_values, strict=True):
-            row = self.interactions.setdefault(user, {})
-            row[item] = row.get(item, 0.0) + float(value) if additive else float(value)
+            held = self.interactions.setdefault(user, {})
+            held[item] = held.get(item, 0.0) + float(value) if additive else float(value)
         self.value_sum += update.value_sum_delta
         self.value_count += update.value_count_delta
         self._events_applied += update.events_applied

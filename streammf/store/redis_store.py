@@ -7,8 +7,11 @@ widened to float64, the float64 delta is added, the sum is rounded back to float
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -23,6 +26,7 @@ from streammf.store.contract import (
     Side,
     StoreError,
     StoreLostStateError,
+    StoreUnavailableError,
 )
 from streammf.store.layout import (
     GRAMIAN_DTYPE,
@@ -37,10 +41,12 @@ from streammf.store.layout import (
     read_current_version,
     read_model_meta,
     require_binary_client,
+    require_no_eviction,
     rows_from_blob,
     scan_version_rows,
     split_numbers,
     store_error_from,
+    text,
 )
 
 # Rows per script call when a refresh writes a version: ~130 kB of arguments at k=32.
@@ -67,6 +73,28 @@ def _offset_triples(offsets: dict[int, tuple[int, int]]) -> list[int]:
     return [int(value) for partition, (first, nxt) in offsets.items() for value in (partition, first, nxt)]
 
 
+def _translating_errors(cls: type[RedisStore]) -> type[RedisStore]:
+    """Every public method raises `StoreUnavailableError` where redis-py raised a connection, timeout,
+    loading or out-of-memory error (the store's callers catch the store's errors, not redis-py's)."""
+    for name, member in list(vars(cls).items()):
+        if name.startswith("_") or not inspect.isfunction(member):
+            continue
+        setattr(cls, name, _translated(member))
+    return cls
+
+
+def _translated(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError) as exc:
+            raise StoreUnavailableError(f"Redis: {type(exc).__name__}: {exc}") from exc
+
+    return call
+
+
+@_translating_errors
 class RedisStore:
     """`RefreshableStore` on Redis. Thread-safe as far as the redis client is (redis.Redis is)."""
 
@@ -113,19 +141,20 @@ class RedisStore:
                 mode=mode, k=k, hyper=json.dumps(hyper or {}, sort_keys=True), zero_gramian=zero_gramian
             ),
         )
-        store = cls.attach(client, name)
-        if (store._model.mode, store._model.k) != (mode, k):
-            raise ModelMismatchError(
-                f"model {name!r} exists with mode={store._model.mode} k={store._model.k}, "
-                f"asked for mode={mode} k={k}; pick another model name or delete it"
-            )
-        return store
+        return cls.attach(client, name, (mode, k))
 
     @classmethod
-    def attach(cls, client: redis.Redis, name: str) -> RedisStore:
-        """An existing model (readers, the refresh); `StoreError` if there is none."""
+    def attach(cls, client: redis.Redis, name: str, expect: tuple[Mode, int] | None = None) -> RedisStore:
+        """An existing model (readers, the refresh); `StoreError` if there is none, `ModelMismatchError`
+        if it is not of the `expect`ed (mode, k)."""
         keys = ModelKeys(name)
-        return cls(client, keys, read_model_meta(client, keys))
+        store = cls(client, keys, read_model_meta(client, keys))
+        if expect is not None and (store._model.mode, store._model.k) != expect:
+            raise ModelMismatchError(
+                f"model {name!r} exists with mode={store._model.mode} k={store._model.k}, "
+                f"asked for mode={expect[0]} k={expect[1]}; pick another model name or delete it"
+            )
+        return store
 
     # ------------------------------------------------------------------------------ FactorStore
 
@@ -339,8 +368,16 @@ class RedisStore:
         retired but not yet collected (readers may still use them)."""
         current = self.current_version()
         last = parse_int(self._client.get(self.keys.next_version), self.keys.next_version, "value", current)
-        retired = {int(v) for v in self._client.zrange(self.keys.retired, 0, -1)}
+        retired = set(self._version_numbers(self._client.zrange(self.keys.retired, 0, -1)))
         return sorted(retired | set(range(current, max(current, last) + 1)))
+
+    def check_eviction_policy(self, allow_eviction: bool) -> str:
+        """`StoreUnsafeError` if the server may evict our keys (see `require_no_eviction`)."""
+        return require_no_eviction(self._client, allow_eviction)
+
+    def _version_numbers(self, members: object) -> list[int]:
+        """Members of the `retired` sorted set (a plain ZRANGE reply: bytes) as version numbers."""
+        return [parse_int(m, self.keys.retired, "member") for m in cast(list[bytes], members)]
 
     def applied_offsets(self) -> dict[int, int]:
         raw = self._client.hgetall(self.keys.offsets)
@@ -509,7 +546,7 @@ class RedisStore:
 
     def refresh_lease_holder(self) -> str | None:
         holder = self._client.get(self.keys.refresh_lease)
-        return None if holder is None else holder.decode()
+        return None if holder is None else text(holder)
 
     def discard_version(self, version: int) -> bool:
         """Give up a version being built (e.g. its publish was refused); `collect_garbage` deletes it."""
@@ -571,7 +608,7 @@ class RedisStore:
         by the server's clock, so readers still holding its number get to finish. Returns those versions."""
         seconds, micros = self._client.time()
         cutoff = seconds + micros / 1e6 - grace_s
-        due = [int(v) for v in self._client.zrangebyscore(self.keys.retired, "-inf", cutoff)]
+        due = self._version_numbers(self._client.zrangebyscore(self.keys.retired, "-inf", cutoff))
         for version in due:
             # One UNLINK per version removes its meta together with its rows: a reader that sees the meta
             # after reading rows knows the rows were whole.

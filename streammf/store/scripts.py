@@ -20,6 +20,8 @@ from importlib import resources
 import redis
 from redis.commands.core import Script
 
+Arg = bytes | str | int | float  # what redis-py sends as a script argument
+
 
 @dataclass(frozen=True)
 class LuaScript:
@@ -48,7 +50,7 @@ class LuaScript:
             raise ValueError(f"{self.name}: keys {sorted(named)} != declared {sorted(self.keys)}")
         return [named[key] for key in self.keys] + list(tail)
 
-    def arg_list(self, tail: Sequence[object] = (), **named: object) -> list[object]:
+    def arg_list(self, tail: Sequence[Arg] = (), **named: Arg) -> list[Arg]:
         """ARGV in the declared order, then `tail`."""
         if set(named) != set(self.args):
             raise ValueError(f"{self.name}: args {sorted(named)} != declared {sorted(self.args)}")

@@ -23,34 +23,31 @@ from typing import Any
 from kafka import ConsumerRebalanceListener
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata, TopicPartition
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from streammf.store.contract import ApplyOutcome, StoreLostStateError
+from streammf.config import KafkaSettings, Settings
+from streammf.store.contract import ApplyOutcome, StoreUnavailableError
 from streammf.stream.events import DEFAULT_LIMITS, Event, EventLimits, ForgetUser, Invalid, decode
 from streammf.stream.learner import DamagedGramianError, Learner, StepResult, VersionChurnError
 from streammf.stream.metrics import Heartbeat, Metrics
+from streammf.stream.positions import Positions
 
 log = logging.getLogger(__name__)
-# OutOfMemoryError: Redis at maxmemory with noeviction refuses writes (a script fails at its first write,
-# before it changed anything); backing off lets memory be added or freed without losing the batch.
-TRANSIENT_STORE_ERRORS = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    RedisOutOfMemoryError,
-    VersionChurnError,
-    DamagedGramianError,
-)
+_KAFKA = KafkaSettings()
+# StoreUnavailableError covers Redis out of memory too (noeviction at maxmemory refuses writes; a script
+# fails at its first write, before it changed anything): backing off lets memory be freed, nothing lost.
+TRANSIENT_STORE_ERRORS = (StoreUnavailableError, VersionChurnError, DamagedGramianError)
 
 
 @dataclass(frozen=True)
 class LoopSettings:
+    """The loop's knobs. Those that are settings take their defaults from `KafkaSettings` (the one place
+    defaults live); `from_settings` is the daemon's conversion. The rest are internal timings."""
+
     topic: str
     dead_letter_topic: str
-    poll_timeout_ms: int = 200
-    max_poll_records: int = 500
-    max_record_bytes: int = 4096
+    poll_timeout_ms: int = _KAFKA.poll_timeout_ms
+    max_poll_records: int = _KAFKA.max_poll_records
+    max_record_bytes: int = _KAFKA.max_record_bytes
     limits: EventLimits = DEFAULT_LIMITS
     retry_budget_s: float = (
         60.0  # then abandon the batch and poll again (stays well inside max.poll.interval)
@@ -67,6 +64,19 @@ class LoopSettings:
     # state: refuse (StoreLostStateError), or with `rebuild` consume it again from the earliest offset.
     rebuild: bool = False
 
+    @classmethod
+    def from_settings(cls, settings: Settings, rebuild: bool = False) -> LoopSettings:
+        kafka = settings.kafka
+        return cls(
+            topic=kafka.topic,
+            dead_letter_topic=kafka.dead_letter_topic,
+            poll_timeout_ms=kafka.poll_timeout_ms,
+            max_poll_records=kafka.max_poll_records,
+            max_record_bytes=kafka.max_record_bytes,
+            limits=EventLimits(*settings.model.bounds),
+            rebuild=rebuild,
+        )
+
 
 class _ResumeFromStore(ConsumerRebalanceListener):
     """Marks newly assigned partitions; the loop seeks them to the store's offsets before using them.
@@ -79,15 +89,15 @@ class _ResumeFromStore(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         # Every applied batch is already in Redis with its offsets: nothing to flush before giving up.
+        self.loop.positions.revoked(revoked)
         for tp in revoked:
-            self.loop.unsynced.discard(tp)
             with contextlib.suppress(KeyError):  # no lag series yet for this partition
                 self.loop.metrics.lag.remove(str(tp.partition))
         if revoked:
             log.info("partitions revoked", extra={"partitions": sorted(tp.partition for tp in revoked)})
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        self.loop.unsynced.update(assigned)
+        self.loop.positions.assigned(assigned)
         if assigned:
             log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
         else:
@@ -106,6 +116,7 @@ class ConsumeLoop:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         store_guard: Callable[[], object] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.consumer = consumer
         self.producer = producer
@@ -115,11 +126,11 @@ class ConsumeLoop:
         self.settings = settings
         self.clock = clock
         self.sleep = sleep
-        self.unsynced: set[TopicPartition] = set()
-        self.next_offsets: dict[int, int] = {}  # partition -> next offset applied by this process
+        self.monotonic = monotonic  # retry budgets and periodic checks (tests pass a fake one with `sleep`)
+        self.positions = Positions()
         self._next_probe = 0.0
         self.store_guard = store_guard
-        self._next_guard = time.monotonic() + settings.guard_every_s
+        self._next_guard = monotonic() + settings.guard_every_s
 
     def run(self, stop: threading.Event) -> None:
         self.consumer.subscribe([self.settings.topic], listener=_ResumeFromStore(self))
@@ -132,7 +143,7 @@ class ConsumeLoop:
             if polled:
                 self._made_contact("kafka")
             repositioned: set[TopicPartition] = set()
-            if self.unsynced:
+            if self.positions.needs_sync:
                 synced = self._sync_offsets(stop)
                 if synced is None:
                     continue  # the store is unreachable: whatever was polled is fetched again after the seek
@@ -147,45 +158,18 @@ class ConsumeLoop:
         log.info("stop requested: loop finished its last batch")
 
     def _sync_offsets(self, stop: threading.Event) -> set[TopicPartition] | None:
-        """Seek newly assigned partitions to the offsets applied in the store; returns those it moved
-        (None if the store is unreachable). Partitions the store knows nothing of keep Kafka's position."""
+        """Seek newly assigned partitions to the offsets applied in the store; returns those it moved, or
+        None when the store or Kafka cannot answer now (tried again after the next poll)."""
         try:
-            applied = self._with_retry(self.learner.store.applied_offsets, stop)
+            stored = self._with_retry(self.learner.applied_offsets, stop)
         except _Abandoned:
             return None
-        moved = set()
-        for tp in list(self.unsynced):
-            if tp.partition in applied:
-                self.consumer.seek(tp, applied[tp.partition])
-                self.next_offsets[tp.partition] = applied[tp.partition]
-                moved.add(tp)
-            else:
-                try:
-                    if self._start_unknown_partition(tp):
-                        moved.add(tp)
-                except KafkaError as exc:  # the committed offset could not be read: try after the next poll
-                    self.metrics.retries.labels("kafka").inc()
-                    log.warning("cannot read the committed offset of %s: %s", tp, exc)
-                    return None
-            self.unsynced.discard(tp)
-        return moved
-
-    def _start_unknown_partition(self, tp: TopicPartition) -> bool:
-        """A partition the store holds no offset for: new (it keeps Kafka's position, the earliest offset;
-        returns False), or one whose state the store lost (the group committed offsets for it, which
-        happens only after an apply): refused, or with `rebuild` moved to its earliest offset (True)."""
-        self.next_offsets.pop(tp.partition, None)
-        committed = self.consumer.committed(tp)
-        if committed is None:
-            return False
-        if not self.settings.rebuild:
-            raise StoreLostStateError(
-                f"the store has no offset for partition {tp.partition} of {tp.topic}, but the consumer group "
-                f"committed offset {committed} there: the store lost the state of that partition"
-            )
-        log.warning("rebuild: partition %d is consumed again from its earliest offset", tp.partition)
-        self.consumer.seek_to_beginning(tp)
-        return True
+        try:
+            return self.positions.sync(self.consumer, stored, self.settings.rebuild)
+        except KafkaError as exc:  # a committed offset could not be read
+            self.metrics.retries.labels("kafka").inc()
+            log.warning("cannot read committed offsets: %s", exc)
+            return None
 
     def process(self, polled: dict[TopicPartition, list[Any]], stop: threading.Event) -> StepResult | None:
         """One poll's records. Returns the (last) step result, or None when the batch was abandoned (to be
@@ -194,7 +178,7 @@ class ConsumeLoop:
         Normally one batch covers every partition. A `forget_user` record splits its partition's records
         around it, so it takes effect in stream order: the events before it are applied (with their
         offsets), then the forget (with its offset), then the events after it."""
-        polled = self._drop_applied(polled)
+        polled = self.positions.drop_applied(polled)
         if not polled:
             return None
         received = time.perf_counter()
@@ -258,29 +242,12 @@ class ConsumeLoop:
         outcome = self._with_retry(lambda: self.learner.forget_user(forget.user_id, offsets), stop)
         if outcome is ApplyOutcome.CONFLICT:
             log.warning("offset conflict at a forget: resyncing", extra={"offsets": offsets})
-            self.unsynced.add(TopicPartition(self.settings.topic, record.partition))
+            self.positions.resync([TopicPartition(self.settings.topic, record.partition)])
             raise _Abandoned
         if outcome is ApplyOutcome.APPLIED:
             self.metrics.users_forgotten.inc()
             log.info("forgot a user", extra={"partition": record.partition, "offset": record.offset})
-        self.next_offsets[record.partition] = record.offset + 1
-
-    def _drop_applied(self, polled: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, list[Any]]:
-        """Without records this process knows are applied: a redelivery (e.g. a fetch that raced a seek)
-        must not reach the dead-letter topic or the learner again."""
-        fresh: dict[TopicPartition, list[Any]] = {}
-        for tp, records in polled.items():
-            applied_below = self.next_offsets.get(tp.partition)
-            kept = records if applied_below is None else [r for r in records if r.offset >= applied_below]
-            if len(kept) < len(records):
-                log.info(
-                    "dropped %d redelivered records already applied",
-                    len(records) - len(kept),
-                    extra={"partition": tp.partition, "applied_below": applied_below},
-                )
-            if kept:
-                fresh[tp] = kept
-        return fresh
+        self.positions.applied(record.partition, record.offset + 1)
 
     def _account(
         self, result: StepResult, events: list[Event], offsets: dict[int, tuple[int, int]], received: float
@@ -289,7 +256,7 @@ class ConsumeLoop:
         if result.outcome is ApplyOutcome.CONFLICT:
             # Someone else applied part of these offsets (a zombie or a rebalance race): resync and re-poll.
             log.warning("offset conflict: resyncing partitions", extra={"offsets": offsets})
-            self.unsynced.update(TopicPartition(self.settings.topic, p) for p in offsets)
+            self.positions.resync(TopicPartition(self.settings.topic, p) for p in offsets)
             return
         if result.outcome is ApplyOutcome.DUPLICATE:
             log.info("batch already applied (replay after a restart): skipped", extra={"offsets": offsets})
@@ -303,7 +270,7 @@ class ConsumeLoop:
         self.metrics.update_latency.observe(time.perf_counter() - received)
         self.metrics.model_version.set(result.version)
         for partition, (_, nxt) in offsets.items():
-            self.next_offsets[partition] = nxt
+            self.positions.applied(partition, nxt)
 
     def _dead_letter(self, dead: list[tuple[Any, Invalid]]) -> None:
         """Produce bad records with their original bytes, cut to `max_record_bytes` (a record near the
@@ -372,7 +339,7 @@ class ConsumeLoop:
         )
 
     def _with_retry(self, call: Callable[[], Any], stop: threading.Event, dependency: str = "redis") -> Any:
-        deadline = time.monotonic() + self.settings.retry_budget_s
+        deadline = self.monotonic() + self.settings.retry_budget_s
         delay = self.settings.backoff_initial_s
         while True:
             try:
@@ -381,7 +348,7 @@ class ConsumeLoop:
                 if isinstance(exc, KafkaError) and not _transient_kafka_error(exc):
                     raise
                 self.metrics.retries.labels(dependency).inc()
-                if stop.is_set() or time.monotonic() + delay > deadline:
+                if stop.is_set() or self.monotonic() + delay > deadline:
                     log.warning("giving up on this batch for now: %s", exc, extra={"dependency": dependency})
                     raise _Abandoned from exc
                 log.warning("retrying in %.2fs: %s", delay, exc, extra={"dependency": dependency})
@@ -395,13 +362,13 @@ class ConsumeLoop:
     def _guard_store(self) -> None:
         """Runs `store_guard` every `guard_every_s`; what it raises (e.g. StoreUnsafeError) stops the loop,
         except a store that cannot be reached now (retried at the next period)."""
-        if self.store_guard is None or time.monotonic() < self._next_guard:
+        if self.store_guard is None or self.monotonic() < self._next_guard:
             return
-        self._next_guard = time.monotonic() + self.settings.guard_every_s
+        self._next_guard = self.monotonic() + self.settings.guard_every_s
         try:
             self.store_guard()
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            log.warning("store check skipped, Redis unreachable: %s", exc)
+        except StoreUnavailableError as exc:
+            log.warning("store check skipped, the store is unreachable: %s", exc)
 
     def _made_contact(self, dependency: str) -> None:
         self.heartbeat.saw(dependency)
@@ -411,7 +378,7 @@ class ConsumeLoop:
         """Every `probe_every_s`: the topic's end offsets from the broker (bounded wait). Success proves
         that Kafka answers and refreshes the lag gauge; failure counts a retry and, once it lasts,
         makes /healthz unhealthy."""
-        now = time.monotonic()
+        now = self.monotonic()
         if now < self._next_probe:
             return
         self._next_probe = now + self.settings.probe_every_s
@@ -430,11 +397,10 @@ class ConsumeLoop:
 
     def _update_lag(self, ends: dict[TopicPartition, int] | None = None) -> None:
         """Lag from the end offsets of the last probe, or else the high watermark of the last fetch."""
-        for tp in self.consumer.assignment():
-            nxt = self.next_offsets.get(tp.partition)
-            end = ends.get(tp) if ends is not None else self.consumer.highwater(tp)
-            if end is not None and nxt is not None:
-                self.metrics.lag.labels(str(tp.partition)).set(max(0, end - nxt))
+        assigned = self.consumer.assignment()
+        known = {tp: (ends.get(tp) if ends is not None else self.consumer.highwater(tp)) for tp in assigned}
+        for partition, behind in self.positions.lag(known).items():
+            self.metrics.lag.labels(str(partition)).set(behind)
 
     def _commit(self, polled: dict[TopicPartition, list[Any]]) -> None:
         """Asynchronous: Redis is authoritative, Kafka's committed offsets only feed lag tooling, so a

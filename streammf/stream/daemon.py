@@ -19,7 +19,6 @@ from streammf.store.layout import delete_model, model_exists, require_no_evictio
 from streammf.store.redis_store import RedisStore
 from streammf.store.timed import TimedStore
 from streammf.stream.consumer import ConsumeLoop, LoopSettings
-from streammf.stream.events import EventLimits
 from streammf.stream.kafka_config import client_kwargs
 from streammf.stream.learner import Learner, LearnerParams
 from streammf.stream.metrics import Heartbeat, Metrics, serve_metrics
@@ -39,10 +38,17 @@ def redis_client(settings: Settings) -> redis.Redis:
     )
 
 
-def open_store(settings: Settings, client: redis.Redis, params: LearnerParams) -> RedisStore:
+def open_store(settings: Settings, client: redis.Redis) -> RedisStore:
+    """The configured model, created if absent (the daemon: a first run starts an empty model)."""
     model = settings.model
     hyper = model.model_dump(exclude={"name", "mode", "factors"})
     return RedisStore.open(client, model.name, model.mode, model.factors, hyper)
+
+
+def attach_store(settings: Settings, client: redis.Redis) -> RedisStore:
+    """The configured model, which must exist (tools that read or refresh it never create one)."""
+    model = settings.model
+    return RedisStore.attach(client, model.name, (model.mode, model.factors))
 
 
 def run_daemon(
@@ -147,25 +153,16 @@ def _run_loop(
     heartbeat: Heartbeat,
 ) -> None:
     replica_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    store = open_store(settings, client, params)
+    store = open_store(settings, client)
     learner = Learner(TimedStore(store, metrics.redis_latency), params)
-    value_min, value_max, weight_max = settings.model.bounds
     loop = ConsumeLoop(
         consumer,
         producer,
         learner,
         metrics,
         heartbeat,
-        LoopSettings(
-            topic=settings.kafka.topic,
-            dead_letter_topic=settings.kafka.dead_letter_topic,
-            poll_timeout_ms=settings.kafka.poll_timeout_ms,
-            max_poll_records=settings.kafka.max_poll_records,
-            max_record_bytes=settings.kafka.max_record_bytes,
-            limits=EventLimits(value_min, value_max, weight_max),
-            rebuild=rebuild,
-        ),
-        store_guard=lambda: require_no_eviction(client, settings.redis.allow_eviction),
+        LoopSettings.from_settings(settings, rebuild),
+        store_guard=lambda: store.check_eviction_policy(settings.redis.allow_eviction),
     )
     log.info(
         "streammf run: model=%s mode=%s k=%d topic=%s group=%s",
@@ -177,14 +174,11 @@ def _run_loop(
     )
     refresher = PeriodicRefresh(
         store,
-        params.loss,
+        params,
         settings.refresh.iterations,
-        params.init_std,
-        params.seed,
         settings.refresh.every_s,
         hold_lease=lambda ttl: store.hold_refresh_lease(replica_id, ttl),
         on_outcome=metrics.observe_refresh,
-        max_abs_factor=params.max_abs_factor,
     )
     refresher.start(stop)
     loop.run(stop)

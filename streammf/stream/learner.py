@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from streammf.model.factors import DTYPE, LossParams, init_rows
+from streammf.config import ModelSettings
+from streammf.model.factors import DEFAULTS, DTYPE, LossParams, init_rows
 from streammf.model.sgd import SgdBatch, SgdParams, sgd_step
 from streammf.store.contract import ApplyOutcome, BatchState, BatchUpdate, FactorStore
 from streammf.stream.events import Event
@@ -23,9 +24,12 @@ _PAUSE_POLL_S = 0.02  # how often a paused writer looks again (a refresh's hand-
 
 @dataclass(frozen=True)
 class LearnerParams:
+    """Everything the learner and the refresh need; `from_settings` is the one conversion from the
+    settings model. (Defaults are the settings' except the bound, which the settings always pass.)"""
+
     sgd: SgdParams
-    init_std: float = 0.05
-    seed: int = 42
+    init_std: float = DEFAULTS.init_std
+    seed: int = DEFAULTS.seed
     # A row whose coordinates (factors, bias) leave [-max_abs_factor, max_abs_factor] or are not finite is
     # damaged: never written by a batch, and replaced by its initial row when read.
     max_abs_factor: float = float("inf")
@@ -33,6 +37,21 @@ class LearnerParams:
     @property
     def loss(self) -> LossParams:
         return self.sgd.loss
+
+    @classmethod
+    def from_settings(cls, model: ModelSettings) -> LearnerParams:
+        loss = LossParams(model.mode, reg=model.reg, reg_bias=model.reg_bias, alpha=model.alpha, w0=model.w0)
+        value_min, value_max, _ = model.bounds
+        # An error can be at most the width of the value range for a prediction inside it: the clip only
+        # binds for predictions far outside, which is where a step would otherwise throw a row away.
+        sgd = SgdParams(
+            loss,
+            model.learning_rate,
+            model.bias_learning_rate,
+            model.bias_damping,
+            max_gradient=value_max - value_min,
+        )
+        return cls(sgd, init_std=model.init_std, seed=model.seed, max_abs_factor=model.max_abs_factor)
 
 
 @dataclass(frozen=True)
@@ -159,6 +178,10 @@ class Learner:
             return False
         extras = [predictions, update.item_gramian_delta, update.user_gramian_delta]
         return all(a is None or np.isfinite(a).all() for a in extras)
+
+    def applied_offsets(self) -> dict[int, int]:
+        """partition -> next offset the store holds (where a newly assigned partition resumes)."""
+        return self.store.applied_offsets()
 
     def forget_user(self, user: str, offsets: dict[int, tuple[int, int]] | None = None) -> ApplyOutcome:
         """Delete the user from the model (see `FactorStore.forget_user`), waiting out a refresh's pause."""

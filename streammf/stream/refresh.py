@@ -20,12 +20,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import redis
 
 from streammf.model.factors import DTYPE, Factors, LossParams, init_rows
 from streammf.model.interactions import Interactions
 from streammf.model.objective import objective
 from streammf.model.wals import fold_in_items, fold_in_users, wals
 from streammf.store.contract import RefreshableStore
+from streammf.store.redis_store import RedisStore
+from streammf.stream.learner import LearnerParams
 
 log = logging.getLogger(__name__)
 
@@ -284,18 +287,13 @@ class RefreshReport:
 
 
 def refresh(
-    store: RefreshableStore,
-    params: LossParams,
-    iterations: int,
-    init_std: float,
-    seed: int,
-    pause_limit_s: float = PAUSE_LIMIT_S,
-    max_abs_factor: float = float("inf"),
+    store: RefreshableStore, learner: LearnerParams, iterations: int, pause_limit_s: float = PAUSE_LIMIT_S
 ) -> RefreshReport:
     """Tracking the live version, building the new one and pausing writers are each scoped: whatever
     happens (published, lost a race, overran the pause, raised), the live version stops tracking and
     writers resume, and an unpublished version goes to garbage collection."""
     started = time.perf_counter()
+    params, init_std, seed = learner.loss, learner.init_std, learner.seed
     live = store.current_version()
     with _tracking(store, live) as tracked:
         if not tracked:
@@ -311,7 +309,7 @@ def refresh(
             iterations,
             init_std,
             seed,
-            max_abs_factor,
+            learner.max_abs_factor,
         )
         caught_up_rows = 0
         for _ in range(OPEN_CATCH_UP_ROUNDS):
@@ -436,29 +434,54 @@ def _write(
         store.write_gramian(version, "items", f.item.astype(np.float64).T @ f.item.astype(np.float64))
 
 
+class RefreshLeaseHeldError(RuntimeError):
+    """Another process holds the refresh lease (a daemon's periodic refresh, or another `refresh`)."""
+
+    def __init__(self, holder: str | None) -> None:
+        self.holder = holder
+        super().__init__(f"the refresh lease is held by {holder}")
+
+
+def refresh_with_lease(
+    store: RedisStore, learner: LearnerParams, iterations: int, owner: str, lease_s: float
+) -> RefreshReport:
+    """One refresh under the refresh lease (taken, then given back whatever happens). Two refreshes
+    tracking one version would each take part of what the stream changed, and the winner would miss the
+    loser's part: so a refresh outside the daemons must hold the lease too."""
+    if not store.hold_refresh_lease(owner, lease_s):
+        raise RefreshLeaseHeldError(store.refresh_lease_holder())
+    try:
+        return refresh(store, learner, iterations)
+    finally:
+        try:
+            store.release_refresh_lease(owner)
+        except redis.RedisError as exc:  # the refresh's own outcome matters more; the lease expires
+            log.warning("refresh lease not released (expires within %.0f s): %s", lease_s, exc)
+
+
 class PeriodicRefresh:
-    """Runs `refresh` every `every_s` seconds on a background thread, on the one replica holding the
-    refresh lease, and deletes retired versions once readers have had `grace_s` to finish with them."""
+    """Every `every_s` seconds on a background thread (`start`), or when a test says so (`tick`): a
+    refresh on the one replica holding the refresh lease, when there is news, then garbage collection of
+    versions retired more than `grace_s` ago (readers had time to finish with them)."""
 
     def __init__(
         self,
         store: RefreshableStore,
-        params: LossParams,
+        learner: LearnerParams,
         iterations: int,
-        init_std: float,
-        seed: int,
         every_s: float,
         hold_lease: Callable[[float], bool],
         on_outcome: Callable[[str, RefreshReport | None], None],
         grace_s: float = 60.0,
-        max_abs_factor: float = float("inf"),
     ) -> None:
         self.store = store
-        self.args = (params, iterations, init_std, seed, PAUSE_LIMIT_S, max_abs_factor)
+        self.learner = learner
+        self.iterations = iterations
         self.every_s = every_s
         self.hold_lease = hold_lease
         self.on_outcome = on_outcome
         self.grace_s = grace_s
+        self._refreshed_at_events = 0
 
     def start(self, stop: threading.Event) -> threading.Thread:
         thread = threading.Thread(target=self._run, args=(stop,), name="wals-refresh", daemon=True)
@@ -466,19 +489,26 @@ class PeriodicRefresh:
         return thread
 
     def _run(self, stop: threading.Event) -> None:
-        refreshed_at_events = 0
         while not stop.wait(self.every_s):
-            try:
-                if not self.hold_lease(2 * self.every_s):
-                    continue
-                applied = self.store.events_applied()
-                if applied == refreshed_at_events:
-                    continue  # nothing new since the last refresh (or nothing yet)
-                report = refresh(self.store, *self.args)
-                if report.published:
-                    refreshed_at_events = applied
-                self.on_outcome("published" if report.published else "not_published", report)
-                self.store.collect_garbage(self.grace_s)
-            except Exception:  # the stream must go on; the next period tries again
-                log.exception("wals refresh failed")
-                self.on_outcome("failed", None)
+            self.tick()
+
+    def tick(self) -> str | None:
+        """One period's work; returns the outcome (published, not_published, failed) or None if there was
+        nothing to do (no lease, or no event since the last published refresh)."""
+        try:
+            if not self.hold_lease(2 * self.every_s):
+                return None
+            applied = self.store.events_applied()
+            if applied == self._refreshed_at_events:
+                return None
+            report = refresh(self.store, self.learner, self.iterations)
+            if report.published:
+                self._refreshed_at_events = applied
+            outcome = "published" if report.published else "not_published"
+            self.on_outcome(outcome, report)
+            self.store.collect_garbage(self.grace_s)
+            return outcome
+        except Exception:  # the stream must go on; the next period tries again
+            log.exception("wals refresh failed")
+            self.on_outcome("failed", None)
+            return "failed"

@@ -81,7 +81,7 @@ def evaluate(
         bar.update(end - position)
         position = end
         if position >= next_refresh:
-            refresh(store, params.loss, refresh_iterations, params.init_std, params.seed)
+            refresh(store, params, refresh_iterations)
             refreshes += 1
             next_refresh += refresh_every
     bar.close()

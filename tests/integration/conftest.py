@@ -3,7 +3,6 @@ MovieLens 100k from the shared data folder beside the repo."""
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,19 +12,6 @@ import redis
 
 from streammf.store.layout import ModelKeys
 from streammf.tools.ratings import RatingsLog, load_ratings
-
-
-@pytest.fixture
-def model_name(redis_client: redis.Redis) -> Iterator[str]:
-    """A model name unique to this test. Model keys live under streammf:{name}: (the public layout), not
-    under `redis_prefix`, so they are cleaned up here."""
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    yield name
-    with contextlib.suppress(redis.RedisError):
-        keys = list(redis_client.scan_iter(match=ModelKeys(name).prefix + "*", count=1000))
-        for start in range(0, len(keys), 1000):
-            redis_client.unlink(*keys[start : start + 1000])
-
 
 ML100K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ml-100k" / "u.data"
 

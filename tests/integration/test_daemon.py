@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import redis
 
-from streammf.cli import learner_params
 from streammf.config import (
     KafkaSettings,
     MetricsSettings,
@@ -33,6 +32,7 @@ from streammf.store.layout import ModelKeys
 from streammf.store.memory import MemoryStore
 from streammf.store.redis_store import RedisStore
 from streammf.stream.daemon import run_daemon
+from streammf.stream.learner import LearnerParams
 from streammf.tools.evaluate import evaluate
 from streammf.tools.ratings import RatingsLog
 
@@ -42,7 +42,7 @@ def evaluated(movielens: RatingsLog) -> MemoryStore:
     """The uninterrupted reference: `streammf evaluate`'s code path on an in-memory store."""
     model = ModelSettings()
     store = MemoryStore("reference", model.mode, model.factors)
-    evaluate(movielens, store, learner_params(model), batch_size=500)
+    evaluate(movielens, store, LearnerParams.from_settings(model), batch_size=500)
     return store
 
 
@@ -149,7 +149,12 @@ class _InProcessDaemon:
 
     def _run(self) -> None:
         try:
-            run_daemon(self.settings, learner_params(self.settings.model), self.stop, rebuild=self.rebuild)
+            run_daemon(
+                self.settings,
+                LearnerParams.from_settings(self.settings.model),
+                self.stop,
+                rebuild=self.rebuild,
+            )
         except BaseException as exc:  # surfaced by the test
             self.error = exc
 
@@ -210,7 +215,7 @@ def test_replay_through_kafka_matches_evaluate(
         metrics["streammf_prequential_squared_error_total"]
         / metrics["streammf_prequential_predictions_total"]
     )
-    reference = learner_params(ModelSettings())
+    reference = LearnerParams.from_settings(ModelSettings())
     store = MemoryStore("again", "explicit", ModelSettings().factors)
     report = evaluate(movielens, store, reference, batch_size=500)
     assert report.rmse is not None
@@ -234,7 +239,11 @@ def test_metrics_expose_every_series(kafka_bootstrap, redis_url, redis_client, m
     port = _free_port()
     with _InProcessDaemon(_settings(kafka_bootstrap, redis_url, topic, model, port)):
         _wait_for(lambda: _applied(redis_client, model) >= 50, 60, "events applied")
-        time.sleep(0.5)
+        _wait_for(
+            lambda: any(name.startswith("streammf_consumer_lag_records") for name in _scrape(port)),
+            10,
+            "the lag gauge (set after the batch)",
+        )
         metrics = _scrape(port)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
             assert response.status == 200
@@ -365,13 +374,16 @@ def test_redis_outage_recovers_without_loss_or_duplicates(
 ):
     topic = make_topic(topic_name, 1)
     payloads = _ratings_payloads(movielens)
-    with _InProcessDaemon(_settings(kafka_bootstrap, redis_url, topic, model, _free_port())):
+    port = _free_port()
+    with _InProcessDaemon(_settings(kafka_bootstrap, redis_url, topic, model, port)):
         producer = threading.Thread(target=_produce, args=(kafka_bootstrap, topic, payloads))
         producer.start()
         _wait_for(lambda: _applied(redis_client, model) >= 20_000, 120, "some events applied")
         redis_client.execute_command("CLIENT", "PAUSE", "10000", "ALL")  # Redis unavailable for 10 s
         producer.join()
         _wait_for(lambda: _applied(redis_client, model) >= len(movielens), 300, "all events applied")
+        retries = _scrape(port).get('streammf_retries_total{dependency="redis"}', 0)
+    assert retries > 0, "the outage must have been seen and retried, not slept through"
     assert _applied(redis_client, model) == len(movielens)
     _assert_same_factors(redis_client, model, evaluated)
 

@@ -59,8 +59,8 @@ def test_redis_forgets_exactly_as_the_in_memory_twin_in_every_version(mode, redi
     for store in (redis_store, twin):
         Learner(store, params).learn(events, {0: (0, 400)})
     old = redis_store.current_version()
-    assert refresh(redis_store, params.loss, 1, params.init_std, params.seed).published
-    assert refresh(twin, params.loss, 1, params.init_std, params.seed).published
+    assert refresh(redis_store, params, 1).published
+    assert refresh(twin, params, 1).published
     assert "u3" in _rows(redis_client, model_name, old, "users")  # the retired version still has the user
     for store in (redis_store, twin):
         assert store.forget_user("u3", {0: (400, 401)}) is ApplyOutcome.APPLIED
@@ -100,7 +100,7 @@ def test_a_user_forgotten_during_a_refresh_stays_forgotten(redis_client, model_n
         return rows
 
     store.read_all_rows = read_then_forget  # type: ignore[method-assign]
-    report = refresh(store, params.loss, 2, params.init_std, params.seed)
+    report = refresh(store, params, 2)
     assert report.published
     rows = _rows(redis_client, model_name, store.current_version(), "users")
     assert "u3" not in rows and len(rows) == 7

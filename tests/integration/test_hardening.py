@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import redis
 
-from streammf.cli import learner_params
 from streammf.client import StreamMFClient
 from streammf.config import ModelSettings, RedisSettings, Settings
 from streammf.store.contract import StoreLostStateError, StoreUnsafeError
 from streammf.store.layout import ModelKeys, model_exists
 from streammf.store.memory import MemoryStore
+from streammf.stream.learner import LearnerParams
 from streammf.tools.evaluate import evaluate
 from streammf.tools.ratings import RatingsLog
 from tests.integration.private_services import PrivateKafka, PrivateRedis
@@ -65,7 +65,7 @@ def _reference(log: RatingsLog, n: int, model_settings: ModelSettings | None = N
     model_settings = model_settings or ModelSettings()
     head = RatingsLog(log.users[:n], log.items[:n], log.values[:n], log.timestamps[:n])
     store = MemoryStore("reference", model_settings.mode, model_settings.factors)
-    evaluate(head, store, learner_params(model_settings), batch_size=500)
+    evaluate(head, store, LearnerParams.from_settings(model_settings), batch_size=500)
     return store
 
 

@@ -288,7 +288,9 @@ def test_garbage_collection_deletes_only_retired_versions_past_grace(
     building = store.begin_version()
     assert store.collect_garbage(grace_s=0.5) == []  # version 1 retired just now: readers may hold it
     assert version_key_count(redis_client, keys, 1) == 5
-    time.sleep(0.6)
+    # Garbage collection goes by the server's clock: wait until it is past the grace period.
+    retired_at = float(redis_client.zscore(keys.retired, 1))
+    _wait_for_server_time(redis_client, retired_at + 0.5)
     assert store.collect_garbage(grace_s=0.5) == [1]
     assert version_key_count(redis_client, keys, 1) == 0
     assert version_key_count(redis_client, keys, two) == 4  # no users written to it
@@ -316,3 +318,13 @@ def test_garbage_collection_deletes_only_retired_versions_past_grace(
         f"v{five}:gram:items",
         f"v{five}:gram:users",
     }
+
+
+def _wait_for_server_time(client: redis.Redis, at: float, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        seconds, micros = client.time()
+        if seconds + micros / 1e6 > at:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the Redis server's clock did not pass {at} within {timeout_s} s")

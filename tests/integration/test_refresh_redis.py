@@ -28,7 +28,7 @@ def test_refresh_flips_version_and_old_one_is_collected(redis_client: redis.Redi
     learner = Learner(store, params)
     assert learner.learn(events[:1000], {0: (0, 1000)}).outcome is ApplyOutcome.APPLIED
 
-    report = refresh(store, params.loss, 3, params.init_std, params.seed)
+    report = refresh(store, params, 3)
     assert report.published and report.version == store.current_version() == 2
     assert report.objective_after < report.objective_before
     # The stream goes on against the new version (its writer re-reads after the flip).
@@ -74,7 +74,7 @@ def test_refreshes_during_a_stream_lose_no_update(redis_client: redis.Redis, mod
     writer.start()
     reports = []
     while writer.is_alive():
-        reports.append(refresh(store, params.loss, 2, params.init_std, params.seed))
+        reports.append(refresh(store, params, 2))
     writer.join()
 
     assert store.events_applied() == len(warm) + sum(len(b) for b in batches)
@@ -123,7 +123,7 @@ def test_a_refresh_that_does_not_publish_leaves_no_tracking_behind(
 
     original_publish = store.publish
     store.publish = lambda version, expected: False  # type: ignore[method-assign]  # lost a race
-    report = refresh(store, params.loss, 1, params.init_std, params.seed)
+    report = refresh(store, params, 1)
     store.publish = original_publish  # type: ignore[method-assign]
     assert not report.published and store.current_version() == live
 
@@ -132,7 +132,7 @@ def test_a_refresh_that_does_not_publish_leaves_no_tracking_behind(
 
     store.write_gramian = fail  # type: ignore[method-assign]
     try:
-        refresh(store, params.loss, 1, params.init_std, params.seed)
+        refresh(store, params, 1)
     except RuntimeError:
         pass
     else:

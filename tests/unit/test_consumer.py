@@ -175,3 +175,113 @@ def test_the_store_guard_stops_the_loop_when_redis_turns_unsafe() -> None:
     else:
         raise AssertionError("the loop went on with an unsafe store")
     assert store.events_applied() == 5 and len(checks) == 2
+
+
+# ------------------------------------------------------------------ failure paths, without sleeping
+
+
+class FlakyStore:
+    """A store whose apply fails `failures` times with StoreUnavailableError (e.g. Redis restarting)."""
+
+    def __init__(self, inner: MemoryStore, failures: int) -> None:
+        self.inner, self.failures, self.calls = inner, failures, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def apply(self, update: Any) -> Any:
+        from streammf.store.contract import StoreUnavailableError
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise StoreUnavailableError("Redis: ConnectionError: connection refused")
+        return self.inner.apply(update)
+
+
+class SeekingConsumer(ScriptedConsumer):
+    def __init__(self) -> None:
+        super().__init__([], threading.Event())
+
+
+class FakeClock:
+    """Monotonic time that only moves when the loop sleeps: budgets are tested without waiting."""
+
+    def __init__(self, sleeps: list[float]) -> None:
+        self.now, self.sleeps = 1000.0, sleeps
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def _loop_with(store: Any, producer: Any, sleeps: list[float], budget_s: float = 60.0) -> ConsumeLoop:
+    clock = FakeClock(sleeps)
+    return ConsumeLoop(
+        SeekingConsumer(),
+        producer,
+        Learner(store, LearnerParams(SgdParams(LossParams("implicit")))),
+        Metrics(CollectorRegistry()),
+        Heartbeat(max_silence_s=30),
+        LoopSettings(topic=TOPIC, dead_letter_topic=f"{TOPIC}.dlq", retry_budget_s=budget_s),
+        sleep=clock.sleep,
+        monotonic=lambda: clock.now,
+    )
+
+
+def test_a_store_outage_is_retried_with_growing_backoff_and_the_batch_then_applies_once() -> None:
+    memory, sleeps = MemoryStore("m", "implicit", 4), []
+    loop = _loop_with(FlakyStore(memory, failures=3), CountingProducer(), sleeps)
+    assert loop.process({TP: _records(0, 10)}, threading.Event()) is not None
+    assert sleeps == [0.1, 0.2, 0.4]
+    assert loop.metrics.registry.get_sample_value("streammf_retries_total", {"dependency": "redis"}) == 3
+    assert memory.events_applied() == 10 and memory.applied_offsets() == {0: 10}
+
+
+def test_when_the_retry_budget_runs_out_the_batch_is_abandoned_unapplied_and_rewound() -> None:
+    memory, sleeps = MemoryStore("m", "implicit", 4), []
+    loop = _loop_with(FlakyStore(memory, failures=100), CountingProducer(), sleeps, budget_s=1.0)
+    consumer = loop.consumer
+    assert loop.process({TP: _records(5, 10)}, threading.Event()) is None
+    assert memory.events_applied() == 0 and memory.applied_offsets() == {}
+    assert consumer.seeks == [(TP, 5)], "the partition is rewound to the batch's first offset"
+    assert 0 < sum(sleeps) <= 1.0
+
+
+def test_a_failing_dead_letter_write_keeps_the_batch_unapplied() -> None:
+    from kafka.errors import KafkaTimeoutError
+
+    class DeadTopic(CountingProducer):
+        def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> Any:
+            class Failed:
+                def get(self, timeout: float) -> None:
+                    raise KafkaTimeoutError("dead-letter topic unreachable")
+
+            return Failed()
+
+    memory, sleeps = MemoryStore("m", "implicit", 4), []
+    loop = _loop_with(memory, DeadTopic(), sleeps, budget_s=0.5)
+    assert loop.process({TP: _records(0, 10, poison_at=frozenset({4}))}, threading.Event()) is None
+    assert memory.events_applied() == 0, "nothing applied while its bad record is not dead-lettered"
+    assert loop.consumer.seeks == [(TP, 0)]
+    assert loop.metrics.registry.get_sample_value("streammf_retries_total", {"dependency": "kafka"}) >= 1
+
+
+def test_a_permanently_refused_dead_letter_falls_back_to_metadata_and_the_batch_goes_on() -> None:
+    from kafka.errors import MessageSizeTooLargeError
+
+    class Refusing(CountingProducer):
+        def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> Any:
+            self.sent.append(value)
+
+            class Refused:
+                def get(self, timeout: float) -> None:
+                    if value:  # only a copy without the value fits
+                        raise MessageSizeTooLargeError("too large")
+
+            return Refused()
+
+    memory, producer = MemoryStore("m", "implicit", 4), Refusing()
+    loop = _loop_with(memory, producer, [])
+    assert loop.process({TP: _records(0, 10, poison_at=frozenset({4}))}, threading.Event()) is not None
+    assert producer.sent == [b"{broken", b""], "the copy, then metadata only"
+    assert memory.events_applied() == 9 and memory.applied_offsets() == {0: 10}

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from streammf.cli import cli, learner_params
+from streammf.cli import cli
 from streammf.config import ModelSettings
 from streammf.store.memory import MemoryStore
+from streammf.stream.learner import LearnerParams
 from streammf.tools.evaluate import EvaluationReport, evaluate
 from streammf.tools.ratings import RatingsLog, load_ratings
 
@@ -55,7 +56,7 @@ def _run(
     log: RatingsLog, model: ModelSettings, batch_size: int = 500
 ) -> tuple[EvaluationReport, MemoryStore]:
     store = MemoryStore(model.name, model.mode, model.factors)
-    return evaluate(log, store, learner_params(model), batch_size=batch_size), store
+    return evaluate(log, store, LearnerParams.from_settings(model), batch_size=batch_size), store
 
 
 def _global_mean_rmse(values: np.ndarray) -> float:

@@ -118,7 +118,7 @@ def test_a_user_forgotten_while_a_refresh_runs_is_not_brought_back_by_it() -> No
         return rows
 
     store.read_all_rows = read_then_forget  # type: ignore[method-assign]
-    report = refresh(store, params.loss, 2, params.init_std, params.seed)
+    report = refresh(store, params, 2)
     assert report.published
     assert "u3" not in store.user_rows
     rows = np.array([r[:K] for r in store.user_rows.values()], dtype=np.float64)

@@ -107,7 +107,7 @@ def test_a_damaged_gramian_stops_implicit_updates_until_a_refresh_rebuilds_it() 
     with pytest.raises(DamagedGramianError):
         learner.learn(_ratings(5, seed=2), {0: (300, 305)})
     assert store.events_applied() == 300  # nothing of the refused batch was applied
-    report = refresh(store, params.loss, 2, params.init_std, params.seed, max_abs_factor=BOUND)
+    report = refresh(store, params, 2)
     assert report.published
     assert learner.learn(_ratings(5, seed=2), {0: (300, 305)}).outcome is ApplyOutcome.APPLIED
 
@@ -122,7 +122,7 @@ def test_refresh_repairs_a_model_with_non_finite_rows_and_mean(mode: str) -> Non
     for ident in list(store.item_rows)[:5]:
         store.item_rows[ident][:] = np.inf
     store.value_sum = float("nan")
-    report = refresh(store, params.loss, 3, params.init_std, params.seed, max_abs_factor=BOUND)
+    report = refresh(store, params, 3)
     assert report.published
     rows = _all_rows(store)
     assert np.isfinite(rows).all()

@@ -13,12 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from streammf.cli import learner_params
 from streammf.config import ModelSettings
 from streammf.store.memory import MemoryStore
 from streammf.stream.consumer import ConsumeLoop, LoopSettings
 from streammf.stream.events import EventLimits
-from streammf.stream.learner import Learner
+from streammf.stream.learner import Learner, LearnerParams
 from streammf.stream.metrics import Heartbeat, Metrics
 from tests.unit.test_consumer import TOPIC, TP, CountingProducer, Record, ScriptedConsumer
 
@@ -64,7 +63,7 @@ def test_every_record_is_applied_or_dead_lettered_once_and_the_model_stays_sound
     loop = ConsumeLoop(
         ScriptedConsumer([], threading.Event()),
         producer,
-        Learner(store, learner_params(model)),
+        Learner(store, LearnerParams.from_settings(model)),
         metrics,
         Heartbeat(max_silence_s=30),
         LoopSettings(

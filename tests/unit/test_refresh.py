@@ -41,7 +41,7 @@ def test_refresh_publishes_a_new_version_with_a_lower_objective() -> None:
     for mode in ("explicit", "implicit"):
         store, params = _trained_store(mode)
         before = store.current_version()
-        report = refresh(store, params.loss, 5, params.init_std, params.seed)
+        report = refresh(store, params, 5)
         assert report.published
         assert store.current_version() == report.version > before
         assert report.objective_after < report.objective_before
@@ -60,7 +60,7 @@ def test_refresh_that_loses_the_race_discards_its_version() -> None:
         return original_publish(version, expected)
 
     store.publish = publish_after_someone_else  # type: ignore[method-assign]
-    report = refresh(store, params.loss, 2, params.init_std, params.seed)
+    report = refresh(store, params, 2)
     assert not report.published
     assert store.current_version() > live
     assert not store.discard_version(report.version), "the losing version must already be discarded"
@@ -72,7 +72,7 @@ def test_periodic_refresh_runs_only_while_holding_the_lease_and_only_on_news() -
     lease = {"held": False}
     stop = threading.Event()
     runner = PeriodicRefresh(
-        store, params.loss, 1, params.init_std, params.seed, every_s=0.05,
+        store, params, 1, every_s=0.05,
         hold_lease=lambda _ttl: lease["held"], on_outcome=lambda outcome, _report: outcomes.append(outcome),
     )  # fmt: skip
     thread = runner.start(stop)
@@ -163,7 +163,7 @@ def test_refresh_catches_up_with_updates_applied_while_it_ran(mode: str) -> None
         return rows
 
     store.read_all_rows = read_then_stream_goes_on  # type: ignore[method-assign]
-    report = refresh(store, params.loss, 3, params.init_std, params.seed)
+    report = refresh(store, params, 3)
     assert report.published and report.caught_up_rows >= 1 + len(late)
     assert "late" in store.user_rows, "an update applied during the refresh must survive the flip"
     assert np.any(store.user_rows["late"][:-1] != 0)

@@ -1,4 +1,6 @@
-"""The store contract (streammf.store), run against the in-memory twin and the Redis store alike."""
+"""The store contract (streammf.store.contract), run against the in-memory twin and the Redis store alike.
+
+The in-memory half runs with the unit tests; the Redis half is marked `integration` (a real Redis)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ K = 3
 MakeStore = Callable[[Mode], RefreshableStore]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.integration)])
 def make_store(request: pytest.FixtureRequest) -> MakeStore:
     if request.param == "memory":
         return lambda mode: MemoryStore("contract", mode, K, {"reg": 0.05})
@@ -322,6 +324,7 @@ def test_iter_interactions_yields_every_pair(make_store: MakeStore) -> None:
     assert seen == set(pairs)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("mode", ["explicit", "implicit"])
 def test_redis_equals_memory_bit_for_bit(

@@ -1,0 +1,108 @@
+"""Where each assigned partition stands, kept by one owner: the rebalance listener tells it what was
+assigned or revoked, the loop asks it what to seek, what a poll holds that is already applied, and how
+far behind each partition is.
+
+The store is the truth about what is applied (each batch writes its offsets with its effect); this object
+is the process's view of it: `next offset applied` per partition, learnt from the store on assignment
+(`sync`) and advanced by every batch this process applies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from kafka.structs import TopicPartition
+
+from streammf.store.contract import StoreLostStateError
+
+log = logging.getLogger(__name__)
+
+
+class Positions:
+    def __init__(self) -> None:
+        self._unsynced: set[TopicPartition] = set()  # assigned, not yet moved to the store's offset
+        self._next: dict[int, int] = {}  # partition -> next offset applied (store's, or this process's)
+
+    # --------------------------------------------------------------------------------- rebalances
+
+    def assigned(self, partitions: Iterable[TopicPartition]) -> None:
+        self._unsynced.update(partitions)
+
+    def revoked(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
+            self._unsynced.discard(tp)
+            self._next.pop(tp.partition, None)
+
+    def resync(self, partitions: Iterable[TopicPartition]) -> None:
+        """Someone else applied part of these partitions' offsets: learn them from the store again."""
+        self._unsynced.update(partitions)
+
+    @property
+    def needs_sync(self) -> bool:
+        return bool(self._unsynced)
+
+    def sync(self, consumer: Any, stored: dict[int, int], rebuild: bool) -> set[TopicPartition]:
+        """Seek the partitions waiting for it to the offsets `stored` (the store's); returns those moved.
+
+        A partition the store has no offset for is new (it keeps Kafka's position, the earliest offset), or
+        one whose state the store lost: the group committed offsets for it, which happens only after an
+        apply. That raises `StoreLostStateError`, or with `rebuild` moves it to its earliest offset. Kafka
+        errors (reading a committed offset) propagate; partitions not yet handled stay waiting."""
+        moved = set()
+        for tp in sorted(self._unsynced, key=lambda tp: tp.partition):
+            if tp.partition in stored:
+                consumer.seek(tp, stored[tp.partition])
+                self._next[tp.partition] = stored[tp.partition]
+                moved.add(tp)
+            else:
+                self._next.pop(tp.partition, None)
+                committed = consumer.committed(tp)
+                if committed is not None:
+                    if not rebuild:
+                        raise StoreLostStateError(
+                            f"the store has no offset for partition {tp.partition} of {tp.topic}, but the "
+                            f"consumer group committed offset {committed} there: the store lost the state "
+                            "of that partition"
+                        )
+                    log.warning(
+                        "rebuild: partition %d is consumed again from its earliest offset", tp.partition
+                    )
+                    consumer.seek_to_beginning(tp)
+                    moved.add(tp)
+            self._unsynced.discard(tp)
+        return moved
+
+    # --------------------------------------------------------------------------------- processing
+
+    def drop_applied(self, polled: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, list[Any]]:
+        """`polled` without the records known to be applied: a redelivery (e.g. a fetch that raced a
+        seek) must not reach the dead-letter topic or the learner again."""
+        fresh: dict[TopicPartition, list[Any]] = {}
+        for tp, records in polled.items():
+            applied_below = self._next.get(tp.partition)
+            kept = records if applied_below is None else [r for r in records if r.offset >= applied_below]
+            if len(kept) < len(records):
+                log.info(
+                    "dropped %d redelivered records already applied",
+                    len(records) - len(kept),
+                    extra={"partition": tp.partition, "applied_below": applied_below},
+                )
+            if kept:
+                fresh[tp] = kept
+        return fresh
+
+    def applied(self, partition: int, next_offset: int) -> None:
+        self._next[partition] = next_offset
+
+    def next_offset(self, partition: int) -> int | None:
+        return self._next.get(partition)
+
+    def lag(self, ends: dict[TopicPartition, int | None]) -> dict[int, int]:
+        """partition -> records behind the given end offsets (partitions with a known position only)."""
+        return {
+            tp.partition: max(0, end - self._next[tp.partition])
+            for tp, end in ends.items()
+            if end is not None and tp.partition in self._next
+        }

@@ -5,6 +5,7 @@ Registered on the main group in `streammf.cli`; the group's context object is th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -35,6 +36,11 @@ def synthetic_options(command: F) -> F:
             show_default=True,
             help="Share of records replaced by invalid payloads (fault tests).",
         ),
+        click.option(
+            "--fixed-clock",
+            is_flag=True,
+            help="Timestamps from a synthetic clock (reproducible) instead of the time each event is made.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -42,7 +48,14 @@ def synthetic_options(command: F) -> F:
 
 
 def _stream(
-    settings: Settings, mode: str | None, users: int, items: int, k_true: int, seed: int, poison_rate: float
+    settings: Settings,
+    mode: str | None,
+    users: int,
+    items: int,
+    k_true: int,
+    seed: int,
+    poison_rate: float,
+    fixed_clock: bool,
 ) -> SyntheticStream:
     # Oversized poison must exceed the consumer's record limit to be rejected as oversized.
     return SyntheticStream(
@@ -53,6 +66,8 @@ def _stream(
         seed,
         poison_rate=poison_rate,
         oversized_bytes=max(16_384, 2 * settings.kafka.max_record_bytes),
+        # Now-stamped by default, so freshness and event age mean what they say in demos and benches.
+        clock=None if fixed_clock else time.time,
     )
 
 
@@ -70,11 +85,12 @@ def generate(
     k_true: int,
     seed: int,
     poison_rate: float,
+    fixed_clock: bool,
     output: BinaryIO,
 ) -> None:
     """Print synthetic events as JSON lines (one record value per line; with --poison-rate some lines are
-    deliberately invalid). Same options and seed, same output."""
-    stream = _stream(settings, mode, users, items, k_true, seed, poison_rate)
+    deliberately invalid). Same options and seed, same events; with --fixed-clock, the same bytes."""
+    stream = _stream(settings, mode, users, items, k_true, seed, poison_rate, fixed_clock)
     for _key, value in stream.records(events):
         output.write(value + b"\n")
 
@@ -100,6 +116,7 @@ def replay_command(
     k_true: int,
     seed: int,
     poison_rate: float,
+    fixed_clock: bool,
     topic: str | None,
     rate: float | None,
     partitions: int | None,
@@ -121,7 +138,7 @@ def replay_command(
     records: Iterable[tuple[bytes, bytes]]
     total: int | None
     if synthetic is not None:
-        stream = _stream(settings, mode, users, items, k_true, seed, poison_rate)
+        stream = _stream(settings, mode, users, items, k_true, seed, poison_rate, fixed_clock)
         records, total = stream.records(synthetic), synthetic
     elif file is not None and file.suffix.lower() in JSONL_SUFFIXES:
         records, total = jsonl_records(file), None

@@ -233,7 +233,8 @@ class ConsumeLoop:
         if dead:
             self._with_retry(lambda: self._dead_letter(dead), stop, dependency="kafka")
         result = self._with_retry(lambda: self.learner.learn(events, offsets, dead_letter_diverged), stop)
-        applied = [e for t, e in enumerate(events) if t not in set(result.diverged)]
+        diverged = set(result.diverged)
+        applied = [(sources[t], e) for t, e in enumerate(events) if t not in diverged]
         self._account(result, applied, offsets, received)
         return result
 
@@ -250,8 +251,14 @@ class ConsumeLoop:
         self.positions.applied(record.partition, record.offset + 1)
 
     def _account(
-        self, result: StepResult, events: list[Event], offsets: dict[int, tuple[int, int]], received: float
+        self,
+        result: StepResult,
+        applied: list[tuple[Any, Event]],
+        offsets: dict[int, tuple[int, int]],
+        received: float,
     ) -> None:
+        """Metrics of one batch (`applied`: the applied events with their records) and its positions."""
+        events = [event for _, event in applied]
         self.metrics.batches.labels(result.outcome.value).inc()
         if result.outcome is ApplyOutcome.CONFLICT:
             # Someone else applied part of these offsets (a zombie or a rebalance race): resync and re-poll.
@@ -264,9 +271,11 @@ class ConsumeLoop:
             self.metrics.events_applied.inc(len(events))
             self.metrics.batch_size.observe(len(events))
             self.metrics.observe_errors(float((result.errors**2).sum()), len(events))
-            now = self.clock()
-            for event in events:
-                self.metrics.freshness.observe(max(0.0, now - (event.timestamp or now)))
+            now = self.clock()  # the apply has just been acknowledged: the effect is committed
+            for record, event in applied:
+                if record.timestamp is not None and record.timestamp >= 0:
+                    self.metrics.freshness.observe(max(0.0, now - record.timestamp / 1000.0))
+                self.metrics.event_age.observe(max(0.0, now - (event.timestamp or now)))
         self.metrics.update_latency.observe(time.perf_counter() - received)
         self.metrics.model_version.set(result.version)
         for partition, (_, nxt) in offsets.items():

@@ -23,9 +23,14 @@ from prometheus_client import (
 if TYPE_CHECKING:
     from streammf.stream.refresh import RefreshReport
 
-# Milliseconds matter for update latency; freshness spans ms (live) to hours (a replayed backlog).
+# Milliseconds matter for update latency; freshness spans ms (live) to hours (a backlog being worked off).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
-FRESHNESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0)
+FRESHNESS_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
+    86400.0,
+)  # fmt: skip
+# The age of the data: seconds (live) to years (a replayed history).
+EVENT_AGE_BUCKETS = (1.0, 10.0, 60.0, 600.0, 3600.0, 86400.0, 7 * 86400.0, 30 * 86400.0, 365 * 86400.0)
 BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 REFRESH_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 LOSS_EMA_DECAY = 0.999
@@ -59,8 +64,14 @@ class Metrics:
         )
         self.freshness = Histogram(
             "streammf_freshness_seconds",
-            "Event timestamp -> applied to the model",
+            "How stale the model is: record entered Kafka (its timestamp) -> its effect committed in Redis",
             buckets=FRESHNESS_BUCKETS,
+            registry=r,
+        )
+        self.event_age = Histogram(
+            "streammf_event_age_seconds",
+            "How old the data is: the event's own time -> applied (years for a replayed history)",
+            buckets=EVENT_AGE_BUCKETS,
             registry=r,
         )
         self.redis_latency = Histogram(

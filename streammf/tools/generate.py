@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal, NamedTuple, get_args
 
 import numpy as np
@@ -80,12 +80,16 @@ class SyntheticStream:
         start_time: float = 1_700_000_000.0,
         poison_rate: float = 0.0,
         oversized_bytes: int = 16_384,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         """`growth_events`: the event index by which every user and item exists (default: the n of each
         `events(n)` call). `interaction_std`: the spread of the true ``<p_u, q_i>``. Users pick items they
         like, so observed ratings average above `global_mean` (about 3.6 with the defaults, like MovieLens).
         `oversized_bytes`:
-        size of the oversized poison records; it must exceed the consumer's `max_record_bytes`."""
+        size of the oversized poison records; it must exceed the consumer's `max_record_bytes`. `clock`:
+        stamp each record with this clock as it is taken from `records` (e.g. `time.time`, so a replay's
+        events carry the time they were sent); None keeps the reproducible synthetic clock that starts at
+        `start_time` and ticks at `events_per_second`."""
         if mode not in get_args(Mode):
             raise ValueError(f"mode must be one of {get_args(Mode)}, got {mode!r}")
         if min(n_users, n_items, k_true, candidates) < 1:
@@ -103,6 +107,7 @@ class SyntheticStream:
         self.global_mean, self.noise_std, self.purchase_rate = global_mean, noise_std, purchase_rate
         self.events_per_second, self.start_time = events_per_second, start_time
         self.poison_rate, self.oversized_bytes = poison_rate, oversized_bytes
+        self.clock = clock
 
         # Independent streams: the ground truth does not change when the event or poison draws do.
         truth_seed, self._event_seed, self._poison_seed = np.random.SeedSequence(seed).spawn(3)
@@ -161,6 +166,8 @@ class SyntheticStream:
             events = _chunk_events(*columns)
             poisoned = poison_rng.random(len(events)) < self.poison_rate
             for event, is_poison in zip(events, poisoned, strict=True):
+                if self.clock is not None:
+                    event = event.model_copy(update={"timestamp": self.clock()})
                 key = event.user_id.encode()
                 if is_poison:
                     kind = POISON_KINDS[poison_rng.integers(len(POISON_KINDS))]

@@ -463,3 +463,34 @@ def test_two_daemons_share_partitions_and_lose_no_updates(
         expected[str(item)] = expected.get(str(item), 0) + 1
     assert item_counts == expected  # every item update of both writers counted
     assert sorted(store.applied_offsets()) == [0, 1, 2, 3]
+
+
+def test_freshness_measures_the_pipeline_not_the_age_of_the_data(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens
+):
+    """MovieLens events carry 1997-98 timestamps: their age is decades, yet the model is fresh."""
+    topic = make_topic(topic_name, 1)
+    payloads = _ratings_payloads(movielens, 3000)
+    port = _free_port()
+    with _InProcessDaemon(_settings(kafka_bootstrap, redis_url, topic, model, port)):
+        _wait_for(lambda: _scrape(port).get("streammf_events_consumed_total") == 0, 30, "the daemon serving")
+        started = time.time()
+        _produce(kafka_bootstrap, topic, payloads, pause_every=300, pause_s=0.1)  # paced, about 1 s
+        _wait_for(lambda: _applied(redis_client, model) >= len(payloads), 60, "all events applied")
+        elapsed = time.time() - started
+        metrics = _scrape(port)
+    count = metrics["streammf_freshness_seconds_count"]
+    assert count == len(payloads)
+    bound = min(float(le) for le in _buckets(metrics, "streammf_freshness_seconds") if float(le) >= elapsed)
+    assert metrics[f'streammf_freshness_seconds_bucket{{le="{bound}"}}'] == count, (
+        f"every observation within the {elapsed:.1f} s between the first produce and the last apply"
+    )
+    assert metrics["streammf_freshness_seconds_sum"] <= count * elapsed
+    # The age of the data is reported apart, and it is decades.
+    assert metrics["streammf_event_age_seconds_count"] == len(payloads)
+    assert metrics['streammf_event_age_seconds_bucket{le="3.1536e+07"}'] == 0
+
+
+def _buckets(metrics: dict[str, float], histogram: str) -> list[str]:
+    prefix = f'{histogram}_bucket{{le="'
+    return [name[len(prefix) : -2] for name in metrics if name.startswith(prefix) and "+Inf" not in name]

@@ -215,6 +215,7 @@ def test_generate_command_prints_json_lines(tmp_path) -> None:
         "30",
         "--seed",
         "2",
+        "--fixed-clock",
     ]
     result = CliRunner().invoke(_cli(), args)
     assert result.exit_code == 0, result.output
@@ -228,3 +229,16 @@ def test_generate_command_prints_json_lines(tmp_path) -> None:
     decoded = [decode(line, MAX_BYTES) for line in output.read_bytes().splitlines()]
     assert len(decoded) == 300
     assert 50 < sum(isinstance(d, Invalid) for d in decoded) < 130
+
+
+def test_generate_stamps_events_with_the_time_they_are_made_unless_the_clock_is_fixed() -> None:
+    import json
+    import time
+
+    before = time.time()
+    result = CliRunner().invoke(_cli(), ["generate", "--events", "50", "--seed", "2"])
+    after = time.time()
+    stamps = [json.loads(line)["timestamp"] for line in result.stdout_bytes.splitlines()]
+    assert all(before <= t <= after for t in stamps), "now-stamped by default"
+    fixed = CliRunner().invoke(_cli(), ["generate", "--events", "50", "--seed", "2", "--fixed-clock"])
+    assert next(json.loads(line)["timestamp"] for line in fixed.stdout_bytes.splitlines()) < 1_800_000_000

@@ -180,6 +180,46 @@ def refresh(settings: Settings, iterations: int | None) -> None:
     )
 
 
+@cli.command()
+@click.option(
+    "--events", "-n", type=click.IntRange(min=100), default=200_000, show_default=True, help="Backlog size."
+)
+@click.option("--offered-rate", type=click.FloatRange(min=1), default=20_000, show_default=True)
+@click.option("--live-seconds", type=click.FloatRange(min=1), default=10, show_default=True)
+@click.option("--partitions", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--mode", type=click.Choice(["explicit", "implicit", "both"]), default="both", show_default=True
+)
+@click.option("--factors", "-k", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write JSON here."
+)
+@click.pass_obj
+def bench(
+    settings: Settings,
+    events: int,
+    offered_rate: float,
+    live_seconds: float,
+    partitions: int,
+    mode: str,
+    factors: int,
+    json_path: Path | None,
+) -> None:
+    """Measure the pipeline on the configured Kafka and Redis (the local stack by default): raw consume
+    rate of the daemon's Kafka client, the daemon's end-to-end rate from a backlog, Redis server time
+    per event, update latency and freshness at a fixed offered rate. Prints a table; --json writes it."""
+    from streammf.tools.bench import BenchPlan, run_bench, table, write_json
+
+    modes = ("explicit", "implicit") if mode == "both" else (mode,)
+    plan = BenchPlan(events, offered_rate, live_seconds, partitions, modes, factors)
+    runs = run_bench(settings, plan, say=lambda line: click.echo(f"bench: {line}", err=True))
+    for line in table(runs):
+        click.echo(line)
+    if json_path is not None:
+        write_json(json_path, runs, plan)
+        click.echo(f"bench: wrote {json_path}", err=True)
+
+
 @cli.command("forget-user")
 @click.argument("user")
 @click.pass_obj

@@ -1,0 +1,346 @@
+"""`streammf bench`: where the time goes between Kafka and Redis, measured in one run on real services.
+
+Per mode (explicit, implicit), on a fresh topic and model:
+
+1. backlog: N synthetic events are produced (a `streammf replay` subprocess, as fast as it goes);
+2. raw consume: this process reads the backlog with the Kafka client and consumer settings the daemon
+   uses, doing nothing else: the ceiling the daemon's loop is compared with (`ratio_to_raw`);
+3. daemon, end to end: `streammf run` (a subprocess, like production) applies the backlog to Redis through
+   the exactly-once path; the rate counts from its first applied batch to the last (start-up and the
+   group join are not the steady state), and Redis server time per event comes from `INFO commandstats`;
+4. live: the same daemon, fed at a fixed offered rate by another replay subprocess (now-stamped events);
+   update latency p50/p99 and freshness p99 come from the daemon's own histograms, counting only the
+   observations of this phase.
+
+Nothing is asserted: the figures are printed as a table and written as JSON (`--json FILE`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from streammf.config import Settings
+from streammf.store.layout import ModelKeys, delete_model, parse_int
+from streammf.stream.kafka_config import client_kwargs
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    mode: str
+    events: int
+    partitions: int
+    kafka_client: str
+    raw_consume_events_per_s: float
+    daemon_events_per_s: float
+    ratio_to_raw: float
+    redis_us_per_event: float
+    offered_events_per_s: float
+    live_events: int
+    update_latency_p50_ms: float
+    update_latency_p99_ms: float
+    freshness_p99_ms: float
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    events: int = 200_000
+    offered_rate: float = 20_000.0
+    live_seconds: float = 10.0
+    partitions: int = 1
+    modes: tuple[str, ...] = ("explicit", "implicit")
+    factors: int = 32
+
+
+def run_bench(settings: Settings, plan: BenchPlan, say: Callable[[str], None]) -> list[BenchRun]:
+    return [_run_mode(settings, plan, mode, say) for mode in plan.modes]
+
+
+def _run_mode(settings: Settings, plan: BenchPlan, mode: str, say: Callable[[str], None]) -> BenchRun:
+    run_id = f"{mode}-{uuid.uuid4().hex[:8]}"
+    topic, model = f"streammf.bench.{run_id}", f"bench-{run_id}"
+    port = _free_port()
+    env = _env(
+        settings, topic=topic, model=model, group=f"bench-{run_id}", mode=mode, k=plan.factors, port=port
+    )
+    client = redis.Redis.from_url(
+        settings.redis.url,
+        password=settings.redis.password.get_secret_value() if settings.redis.password else None,
+    )
+    try:
+        say(f"{mode}: producing a backlog of {plan.events:,} events into {topic}")
+        _replay(env, plan.events, rate=None, partitions=plan.partitions)
+        say(f"{mode}: raw consume with the daemon's Kafka client and settings")
+        raw_rate = _raw_consume_rate(settings, topic, plan.events)
+        say(f"{mode}: streammf run working off the backlog")
+        usec_before = _redis_usec(client)
+        with _Daemon(env) as daemon:
+            applied_rate = _backlog_rate(client, model, plan.events, daemon)
+            redis_us = (_redis_usec(client) - usec_before) / plan.events
+            before = _scrape(port)
+            live = int(plan.offered_rate * plan.live_seconds)
+            say(f"{mode}: live, {live:,} events offered at {plan.offered_rate:,.0f}/s")
+            _replay(env, live, rate=plan.offered_rate, partitions=None)
+            _wait_applied(client, model, plan.events + live, daemon, timeout_s=plan.live_seconds * 10 + 120)
+            after = _scrape(port)
+        latency = _histogram_delta(before, after, "streammf_update_latency_seconds")
+        freshness = _histogram_delta(before, after, "streammf_freshness_seconds")
+        return BenchRun(
+            mode=mode,
+            events=plan.events,
+            partitions=plan.partitions,
+            kafka_client="kafka-python",
+            raw_consume_events_per_s=raw_rate,
+            daemon_events_per_s=applied_rate,
+            ratio_to_raw=applied_rate / raw_rate if raw_rate else float("nan"),
+            redis_us_per_event=redis_us,
+            offered_events_per_s=plan.offered_rate,
+            live_events=live,
+            update_latency_p50_ms=1000 * _quantile(latency, 0.5),
+            update_latency_p99_ms=1000 * _quantile(latency, 0.99),
+            freshness_p99_ms=1000 * _quantile(freshness, 0.99),
+        )
+    finally:
+        delete_model(client, model)
+        client.close()
+        _delete_topics(settings, [topic, f"{topic}.dlq"])
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+
+def _env(
+    settings: Settings, *, topic: str, model: str, group: str, mode: str, k: int, port: int
+) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        STREAMMF_KAFKA__BOOTSTRAP_SERVERS=settings.kafka.bootstrap_servers,
+        STREAMMF_KAFKA__TOPIC=topic,
+        STREAMMF_KAFKA__GROUP_ID=group,
+        STREAMMF_REDIS__URL=settings.redis.url,
+        STREAMMF_MODEL__NAME=model,
+        STREAMMF_MODEL__MODE=mode,
+        STREAMMF_MODEL__FACTORS=str(k),
+        STREAMMF_METRICS__HOST="127.0.0.1",
+        STREAMMF_METRICS__PORT=str(port),
+        STREAMMF_REFRESH__EVERY_S="86400",  # a refresh is not what this measures
+    )
+    return env
+
+
+def _replay(env: dict[str, str], n: int, rate: float | None, partitions: int | None) -> None:
+    command = [sys.executable, "-m", "streammf.cli", "replay", "--synthetic", str(n), "--no-progress"]
+    command += ["--users", "20000", "--items", "5000"]
+    if rate is not None:
+        command += ["--rate", str(rate)]
+    if partitions is not None:
+        command += ["--partitions", str(partitions)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"replay failed: {done.stderr[-2000:]}")
+
+
+def _raw_consume_rate(settings: Settings, topic: str, n: int) -> float:
+    """Records/s the daemon's Kafka client reads the backlog at, with the daemon's consumer settings."""
+    from kafka import KafkaConsumer
+    from kafka.structs import TopicPartition
+
+    consumer = KafkaConsumer(
+        **client_kwargs(settings.kafka),
+        enable_auto_commit=False,
+        max_poll_records=settings.kafka.max_poll_records,
+    )
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        started, seen = time.perf_counter(), 0
+        deadline = started + 600
+        while seen < n and time.perf_counter() < deadline:
+            polled = consumer.poll(timeout_ms=settings.kafka.poll_timeout_ms)
+            seen += sum(len(records) for records in polled.values())
+        elapsed = time.perf_counter() - started
+    finally:
+        consumer.close(autocommit=False)
+    return seen / elapsed
+
+
+class _Daemon:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.log = (
+            Path(os.environ.get("TMPDIR", "/tmp")) / f"streammf-bench-{env['STREAMMF_MODEL__NAME']}.log"
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streammf.cli", "run"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("wb"),
+        )
+
+    def check(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the daemon exited ({self.process.returncode}); see {self.log}")
+
+    def __enter__(self) -> _Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _applied(client: redis.Redis, model: str) -> int:
+    keys = ModelKeys(model)
+    return parse_int(client.hget(keys.stats, "events_applied"), keys.stats, "field 'events_applied'")
+
+
+def _backlog_rate(client: redis.Redis, model: str, n: int, daemon: _Daemon) -> float:
+    """Events/s from the first applied batch to the last event of the backlog."""
+    deadline = time.monotonic() + 1800
+    first: tuple[float, int] | None = None
+    while time.monotonic() < deadline:
+        daemon.check()
+        applied = _applied(client, model)
+        now = time.perf_counter()
+        if applied > 0 and first is None:
+            first = (now, applied)
+        if applied >= n and first is not None:
+            elapsed = now - first[0]
+            return (applied - first[1]) / elapsed if elapsed > 0 else float("nan")
+        time.sleep(0.05)
+    raise TimeoutError(f"the daemon applied {_applied(client, model)} of {n} events in 30 minutes")
+
+
+def _wait_applied(client: redis.Redis, model: str, n: int, daemon: _Daemon, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _applied(client, model) < n:
+        daemon.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the daemon applied {_applied(client, model)} of {n} events")
+        time.sleep(0.1)
+
+
+def _redis_usec(client: redis.Redis) -> float:
+    """Server time spent in commands so far (all clients; the bench's own polling is a few HGETs)."""
+    stats = client.info("commandstats")
+    return float(sum(entry.get("usec", 0) for entry in stats.values() if isinstance(entry, dict)))
+
+
+# --------------------------------------------------------------------------------- metrics, quantiles
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[str, float]:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def _histogram_delta(
+    before: dict[str, float], after: dict[str, float], name: str
+) -> list[tuple[float, float]]:
+    """(upper bound, cumulative count) of the observations made between two scrapes."""
+    prefix = f'{name}_bucket{{le="'
+    buckets = []
+    for key, value in after.items():
+        if key.startswith(prefix):
+            bound = float(key[len(prefix) : -2])
+            buckets.append((bound, value - before.get(key, 0.0)))
+    return sorted(buckets)
+
+
+def _quantile(buckets: Sequence[tuple[float, float]], q: float) -> float:
+    """Prometheus' histogram_quantile: linear within the bucket that holds the quantile."""
+    if not buckets or buckets[-1][1] <= 0:
+        return float("nan")
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            share = (rank - lower_count) / (count - lower_count) if count > lower_count else 1.0
+            return lower_bound + (bound - lower_bound) * share
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def _delete_topics(settings: Settings, topics: list[str]) -> None:
+    from kafka import KafkaAdminClient
+
+    try:
+        admin = KafkaAdminClient(**client_kwargs(settings.kafka))
+        try:
+            existing = set(admin.list_topics())
+            admin.delete_topics([t for t in topics if t in existing])
+        finally:
+            admin.close()
+    except Exception:  # cleaning up is best effort; the figures are already taken
+        pass
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+COLUMNS = (
+    ("mode", "mode", "{}"),
+    ("events", "events", "{:,}"),
+    ("raw consume/s", "raw_consume_events_per_s", "{:,.0f}"),
+    ("daemon/s", "daemon_events_per_s", "{:,.0f}"),
+    ("ratio", "ratio_to_raw", "{:.2f}"),
+    ("redis us/event", "redis_us_per_event", "{:.1f}"),
+    ("offered/s", "offered_events_per_s", "{:,.0f}"),
+    ("latency p50 ms", "update_latency_p50_ms", "{:.1f}"),
+    ("latency p99 ms", "update_latency_p99_ms", "{:.1f}"),
+    ("freshness p99 ms", "freshness_p99_ms", "{:.0f}"),
+)
+
+
+def table(runs: list[BenchRun]) -> list[str]:
+    cells = [[fmt.format(getattr(run, field)) for _, field, fmt in COLUMNS] for run in runs]
+    widths = [max(len(header), *(len(row[i]) for row in cells)) for i, (header, _, _) in enumerate(COLUMNS)]
+    lines = ["  ".join(header.rjust(w) for (header, _, _), w in zip(COLUMNS, widths, strict=True))]
+    lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in cells]
+    return lines
+
+
+def as_json(runs: list[BenchRun], plan: BenchPlan) -> dict[str, Any]:
+    return {"plan": asdict(plan), "runs": [asdict(run) for run in runs]}
+
+
+def write_json(path: Path, runs: list[BenchRun], plan: BenchPlan) -> None:
+    path.write_text(json.dumps(as_json(runs, plan), indent=2) + "\n")

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
@@ -38,6 +38,61 @@ START_HINT = (
 )
 
 _INTEGRATION_DIR = Path(__file__).parent / "integration"
+
+
+# ------------------------------------------------------------------------------------ MovieLens 100k
+
+DATA_ENV = "STREAMMF_DATA_DIR"
+REQUIRE_DATA_ENV = "STREAMMF_REQUIRE_DATA"  # set by .ci/run: there the data is there, a skip is a bug
+_REPO = Path(__file__).resolve().parents[1]
+_DATA_HINT = (
+    "MovieLens 100k is not redistributed with streammf (its licence forbids it). To run these tests, "
+    "download https://files.grouplens.org/datasets/movielens/ml-100k.zip, unzip it, and set "
+    f"{DATA_ENV}=<the folder holding ml-100k/> (or place it at ../shared/data/ml-100k beside the repo)"
+)
+_NOT_FOUND = "MovieLens 100k not found"
+_skipped_for_data: list[str] = []
+
+
+def movielens_candidates() -> list[Path]:
+    """Where u.data is looked for: $STREAMMF_DATA_DIR (holding ml-100k/ or u.data), then beside the repo."""
+    found = []
+    if os.environ.get(DATA_ENV):
+        root = Path(os.environ[DATA_ENV])
+        found += [root / "ml-100k" / "u.data", root / "u.data"]
+    found.append(_REPO.parent / "shared" / "data" / "ml-100k" / "u.data")
+    return found
+
+
+@pytest.fixture(scope="session")
+def movielens_file() -> Path:
+    """Path of ML-100k's u.data. Absent: the test does not run, and the run's summary says so loudly
+    (with how to get the data); with STREAMMF_REQUIRE_DATA=1 (CI) it fails instead."""
+    for candidate in movielens_candidates():
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(c) for c in movielens_candidates())
+    if os.environ.get(REQUIRE_DATA_ENV) == "1":
+        pytest.fail(f"MovieLens 100k not found (looked at {looked}) and {REQUIRE_DATA_ENV}=1")
+    pytest.skip(f"{_NOT_FOUND} (looked at {looked}): did not run. {_DATA_HINT}")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and _NOT_FOUND in str(report.longrepr):
+        _skipped_for_data.append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _skipped_for_data:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section(
+        "MovieLens 100k not found: these tests did NOT run", sep="!", red=True, bold=True
+    )
+    for nodeid in sorted(set(_skipped_for_data)):
+        write(f"  not run: {nodeid}")
+    write(f"  looked at: {', '.join(str(c) for c in movielens_candidates())}")
+    write(f"  {_DATA_HINT}")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -13,14 +13,11 @@ import redis
 from streammf.store.layout import ModelKeys
 from streammf.tools.ratings import RatingsLog, load_ratings
 
-ML100K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ml-100k" / "u.data"
-
 
 @pytest.fixture(scope="session")
-def movielens() -> RatingsLog:
-    if not ML100K.exists():
-        pytest.fail(f"MovieLens 100k is expected at {ML100K} (the shared data folder beside the repo)")
-    return load_ratings(ML100K)
+def movielens(movielens_file: Path) -> RatingsLog:
+    """ML-100k in time order (see tests/conftest.py's `movielens_file` for where it is looked for)."""
+    return load_ratings(movielens_file)
 
 
 @pytest.fixture

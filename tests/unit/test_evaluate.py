@@ -15,8 +15,6 @@ from streammf.stream.learner import LearnerParams
 from streammf.tools.evaluate import EvaluationReport, evaluate
 from streammf.tools.ratings import RatingsLog, load_ratings
 
-ML100K = Path(__file__).resolve().parents[2].parent / "shared/data/ml-100k/u.data"
-
 
 def _explicit_log(
     seed: int, n: int = 4000, n_users: int = 150, n_items: int = 100, rank: int = 3
@@ -232,11 +230,9 @@ def test_cli_evaluate_rejects_malformed_file(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------- acceptance: ML-100k
 
 
-def test_movielens_100k_prequential_rmse() -> None:
+def test_movielens_100k_prequential_rmse(movielens_file: Path) -> None:
     """The issue's acceptance criterion: default settings, prequential RMSE <= 0.950 on ML-100k."""
-    if not ML100K.is_file():
-        pytest.fail(f"MovieLens 100k not found at {ML100K} (expected ../shared/data/ml-100k/u.data)")
-    log = load_ratings(ML100K)
+    log = load_ratings(movielens_file)
     assert len(log) == 100_000
     model = ModelSettings()
     report, _ = _run(log, model)

@@ -92,7 +92,9 @@ class Metrics:
             "streammf_consumer_lag_records", "High watermark - position", ["partition"], registry=r
         )
         self.model_version = Gauge(
-            "streammf_model_version", "Model version the last batch applied to", registry=r
+            "streammf_model_version",
+            "Live model version (set by each batch and by a published refresh)",
+            registry=r,
         )
         self.retries = Counter(
             "streammf_retries_total", "Retries after a dependency failed", ["dependency"], registry=r
@@ -142,6 +144,10 @@ class Metrics:
             self.refresh_seconds.observe(report.seconds)
             self.refresh_pause_seconds.observe(report.paused_seconds)
             self.refresh_caught_up_rows.inc(report.caught_up_rows)
+        if report is not None and report.published and report.version is not None:
+            # The live version changed now, not when the next batch lands (an idle stream would show the
+            # old one for as long as it stays idle).
+            self.model_version.set(report.version)
 
     def observe_errors(self, total: float, count: int) -> None:
         """Record prequential squared errors (sum and count for PromQL, plus an EMA for dashboards)."""

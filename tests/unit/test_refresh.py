@@ -195,3 +195,19 @@ def test_writers_wait_out_a_pause_and_give_up_after_max_pause() -> None:
         pass
     else:
         raise AssertionError("a writer must give up on a pause that does not end")
+
+
+def test_a_published_refresh_moves_the_model_version_gauge_at_once() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from streammf.stream.metrics import Metrics
+
+    store, params = _trained_store()
+    metrics = Metrics(CollectorRegistry())
+    metrics.model_version.set(store.current_version())
+    runner = PeriodicRefresh(
+        store, params, 1, every_s=3600, hold_lease=lambda _ttl: True, on_outcome=metrics.observe_refresh
+    )
+    assert runner.tick() == "published"
+    assert metrics.registry.get_sample_value("streammf_model_version") == store.current_version() == 2
+    assert runner.tick() is None, "no news since: nothing to do"

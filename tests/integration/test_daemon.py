@@ -137,6 +137,13 @@ def _scrape(port: int) -> dict[str, float]:
     return samples
 
 
+def _serving(port: int) -> bool:
+    try:
+        return "streammf_events_consumed_total" in _scrape(port)
+    except OSError:  # not listening yet
+        return False
+
+
 class _InProcessDaemon:
     """`run_daemon` on a thread. What it raised is raised again on exit, unless `wait_for_exit` took it."""
 
@@ -473,7 +480,7 @@ def test_freshness_measures_the_pipeline_not_the_age_of_the_data(
     payloads = _ratings_payloads(movielens, 3000)
     port = _free_port()
     with _InProcessDaemon(_settings(kafka_bootstrap, redis_url, topic, model, port)):
-        _wait_for(lambda: _scrape(port).get("streammf_events_consumed_total") == 0, 30, "the daemon serving")
+        _wait_for(lambda: _serving(port), 60, "the daemon serving its metrics")
         started = time.time()
         _produce(kafka_bootstrap, topic, payloads, pause_every=300, pause_s=0.1)  # paced, about 1 s
         _wait_for(lambda: _applied(redis_client, model) >= len(payloads), 60, "all events applied")

@@ -6,6 +6,8 @@ twice, and every refusal is loud."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +29,7 @@ from streammf.tools.ratings import RatingsLog
 from tests.integration.private_services import PrivateKafka, PrivateRedis
 from tests.integration.test_daemon import (
     _applied,
+    _env,
     _free_port,
     _produce,
     _ratings_payloads,
@@ -224,6 +227,13 @@ def test_a_store_that_lost_its_state_is_refused_until_an_operator_rebuilds_it(
     with Daemon(settings) as again:
         error = again.wait_for_exit(60)
     assert isinstance(error, StoreLostStateError), repr(error)
+    assert not model_exists(client, model)
+    # The same as an operator sees it: `streammf run` exits with status 3 and says what to do.
+    command = subprocess.run(
+        [sys.executable, "-m", "streammf.cli", "run"], env=_env(settings), capture_output=True, timeout=120
+    )
+    assert command.returncode == 3, command.stderr.decode()[-2000:]
+    assert b"streammf run --rebuild" in command.stderr
     assert not model_exists(client, model)
 
     # The operator's choice: rebuild from the earliest offsets Kafka retains -> the exact model.

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from kafka import ConsumerRebalanceListener
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata, TopicPartition
@@ -220,9 +221,7 @@ class ConsumeLoop:
                     dead.append((record, item))
                     self.metrics.events_invalid.labels(item.reason).inc()
                     continue
-                if item.timestamp is None:
-                    item = item.model_copy(update={"timestamp": record.timestamp / 1000.0})
-                events.append(item)
+                events.append(item)  # no timestamp: the record's stands in (below), without a copy
                 sources.append(record)
 
         def dead_letter_diverged(positions: list[int]) -> None:
@@ -272,10 +271,17 @@ class ConsumeLoop:
             self.metrics.batch_size.observe(len(events))
             self.metrics.observe_errors(float((result.errors**2).sum()), len(events))
             now = self.clock()  # the apply has just been acknowledged: the effect is committed
-            for record, event in applied:
-                if record.timestamp is not None and record.timestamp >= 0:
-                    self.metrics.freshness.observe(max(0.0, now - record.timestamp / 1000.0))
-                self.metrics.event_age.observe(max(0.0, now - (event.timestamp or now)))
+            # Kafka timestamps in ms, -1 when absent; an event without its own time happened when it entered.
+            entered = np.array(
+                [r.timestamp if r.timestamp is not None else -1 for r, _ in applied], dtype=float
+            )
+            entered = np.where(entered >= 0, entered / 1000.0, np.nan)
+            happened = np.array(
+                [np.nan if e.timestamp is None else e.timestamp for _, e in applied], dtype=float
+            )
+            happened = np.where(np.isnan(happened), entered, happened)
+            self.metrics.freshness.observe_many(np.maximum(0.0, now - entered[~np.isnan(entered)]))
+            self.metrics.event_age.observe_many(np.maximum(0.0, now - happened[~np.isnan(happened)]))
         self.metrics.update_latency.observe(time.perf_counter() - received)
         self.metrics.model_version.set(result.version)
         for partition, (_, nxt) in offsets.items():

@@ -158,6 +158,10 @@ def _out_of_range(event: Event, limits: EventLimits) -> str | None:
     return "; ".join(problems) or None
 
 
+# One decoder for every record: json.loads with a hook builds a new JSONDecoder per call (~2 us each).
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
 def decode(
     raw: bytes | None, max_bytes: int, limits: EventLimits = DEFAULT_LIMITS
 ) -> Event | ForgetUser | Invalid:
@@ -174,7 +178,7 @@ def decode(
         return Invalid("undecodable", "UTF-8 byte-order mark")
     try:
         # NaN/Infinity literals and overflowing floats (1e400) parse to non-finite floats: non_finite below.
-        payload = json.loads(text, object_pairs_hook=_unique_keys)
+        payload = _DECODER.decode(text)
     except _DuplicateKeyError as exc:
         return Invalid("schema", f"duplicate key {exc.args[0]!r}"[:_MAX_DETAIL])
     except (ValueError, RecursionError) as exc:  # bad JSON, too deep, over-long int literal

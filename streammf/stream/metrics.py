@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -19,6 +20,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from streammf.stream.refresh import RefreshReport
@@ -62,17 +65,17 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.freshness = Histogram(
+        self.freshness = BatchHistogram(
             "streammf_freshness_seconds",
             "How stale the model is: record entered Kafka (its timestamp) -> its effect committed in Redis",
-            buckets=FRESHNESS_BUCKETS,
-            registry=r,
+            FRESHNESS_BUCKETS,
+            r,
         )
-        self.event_age = Histogram(
+        self.event_age = BatchHistogram(
             "streammf_event_age_seconds",
             "How old the data is: the event's own time -> applied (years for a replayed history)",
-            buckets=EVENT_AGE_BUCKETS,
-            registry=r,
+            EVENT_AGE_BUCKETS,
+            r,
         )
         self.redis_latency = Histogram(
             "streammf_redis_call_seconds", "Redis call latency", ["op"], buckets=LATENCY_BUCKETS, registry=r
@@ -160,6 +163,45 @@ class Metrics:
         decay = LOSS_EMA_DECAY**count
         self._ema = mean if self._ema is None else decay * self._ema + (1 - decay) * mean
         self.loss_ema.set(self._ema)
+
+
+class BatchHistogram:
+    """A Prometheus histogram fed a whole batch's values at once. The per-event histograms (freshness, event
+    age) cost ~2.5 us per `Histogram.observe`, a quarter of the loop's Python time per event; here a batch
+    is one searchsorted + bincount. Exposed through prometheus_client's public custom-collector API, with
+    the same series and label formatting as a `Histogram`."""
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self.name, self.documentation = name, documentation
+        self._bounds = np.array([*buckets, np.inf], dtype=np.float64)
+        self._counts = np.zeros(len(self._bounds), dtype=np.int64)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        if values.size == 0:
+            return
+        # Bucket `le` holds values <= its bound: the first bound not below the value.
+        counts = np.bincount(np.searchsorted(self._bounds, values, side="left"), minlength=len(self._bounds))
+        with self._lock:
+            self._counts += counts
+            self._sum += float(values.sum())
+
+    def observe(self, value: float) -> None:
+        self.observe_many(np.array([value]))
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            cumulative, total = np.cumsum(self._counts), self._sum
+        buckets = [
+            (floatToGoString(bound), int(count))
+            for bound, count in zip(self._bounds, cumulative, strict=True)
+        ]
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
 
 
 class Heartbeat:

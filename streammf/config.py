@@ -102,6 +102,8 @@ class ModelSettings(_Section):
 
 class RefreshSettings(_Section):
     every_s: float = Field(3600.0, gt=0)
+    # Also refresh once this many events were applied since the last published refresh (None: clock only).
+    every_events: int | None = Field(None, ge=1)
     iterations: int = Field(5, ge=1)
 
 

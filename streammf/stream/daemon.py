@@ -179,6 +179,7 @@ def _run_loop(
         settings.refresh.every_s,
         hold_lease=lambda ttl: store.hold_refresh_lease(replica_id, ttl),
         on_outcome=metrics.observe_refresh,
+        every_events=settings.refresh.every_events,
     )
     refresher.start(stop)
     loop.run(stop)

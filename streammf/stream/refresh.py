@@ -473,15 +473,22 @@ class PeriodicRefresh:
         hold_lease: Callable[[float], bool],
         on_outcome: Callable[[str, RefreshReport | None], None],
         grace_s: float = 60.0,
+        every_events: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.learner = learner
         self.iterations = iterations
         self.every_s = every_s
+        self.every_events = every_events
         self.hold_lease = hold_lease
         self.on_outcome = on_outcome
         self.grace_s = grace_s
+        self.clock = clock
         self._refreshed_at_events = 0
+        self._attempted_at = clock()
+        # With an event trigger, look at the count often; the clock trigger alone needs one look a period.
+        self._check_every_s = min(every_s, 1.0) if every_events else every_s
 
     def start(self, stop: threading.Event) -> threading.Thread:
         thread = threading.Thread(target=self._run, args=(stop,), name="wals-refresh", daemon=True)
@@ -489,18 +496,24 @@ class PeriodicRefresh:
         return thread
 
     def _run(self, stop: threading.Event) -> None:
-        while not stop.wait(self.every_s):
+        while not stop.wait(self._check_every_s):
             self.tick()
 
     def tick(self) -> str | None:
-        """One period's work; returns the outcome (published, not_published, failed) or None if there was
-        nothing to do (no lease, or no event since the last published refresh)."""
+        """One look: refresh if this replica holds the lease and a refresh is due (`every_s` since the last
+        attempt, or `every_events` applied since the last published refresh) and there is news. Returns
+        the outcome (published, not_published, failed), or None when there was nothing to do."""
         try:
-            if not self.hold_lease(2 * self.every_s):
+            if not self.hold_lease(2 * max(self.every_s, self._check_every_s)):
                 return None
             applied = self.store.events_applied()
-            if applied == self._refreshed_at_events:
+            news = applied - self._refreshed_at_events
+            # Half a look of slack: a thread woken after `every_s` may read a hair less on the clock.
+            by_clock = self.clock() - self._attempted_at >= self.every_s - self._check_every_s / 2
+            by_count = self.every_events is not None and news >= self.every_events
+            if news == 0 or not (by_clock or by_count):
                 return None
+            self._attempted_at = self.clock()
             report = refresh(self.store, self.learner, self.iterations)
             if report.published:
                 self._refreshed_at_events = applied

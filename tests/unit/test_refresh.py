@@ -205,9 +205,34 @@ def test_a_published_refresh_moves_the_model_version_gauge_at_once() -> None:
     store, params = _trained_store()
     metrics = Metrics(CollectorRegistry())
     metrics.model_version.set(store.current_version())
+    now = [0.0]
     runner = PeriodicRefresh(
-        store, params, 1, every_s=3600, hold_lease=lambda _ttl: True, on_outcome=metrics.observe_refresh
-    )
+        store, params, 1, every_s=3600, hold_lease=lambda _ttl: True, on_outcome=metrics.observe_refresh,
+        clock=lambda: now[0],
+    )  # fmt: skip
+    now[0] = 3600.0
     assert runner.tick() == "published"
     assert metrics.registry.get_sample_value("streammf_model_version") == store.current_version() == 2
+    now[0] = 7200.0
     assert runner.tick() is None, "no news since: nothing to do"
+
+
+def test_a_refresh_is_due_after_every_events_or_every_s_whichever_comes_first() -> None:
+    store, params = _trained_store()  # 2,000 events applied
+    now, outcomes = [0.0], []
+    runner = PeriodicRefresh(
+        store, params, 1, every_s=3600, hold_lease=lambda _ttl: True,
+        on_outcome=lambda outcome, _report: outcomes.append(outcome), every_events=100, clock=lambda: now[0],
+    )  # fmt: skip
+    assert runner.tick() == "published", "2,000 events since the start: over every_events"
+    learner = Learner(store, params)
+    learner.learn([Event(user_id="a", item_id=str(i), value=3.0) for i in range(60)], {0: (5000, 5060)})
+    now[0] = 10.0
+    assert runner.tick() is None, "60 events, 10 s: not due yet"
+    learner.learn([Event(user_id="b", item_id=str(i), value=3.0) for i in range(40)], {0: (5060, 5100)})
+    assert runner.tick() == "published", "100 events since the last refresh"
+    learner.learn([Event(user_id="c", item_id="1", value=3.0)], {0: (5100, 5101)})
+    assert runner.tick() is None
+    now[0] = 10.0 + 3600.0
+    assert runner.tick() == "published", "one event, but every_s has passed"
+    assert outcomes == ["published"] * 3

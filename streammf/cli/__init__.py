@@ -227,22 +227,18 @@ def forget_user(settings: Settings, user: str) -> None:
     """Delete USER from the live model, atomically: their row in every version, their interactions, their
     share of item counts and statistics. Idempotent. To keep it in order with the user's events, produce
     {"user_id": USER, "event_type": "forget_user"} to the topic instead (keyed by the user)."""
-    import time
-
     import redis
 
     from streammf.cli.read import failure_message
     from streammf.store.contract import ApplyOutcome, StoreError
-    from streammf.store.redis_store import RedisStore
-    from streammf.stream.daemon import redis_client
+    from streammf.stream.daemon import attach_store, redis_client
+    from streammf.stream.learner import Learner, VersionChurnError
 
     try:
         with redis_client(settings) as client:
-            store = RedisStore.attach(client, settings.model.name)
-            deadline = time.monotonic() + 60
-            while (outcome := store.forget_user(user)) is ApplyOutcome.PAUSED and time.monotonic() < deadline:
-                time.sleep(0.05)  # a refresh is handing the live version over: a moment
-    except (redis.RedisError, StoreError) as exc:
+            learner = Learner(attach_store(settings, client), LearnerParams.from_settings(settings.model))
+            outcome = learner.forget_user(user)  # waits out a refresh's hand-over, if one is under way
+    except (redis.RedisError, StoreError, ValueError, VersionChurnError) as exc:
         raise click.ClickException(f"forget-user failed: {failure_message(exc)}") from exc
     if outcome is not ApplyOutcome.APPLIED:
         raise click.ClickException(f"forget-user failed: the store answered {outcome.value}; run it again")

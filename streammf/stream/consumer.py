@@ -257,7 +257,6 @@ class ConsumeLoop:
         received: float,
     ) -> None:
         """Metrics of one batch (`applied`: the applied events with their records) and its positions."""
-        events = [event for _, event in applied]
         self.metrics.batches.labels(result.outcome.value).inc()
         if result.outcome is ApplyOutcome.CONFLICT:
             # Someone else applied part of these offsets (a zombie or a rebalance race): resync and re-poll.
@@ -267,9 +266,9 @@ class ConsumeLoop:
         if result.outcome is ApplyOutcome.DUPLICATE:
             log.info("batch already applied (replay after a restart): skipped", extra={"offsets": offsets})
         else:
-            self.metrics.events_applied.inc(len(events))
-            self.metrics.batch_size.observe(len(events))
-            self.metrics.observe_errors(float((result.errors**2).sum()), len(events))
+            self.metrics.events_applied.inc(len(applied))
+            self.metrics.batch_size.observe(len(applied))
+            self.metrics.observe_errors(float((result.errors**2).sum()), len(applied))
             now = self.clock()  # the apply has just been acknowledged: the effect is committed
             # Kafka timestamps in ms, -1 when absent; an event without its own time happened when it entered.
             entered = np.array(

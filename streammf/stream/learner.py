@@ -112,13 +112,13 @@ class Learner:
         for _ in range(self.max_version_retries):
             state = self.store.read_batch_state(plan.users, plan.items, plan.pairs)
             kept, update, predictions = self._compute_in_bounds(events, plan, state, offsets)
-            diverged = sorted(set(range(len(events))) - set(kept))
+            diverged = [] if len(kept) == len(events) else sorted(set(range(len(events))) - set(kept))
             if on_diverged is not None and set(diverged) - reported:
                 on_diverged([t for t in diverged if t not in reported])
                 reported.update(diverged)
-            outcome = self._apply_after_any_pause(update, state.version)
+            outcome = self._apply_after_any_pause(update)
             if outcome is not ApplyOutcome.STALE_VERSION:
-                values = np.array([events[t].value for t in kept], dtype=np.float64)
+                values = plan.values[kept]
                 targets = values if self.params.loss.mode == "explicit" else np.ones(len(predictions))
                 return StepResult(outcome, predictions, targets - predictions, state.version, tuple(diverged))
         raise VersionChurnError(f"model version changed {self.max_version_retries} times during one batch")
@@ -185,21 +185,20 @@ class Learner:
 
     def forget_user(self, user: str, offsets: dict[int, tuple[int, int]] | None = None) -> ApplyOutcome:
         """Delete the user from the model (see `FactorStore.forget_user`), waiting out a refresh's pause."""
-        waited_s = 0.0
-        while (outcome := self.store.forget_user(user, offsets)) is ApplyOutcome.PAUSED:
-            if waited_s >= self.max_pause_s:
-                raise VersionChurnError(f"the live version stayed paused for over {waited_s:.0f}s")
-            self.sleep(_PAUSE_POLL_S)
-            waited_s += _PAUSE_POLL_S
-        return outcome
+        return self._waiting_out_pauses(lambda: self.store.forget_user(user, offsets))
 
-    def _apply_after_any_pause(self, update: BatchUpdate, version: int) -> ApplyOutcome:
+    def _apply_after_any_pause(self, update: BatchUpdate) -> ApplyOutcome:
         """Apply, waiting out a refresh's pause by retrying the same update: no writer changes a paused
         version, so the update stays valid unless the version flips (then STALE_VERSION: recompute)."""
+        return self._waiting_out_pauses(lambda: self.store.apply(update))
+
+    def _waiting_out_pauses(self, write: Callable[[], ApplyOutcome]) -> ApplyOutcome:
+        """`write()` again while it answers PAUSED (a refresh handing the live version over), at most
+        `max_pause_s` in all."""
         waited_s = 0.0
-        while (outcome := self.store.apply(update)) is ApplyOutcome.PAUSED:
+        while (outcome := write()) is ApplyOutcome.PAUSED:
             if waited_s >= self.max_pause_s:
-                raise VersionChurnError(f"model version {version} paused for over {waited_s:.0f}s")
+                raise VersionChurnError(f"the live version stayed paused for over {waited_s:.0f}s")
             self.sleep(_PAUSE_POLL_S)
             waited_s += _PAUSE_POLL_S
         return outcome

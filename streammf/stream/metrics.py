@@ -227,12 +227,6 @@ class Heartbeat:
     def saw(self, dependency: str) -> None:
         self._seen[dependency] = self._clock()
 
-    def healthy(self) -> bool:
-        return not self.problems()
-
-    def silence_s(self) -> float:
-        return self._clock() - self._last
-
     def problems(self) -> list[str]:
         now = self._clock()
         stalled = now - self._last > self.max_silence_s

@@ -2,7 +2,9 @@
 (`streammf.store.layout`), every change made by one Lua script (`streammf.store.scripts`).
 
 The arithmetic inside the scripts is the in-memory twin's (`streammf.store.memory`): float32 rows are
-widened to float64, the float64 delta is added, the sum is rounded back to float32 once.
+widened to float64, the float64 delta is added, the sum is rounded back to float32 once. The store remembers
+the item rows and Gramians of its last batch read and sends `apply` the sums it computed from them; the
+script takes a sum only where the stored bytes are still the ones read, and adds the delta itself elsewhere.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import functools
 import inspect
 import json
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -55,6 +58,18 @@ _WRITE_CHUNK_ROWS = 1000
 _SNAPSHOT_ATTEMPTS = 10
 
 
+@dataclass(frozen=True)
+class _LastRead:
+    """What the last batch read returned, for `apply`'s precomputed sums (a hint: the script checks it)."""
+
+    version: int
+    item_index: dict[str, int]
+    item_rows: np.ndarray  # (n, k+1) float32, bit-exact copies of the stored bytes
+    item_present: np.ndarray
+    item_gramian: bytes
+    user_gramian: bytes
+
+
 class ModelMismatchError(ValueError):
     """The model exists with a different mode or number of factors than the caller asked for."""
 
@@ -71,6 +86,27 @@ def _tail_positions(script: scripts.LuaScript, ids: Sequence[str]) -> dict[str, 
 def _offset_triples(offsets: dict[int, tuple[int, int]]) -> list[int]:
     """The ARGV tail of a fenced script: partition, first offset, next offset, per partition."""
     return [int(value) for partition, (first, nxt) in offsets.items() for value in (partition, first, nxt)]
+
+
+def _item_sums(
+    last: _LastRead | None, items: Sequence[str], base: np.ndarray, deltas: np.ndarray, max_abs: float
+) -> tuple[bytes, bytes, bytes]:
+    """apply.lua's item arithmetic done here, from the rows the last read returned: a '1'/'0'/'?' mask
+    (read present / read absent / not read), the rows read, and the float32 sums. The script uses a sum
+    only where the stored row is still the one read; repeated items are left to the script."""
+    n = len(items)
+    if last is None or n == 0 or len(set(items)) != n:
+        return b"?" * n, b"", b""
+    index = np.array([last.item_index.get(item, -1) for item in items], dtype=np.int64)
+    known = index >= 0
+    rows = last.item_rows[np.where(known, index, 0)]
+    present = known & last.item_present[np.where(known, index, 0)]
+    # The script's test for a damaged row: every coordinate within ±max_abs (NaN fails), as a float64.
+    sound = np.all(np.abs(rows.astype(np.float64)) <= min(max_abs, 1e308), axis=1)
+    start = np.where((present & sound)[:, None], rows, np.column_stack([base, np.zeros(n, dtype=base.dtype)]))
+    sums = (start.astype(np.float64) + deltas).astype(ROW_DTYPE)
+    mask = np.where(known, np.where(present, ord("1"), ord("0")), ord("?")).astype(np.uint8)
+    return mask.tobytes(), rows.astype(ROW_DTYPE).tobytes(), sums.tobytes()
 
 
 def _translating_errors(cls: type[RedisStore]) -> type[RedisStore]:
@@ -115,6 +151,7 @@ class RedisStore:
         self._lease_script = scripts.LEASE.register(client)
         self._release_lease_script = scripts.RELEASE_LEASE.register(client)
         self._scan_rows_script = scripts.SCAN_ROWS.register(client)
+        self._last_read: _LastRead | None = None
 
     @classmethod
     def open(
@@ -229,6 +266,14 @@ class RedisStore:
          value_count, item_gramian, user_gramian) = reply  # fmt: skip
         user_rows, user_present = rows_from_blob(user_blob, user_mask, len(users), k)
         item_rows, item_present = rows_from_blob(item_blob, item_mask, len(items), k)
+        self._last_read = _LastRead(
+            version=version,
+            item_index={item: r for r, item in enumerate(items)},
+            item_rows=item_rows,
+            item_present=item_present,
+            item_gramian=item_gramian or b"",
+            user_gramian=user_gramian or b"",
+        )
         gramians = (
             (
                 decode_gramian(item_gramian, k, keys.gramian(version, "items")),
@@ -266,11 +311,19 @@ class RedisStore:
         pair_users = list(dict.fromkeys(update.pair_users))
         inter_index = _tail_positions(scripts.APPLY, pair_users)
 
+        last = self._last_read if self._last_read and self._last_read.version == update.version else None
+
         def gramian_delta(delta: np.ndarray | None) -> bytes:
             # Explicit models keep no Gramians: a delta is ignored, as in the in-memory twin.
             if not implicit or delta is None:
                 return b""
             return np.asarray(delta, dtype=GRAMIAN_DTYPE).reshape(k, k).tobytes()
+
+        def gramian_sum(delta: bytes, read: bytes) -> bytes:
+            if not delta or len(read) != len(delta):
+                return b""
+            total = np.frombuffer(read, dtype=GRAMIAN_DTYPE) + np.frombuffer(delta, dtype=GRAMIAN_DTYPE)
+            return total.tobytes()
 
         n_users, n_items = len(update.users), len(update.items)
         user_rows = np.column_stack(
@@ -281,6 +334,12 @@ class RedisStore:
                 np.asarray(update.item_delta, dtype=np.float64).reshape(n_items, k),
                 np.asarray(update.item_bias_delta, dtype=np.float64).reshape(n_items),
             ]
+        )
+        item_gramian_delta = gramian_delta(update.item_gramian_delta)
+        user_gramian_delta = gramian_delta(update.user_gramian_delta)
+        item_base = np.asarray(update.item_base).reshape(n_items, k).astype(ROW_DTYPE)
+        expected_mask, expected_rows, new_rows = _item_sums(
+            last, update.items, item_base, item_deltas, float(update.max_abs_factor)
         )
         args = scripts.APPLY.arg_list(
             _offset_triples(update.offsets),
@@ -296,14 +355,21 @@ class RedisStore:
             users=join_ids(update.users),
             user_rows=user_rows.astype(ROW_DTYPE).tobytes(),
             items=join_ids(update.items),
-            item_base=np.asarray(update.item_base).reshape(n_items, k).astype(ROW_DTYPE).tobytes(),
+            item_base=item_base.tobytes(),
             item_deltas=item_deltas.astype(GRAMIAN_DTYPE).tobytes(),
+            item_expected_mask=expected_mask,
+            item_expected_rows=expected_rows,
+            item_new_rows=new_rows,
             item_count_deltas=np.asarray(update.item_count_delta).astype("<i8").tobytes(),
             pair_items=join_ids(update.pair_items),
             pair_inter_keys=np.array([inter_index[u] for u in update.pair_users], dtype="<u4").tobytes(),
             pair_values=np.asarray(update.pair_values, dtype="<f8").tobytes(),
-            item_gramian_delta=gramian_delta(update.item_gramian_delta),
-            user_gramian_delta=gramian_delta(update.user_gramian_delta),
+            item_gramian_delta=item_gramian_delta,
+            user_gramian_delta=user_gramian_delta,
+            item_gramian_expected=last.item_gramian if last else b"",
+            item_gramian_sum=gramian_sum(item_gramian_delta, last.item_gramian) if last else b"",
+            user_gramian_expected=last.user_gramian if last else b"",
+            user_gramian_sum=gramian_sum(user_gramian_delta, last.user_gramian) if last else b"",
             max_abs_factor=repr(min(float(update.max_abs_factor), 1e308)),  # Lua's tonumber reads no 'inf'
         )
         script_keys = scripts.APPLY.key_list(

@@ -86,8 +86,9 @@ APPLY = _script(
     "apply",
     "current offsets meta users items item_counts stats gram_items gram_users changed_users changed_items",
     """version k additive n_users n_items n_pairs value_sum_delta value_count_delta events_applied users
-    user_rows items item_base item_deltas item_count_deltas pair_items pair_inter_keys pair_values
-    item_gramian_delta user_gramian_delta max_abs_factor""",
+    user_rows items item_base item_deltas item_expected_mask item_expected_rows item_new_rows
+    item_count_deltas pair_items pair_inter_keys pair_values item_gramian_delta user_gramian_delta
+    item_gramian_expected item_gramian_sum user_gramian_expected user_gramian_sum max_abs_factor""",
 )
 # Tails: KEYS per version (v:meta, v:users, v:gram:users, v:changed:users); ARGV the version numbers, then
 # (partition, first, next) triples.

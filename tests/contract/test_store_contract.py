@@ -368,3 +368,46 @@ def test_redis_equals_memory_bit_for_bit(
             assert left == right, name
     assert stores[0].applied_offsets() == stores[1].applied_offsets()
     assert stores[0].events_applied() == stores[1].events_applied()
+
+
+def _second_writer(store: RefreshableStore) -> RefreshableStore:
+    """Another writer of the same model: a second Redis handle (as another replica has), or the twin."""
+    if isinstance(store, RedisStore):
+        return RedisStore.attach(store._client, store.keys.name)
+    return store
+
+
+def test_a_write_between_read_and_apply_is_added_to_not_overwritten(make_store: MakeStore) -> None:
+    # The Redis store sends apply the item sums it computed from its last read; an item another writer
+    # changed since must still get the stored row + delta, and an untouched one the same bytes as the twin.
+    store = make_store("implicit")
+    twin = MemoryStore("twin", "implicit", K, {"reg": 0.05})
+    rng = np.random.default_rng(5)
+
+    def gramians() -> tuple[np.ndarray, np.ndarray]:
+        return rng.normal(size=(K, K)) / 7, rng.normal(size=(K, K)) / 7
+
+    def items(*names: str) -> dict[str, tuple[list[float], list[float], int]]:
+        return {n: (rng.normal(size=K).tolist(), (rng.normal(size=K + 1) / 3).tolist(), 1) for n in names}
+
+    first = make_update(
+        offsets={0: (0, 1)}, items=items("x", "y"), pairs=[("alice", "x", 1.0)], gramian_deltas=gramians()
+    )
+    other = make_update(
+        offsets={1: (0, 1)}, items=items("x"), pairs=[("bob", "x", 2.0)], gramian_deltas=gramians()
+    )
+    late = make_update(
+        offsets={0: (1, 2)},
+        items=items("x", "y", "z"),
+        pairs=[("alice", "x", 0.5), ("alice", "y", 1.5)],
+        gramian_deltas=gramians(),
+    )
+    for update in (first, other, late):
+        assert twin.apply(update) is ApplyOutcome.APPLIED
+
+    assert store.apply(first) is ApplyOutcome.APPLIED
+    store.read_batch_state(["alice"], ["x", "y", "z"], [("alice", "x"), ("alice", "y")])
+    assert _second_writer(store).apply(other) is ApplyOutcome.APPLIED  # x and both Gramians move
+    assert store.apply(late) is ApplyOutcome.APPLIED
+
+    assert_same_state(read_all(store), read_all(twin))

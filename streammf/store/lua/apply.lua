@@ -15,7 +15,6 @@ local additive = ARGV[A.additive] == '1'
 local n_users, n_items, n_pairs = tonumber(ARGV[A.n_users]), tonumber(ARGV[A.n_items]), tonumber(ARGV[A.n_pairs])
 local users, items, pair_items = split(ARGV[A.users], n_users), split(ARGV[A.items], n_items), split(ARGV[A.pair_items], n_pairs)
 
--- Items: stored (or base) float32 row + float64 delta, rounded to float32 after each add, like the twin.
 local row_f = '<' .. string.rep('f', k + 1)
 local row_d = '<' .. string.rep('d', k + 1)
 local row_bytes = 4 * (k + 1)
@@ -28,60 +27,94 @@ local function sound(row)  -- every coordinate finite and within ±max_abs (NaN 
   end
   return true
 end
+-- Items: stored (or base) float32 row + float64 delta, rounded to float32, like the twin. The writer sends
+-- the row it read and the sum it computed from it: when the stored row is still that row (the usual
+-- case: no other writer touched the item since the read), the sum is taken as is, which saves the Lua
+-- arithmetic; otherwise (another replica wrote the item, or the writer did not read it) the sum is made
+-- here from what is stored. Both ways give the same bytes.
 local item_rows, item_order, count_deltas = {}, {}, {}
+local stored_rows = hmget_many(KEYS[K.items], items)
+local expected_mask = ARGV[A.item_expected_mask]
 for r = 1, n_items do
   local item = items[r]
+  local first = item_rows[item] == nil
   local stored = item_rows[item]
-  if not stored then
-    stored = redis.call('HGET', KEYS[K.items], item)
-    if stored then
-      if #stored ~= row_bytes then
-        return bad(KEYS[K.items], 'field ' .. item .. ': ' .. #stored .. ' bytes, expected ' .. row_bytes ..
-                   ' (k float32 factors + bias)')
-      end
-    else
-      stored = string.sub(ARGV[A.item_base], (r - 1) * base_bytes + 1, r * base_bytes) .. zero_bias
-    end
-    local count = redis.call('HGET', KEYS[K.item_counts], item)
-    if count and not is_int(count) then
-      return bad(KEYS[K.item_counts], 'field ' .. item .. ': not an integer: ' .. count)
+  if first then
+    stored = stored_rows[r]
+    if stored and #stored ~= row_bytes then
+      return bad(KEYS[K.items], 'field ' .. item .. ': ' .. #stored .. ' bytes, expected ' .. row_bytes ..
+                 ' (k float32 factors + bias)')
     end
     item_order[#item_order + 1] = item
     count_deltas[item] = 0
   end
-  local row = {struct.unpack(row_f, stored)}
-  if not sound(row) then  -- damaged: the learner started this item again from its base row
-    row = {struct.unpack(row_f, string.sub(ARGV[A.item_base], (r - 1) * base_bytes + 1, r * base_bytes) .. zero_bias)}
+  local expect = string.sub(expected_mask, r, r)
+  local slice = (r - 1) * row_bytes
+  if first and ((expect == '1' and stored == string.sub(ARGV[A.item_expected_rows], slice + 1, slice + row_bytes))
+                or (expect == '0' and not stored)) then
+    item_rows[item] = string.sub(ARGV[A.item_new_rows], slice + 1, slice + row_bytes)
+  else
+    if not stored then
+      stored = string.sub(ARGV[A.item_base], (r - 1) * base_bytes + 1, r * base_bytes) .. zero_bias
+    end
+    local row = {struct.unpack(row_f, stored)}
+    if not sound(row) then  -- damaged: the learner started this item again from its base row
+      row = {struct.unpack(row_f, string.sub(ARGV[A.item_base], (r - 1) * base_bytes + 1, r * base_bytes) .. zero_bias)}
+    end
+    local delta = {struct.unpack(row_d, ARGV[A.item_deltas], (r - 1) * 8 * (k + 1) + 1)}
+    for c = 1, k + 1 do row[c] = row[c] + delta[c] end
+    item_rows[item] = struct.pack(row_f, unpack(row, 1, k + 1))
   end
-  local delta = {struct.unpack(row_d, ARGV[A.item_deltas], (r - 1) * 8 * (k + 1) + 1)}
-  for c = 1, k + 1 do row[c] = row[c] + delta[c] end
-  item_rows[item] = struct.pack(row_f, unpack(row, 1, k + 1))
   count_deltas[item] = count_deltas[item] + struct.unpack('<i8', ARGV[A.item_count_deltas], (r - 1) * 8 + 1)
+end
+local counts = hmget_many(KEYS[K.item_counts], item_order)
+local new_counts, new_rows = {}, {}
+for i, item in ipairs(item_order) do
+  local count = counts[i]
+  if count and not is_int(count) then
+    return bad(KEYS[K.item_counts], 'field ' .. item .. ': not an integer: ' .. count)
+  end
+  new_counts[i] = string.format('%d', (tonumber(count) or 0) + count_deltas[item])
+  new_rows[i] = item_rows[item]
 end
 
 -- Interactions: implicit strengths add, explicit ratings replace; a pair repeated in one update
--- builds on its own earlier value.
-local pair_values, pair_order = {}, {}
+-- builds on its own earlier value. One HMGET (implicit) and one HSET per user's inter hash.
+local pair_groups, inter_order = {}, {}
 for p = 1, n_pairs do
   local key, item = KEYS[struct.unpack('<I4', ARGV[A.pair_inter_keys], 4 * p - 3)], pair_items[p]
   local value = struct.unpack('<d', ARGV[A.pair_values], 8 * p - 7)
-  local values = pair_values[key]
-  if not values then
-    values = {}
-    pair_values[key] = values
+  local group = pair_groups[key]
+  if not group then
+    group = {values = {}, order = {}, added = {}}
+    pair_groups[key] = group
+    inter_order[#inter_order + 1] = key
   end
-  if values[item] == nil then
-    pair_order[#pair_order + 1] = {key, item}
-    if additive then
-      local stored = redis.call('HGET', key, item)
-      values[item] = 0
-      if stored then
-        values[item] = tonumber(stored)
-        if not values[item] then return bad(key, 'field ' .. item .. ': not a number: ' .. stored) end
+  if group.values[item] == nil then
+    group.order[#group.order + 1] = item
+    group.values[item] = 0
+  end
+  if additive then  -- added in stream order, as the twin does: float addition is not associative
+    group.added[item] = group.added[item] or {}
+    table.insert(group.added[item], value)
+  else
+    group.values[item] = value
+  end
+end
+if additive then
+  for _, key in ipairs(inter_order) do
+    local group = pair_groups[key]
+    local stored = hmget_many(key, group.order)
+    for i, item in ipairs(group.order) do
+      local have = 0
+      if stored[i] then
+        have = tonumber(stored[i])
+        if not have then return bad(key, 'field ' .. item .. ': not a number: ' .. stored[i]) end
       end
+      for _, value in ipairs(group.added[item]) do have = have + value end
+      group.values[item] = have
     end
   end
-  if additive then values[item] = values[item] + value else values[item] = value end
 end
 
 local stats = redis.call('HMGET', KEYS[K.stats], 'value_sum', 'value_count', 'events_applied')
@@ -97,12 +130,14 @@ if stats[3] and not is_int(stats[3]) then
   return bad(KEYS[K.stats], 'field events_applied: not an integer: ' .. stats[3])
 end
 
-local function add_gramian(key, delta)
+-- Gramians: the same shortcut as the item rows (the writer sends the Gramian it read and its sum).
+local function add_gramian(key, delta, expected, sum)
   local stored = redis.call('GET', key)
   if not stored then return nil, lost(key, 'is missing (implicit models keep a Gramian per version)') end
   if #stored ~= 8 * k * k then
     return nil, bad(key, 'holds ' .. #stored .. ' bytes, expected ' .. 8 * k * k)
   end
+  if expected ~= '' and stored == expected then return sum, nil end
   local fmt, out = '<' .. string.rep('d', k), {}
   for r = 0, k - 1 do
     local g = {struct.unpack(fmt, stored, r * 8 * k + 1)}
@@ -113,24 +148,25 @@ local function add_gramian(key, delta)
   return table.concat(out), nil
 end
 local gramians = {}
-for _, slot in ipairs({{K.gram_items, A.item_gramian_delta}, {K.gram_users, A.user_gramian_delta}}) do
+for _, slot in ipairs({{K.gram_items, A.item_gramian_delta, A.item_gramian_expected, A.item_gramian_sum},
+                       {K.gram_users, A.user_gramian_delta, A.user_gramian_expected, A.user_gramian_sum}}) do
   if ARGV[slot[2]] ~= '' then
-    local blob, err = add_gramian(KEYS[slot[1]], ARGV[slot[2]])
+    local blob, err = add_gramian(KEYS[slot[1]], ARGV[slot[2]], ARGV[slot[3]], ARGV[slot[4]])
     if err then return err end
     gramians[#gramians + 1] = {KEYS[slot[1]], blob}
   end
 end
 
 -- Phase 2: everything checked; write.
-for u = 1, n_users do
-  redis.call('HSET', KEYS[K.users], users[u], string.sub(ARGV[A.user_rows], (u - 1) * row_bytes + 1, u * row_bytes))
-end
-for _, item in ipairs(item_order) do
-  redis.call('HSET', KEYS[K.items], item, item_rows[item])
-  redis.call('HINCRBY', KEYS[K.item_counts], item, string.format('%d', count_deltas[item]))
-end
-for _, pair in ipairs(pair_order) do
-  redis.call('HSET', pair[1], pair[2], string.format('%.17g', pair_values[pair[1]][pair[2]]))
+local user_rows = {}
+for u = 1, n_users do user_rows[u] = string.sub(ARGV[A.user_rows], (u - 1) * row_bytes + 1, u * row_bytes) end
+hset_many(KEYS[K.users], users, user_rows)
+hset_many(KEYS[K.items], item_order, new_rows)
+hset_many(KEYS[K.item_counts], item_order, new_counts)
+for _, key in ipairs(inter_order) do
+  local group, texts = pair_groups[key], {}
+  for i, item in ipairs(group.order) do texts[i] = string.format('%.17g', group.values[item]) end
+  hset_many(key, group.order, texts)
 end
 redis.call('HSET', KEYS[K.stats], 'value_sum', string.format('%.17g', value_sum + tonumber(ARGV[A.value_sum_delta])))
 redis.call('HINCRBY', KEYS[K.stats], 'value_count', ARGV[A.value_count_delta])
@@ -138,7 +174,7 @@ redis.call('HINCRBY', KEYS[K.stats], 'events_applied', ARGV[A.events_applied])
 for _, g in ipairs(gramians) do redis.call('SET', g[1], g[2]) end
 for o = NA + 1, #ARGV, 3 do redis.call('HSET', KEYS[K.offsets], ARGV[o], ARGV[o + 2]) end
 if tracking then  -- a refresh is catching up with this version: tell it what changed
-  for u = 1, n_users do redis.call('SADD', KEYS[K.changed_users], users[u]) end
-  for _, item in ipairs(item_order) do redis.call('SADD', KEYS[K.changed_items], item) end
+  sadd_many(KEYS[K.changed_users], users)
+  sadd_many(KEYS[K.changed_items], item_order)
 end
 return 'applied'

@@ -41,10 +41,38 @@ local function paused(meta_key)  -- a refresh is handing this version over (writ
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1e6 < tonumber(paused_until)
 end
+-- Multi-field commands in chunks: one call per chunk instead of one per field, and Lua's unpack() has a
+-- stack limit (LUAI_MAXCSTACK, 8000) a big batch would pass.
+local CHUNK = 500
+local function hmget_many(key, fields)
+  local out = {}
+  for first = 1, #fields, CHUNK do
+    local got = redis.call('HMGET', key, unpack(fields, first, math.min(first + CHUNK - 1, #fields)))
+    for i = 1, #got do out[first + i - 1] = got[i] end
+  end
+  return out
+end
+local function hset_many(key, fields, values)  -- fields[i] = values[i]
+  local n = #fields
+  for first = 1, n, CHUNK do
+    local args = {}
+    for i = first, math.min(first + CHUNK - 1, n) do
+      args[#args + 1] = fields[i]
+      args[#args + 1] = values[i]
+    end
+    redis.call('HSET', key, unpack(args))
+  end
+end
+local function sadd_many(key, members)
+  for first = 1, #members, CHUNK do
+    redis.call('SADD', key, unpack(members, first, math.min(first + CHUNK - 1, #members)))
+  end
+end
 local function gather_rows(key, ids, row_bytes)
   local rows, mask, zero = {}, {}, string.rep(NUL, row_bytes)
+  local got = hmget_many(key, ids)
   for i, id in ipairs(ids) do
-    local row = redis.call('HGET', key, id)
+    local row = got[i]
     if row then
       if #row ~= row_bytes then
         return nil, nil, bad(key, 'field ' .. id .. ': ' .. #row .. ' bytes, expected ' .. row_bytes ..

@@ -10,20 +10,37 @@ local item_rows, item_mask, err2 = gather_rows(KEYS[K.items], items, row_bytes)
 if err2 then return err2 end
 local user_counts, item_counts, pair_values = {}, {}, {}
 for u = 1, n_users do user_counts[u] = redis.call('HLEN', KEYS[NK + u]) end
+local counts = hmget_many(KEYS[K.item_counts], items)
 for i, item in ipairs(items) do
-  local count = redis.call('HGET', KEYS[K.item_counts], item)
+  local count = counts[i]
   if count and not is_int(count) then
     return bad(KEYS[K.item_counts], 'field ' .. item .. ': not an integer: ' .. count)
   end
   item_counts[i] = count or '0'
 end
+-- Pairs: one HMGET per user's inter hash.
+local pair_groups, inter_order = {}, {}
 for p = 1, n_pairs do
   local key = KEYS[struct.unpack('<I4', ARGV[A.pair_inter_keys], 4 * p - 3)]
-  local value = redis.call('HGET', key, pair_items[p])
-  if value and not tonumber(value) then
-    return bad(key, 'field ' .. pair_items[p] .. ': not a number: ' .. value)
+  local group = pair_groups[key]
+  if not group then
+    group = {fields = {}, pairs = {}}
+    pair_groups[key] = group
+    inter_order[#inter_order + 1] = key
   end
-  pair_values[p] = value or ''
+  group.fields[#group.fields + 1] = pair_items[p]
+  group.pairs[#group.pairs + 1] = p
+end
+for _, key in ipairs(inter_order) do
+  local group = pair_groups[key]
+  local values = hmget_many(key, group.fields)
+  for i, p in ipairs(group.pairs) do
+    local value = values[i]
+    if value and not tonumber(value) then
+      return bad(key, 'field ' .. pair_items[p] .. ': not a number: ' .. value)
+    end
+    pair_values[p] = value or ''
+  end
 end
 local stats = redis.call('HMGET', KEYS[K.stats], 'value_sum', 'value_count')
 local item_gramian, user_gramian = false, false

@@ -154,7 +154,7 @@ class ConsumeLoop:
                 # the next poll fetches from the seek.
                 self.process({tp: recs for tp, recs in polled.items() if tp not in repositioned}, stop)
             self._update_lag()
-            self._probe_kafka()
+            self._probe_kafka(heard_from_kafka=bool(polled))
             self._guard_store()
         log.info("stop requested: loop finished its last batch")
 
@@ -388,11 +388,15 @@ class ConsumeLoop:
         self.heartbeat.saw(dependency)
         self.metrics.last_progress.set(self.clock())
 
-    def _probe_kafka(self) -> None:
-        """Every `probe_every_s`: the topic's end offsets from the broker (bounded wait). Success proves
-        that Kafka answers and refreshes the lag gauge; failure counts a retry and, once it lasts,
-        makes /healthz unhealthy."""
+    def _probe_kafka(self, heard_from_kafka: bool) -> None:
+        """Every `probe_every_s` without records: the topic's end offsets from the broker (bounded wait).
+        Success proves that Kafka answers and refreshes the lag gauge; failure counts a retry and, once it
+        lasts, makes /healthz unhealthy. While records arrive they prove as much, and their fetch's high
+        watermark gives the lag, so the probe (a blocking round trip, ~200 ms with kafka-python when a
+        fetch is in flight) is skipped."""
         now = self.monotonic()
+        if heard_from_kafka:
+            self._next_probe = now + self.settings.probe_every_s
         if now < self._next_probe:
             return
         self._next_probe = now + self.settings.probe_every_s

@@ -160,11 +160,79 @@ def _out_of_range(event: Event, limits: EventLimits) -> str | None:
 
 # One decoder for every record: json.loads with a hook builds a new JSONDecoder per call (~2 us each).
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+# The plain path's: objects as lists of (key, value) pairs, built in C.
+_PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=list)
+_ID_TYPES = (str, int)
+_FIELD_NAMES = frozenset(Event.model_fields)
+_new_event = object.__new__
+_set = object.__setattr__
 
 
 def decode(
     raw: bytes | None, max_bytes: int, limits: EventLimits = DEFAULT_LIMITS
 ) -> Event | ForgetUser | Invalid:
+    """The record's event, or why it is invalid. Plain records (the stream's bulk) take a short path that
+    accepts exactly what the full checks accept, building the same `Event`; anything else takes the full
+    checks, which also name what is wrong."""
+    plain = _plain_event(raw, max_bytes, limits)
+    return plain if plain is not None else _checked(raw, max_bytes, limits)
+
+
+def _plain_event(raw: bytes | None, max_bytes: int, limits: EventLimits) -> Event | None:
+    """An `Event` when the record is a flat JSON object whose fields are plainly valid; None to leave the
+    decision to the full checks. No backslash in the record means no escapes, so no lone surrogates;
+    raw control characters in strings fail the JSON parse. Several times cheaper than pydantic's
+    validation, which dominated the daemon's decoding (a property test holds the two paths equal)."""
+    if raw is None or len(raw) > max_bytes or raw[:1] != b"{" or b"\\" in raw:
+        return None
+    try:
+        pairs = _PAIRS_DECODER.decode(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    fields = dict(pairs)
+    if len(fields) != len(pairs) or any(type(v) is list for v in fields.values()):
+        return None  # a duplicate key, or a nested object or array (the full checks look inside)
+    user, item = fields.get("user_id"), fields.get("item_id")
+    if type(user) not in _ID_TYPES or type(item) not in _ID_TYPES:
+        return None
+    user, item = str(user), str(item)
+    value, weight = _plain_number(fields.get("value", 1.0)), _plain_number(fields.get("weight", 1.0))
+    timestamp, event_type = fields.get("timestamp"), fields.get("event_type")
+    if timestamp is not None:
+        timestamp = _plain_number(timestamp)
+        if timestamp is None or timestamp < 0:
+            return None
+    if (
+        not (0 < len(user) <= MAX_ID_LENGTH and 0 < len(item) <= MAX_ID_LENGTH)
+        or value is None
+        or weight is None
+        or weight < 0
+        or not limits.value_min <= value <= limits.value_max
+        or weight > limits.weight_max
+        or (event_type is not None and (type(event_type) is not str or len(event_type) > 64))
+        or event_type == FORGET_USER
+    ):
+        return None
+    # What Event.model_construct does, without its per-call overhead (~9 us); field order as declared.
+    event = _new_event(Event)
+    _set(event, "__dict__", {"user_id": user, "item_id": item, "value": value, "weight": weight,
+                             "timestamp": timestamp, "event_type": event_type})  # fmt: skip
+    _set(event, "__pydantic_fields_set__", _FIELD_NAMES.intersection(fields))
+    _set(event, "__pydantic_extra__", None)
+    _set(event, "__pydantic_private__", None)
+    return event
+
+
+def _plain_number(number: object) -> float | None:
+    """A JSON number as the schema's float, or None for anything the full checks must judge."""
+    if type(number) is int:
+        return float(number) if -(2**1000) < number < 2**1000 else None
+    if type(number) is float and math.isfinite(number):
+        return number
+    return None
+
+
+def _checked(raw: bytes | None, max_bytes: int, limits: EventLimits) -> Event | ForgetUser | Invalid:
     if raw is None:
         return Invalid("undecodable", "record has no value")
     if len(raw) > max_bytes:

@@ -16,6 +16,8 @@ from streammf.stream.events import (
     Event,
     EventLimits,
     Invalid,
+    _checked,
+    _plain_event,
     decode,
 )
 
@@ -233,3 +235,40 @@ def test_valid_events_decode(
             value,
             weight,
         )
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_events | _near_valid, _any_limits, st.booleans(), st.integers(min_value=0, max_value=400))
+def test_the_plain_path_accepts_only_what_the_full_checks_accept_and_builds_the_same_event(
+    payload: dict, limits: EventLimits, ascii_only: bool, max_bytes: int
+) -> None:
+    raw = json.dumps(payload, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    plain = _plain_event(raw, max_bytes, limits)
+    if plain is None:
+        return
+    full = _checked(raw, max_bytes, limits)
+    assert isinstance(full, Event)
+    assert plain == full and plain.model_fields_set == full.model_fields_set
+    assert [type(getattr(plain, f)) for f in Event.model_fields] == [
+        type(getattr(full, f)) for f in Event.model_fields
+    ]
+
+
+def test_the_plain_path_takes_ordinary_records() -> None:
+    # Otherwise the property above holds vacuously.
+    for raw in (
+        b'{"user_id": "u1", "item_id": 42, "value": 4.5, "weight": 1, "timestamp": 1700000000.5}',
+        b'{"user_id": 7, "item_id": "i", "event_type": "click", "extra": "ignored", "timestamp": null}',
+        '{"user_id": "ü", "item_id": "β"}'.encode(),
+    ):
+        assert isinstance(_plain_event(raw, 1 << 20, DEFAULT_LIMITS), Event), raw
+    for raw in (
+        b'{"user_id": "u1", "item_id": "i", "value": 1, "value": 2}',
+        b'{"user_id": "u\\u0041", "item_id": "i"}',
+        b'{"user_id": "u", "item_id": "i", "extra": {"a": 1, "a": 2}}',
+        b'{"user_id": "forget", "event_type": "forget_user"}',
+        b'{"user_id": "u", "item_id": "i", "event_type": "%s"}' % (b"x" * 65),
+        b'{"user_id": "u", "item_id": "i", "weight": -0.5}',
+        b'{"user_id": "u", "item_id": "i", "value": 1e400}',
+    ):
+        assert _plain_event(raw, 1 << 20, DEFAULT_LIMITS) is None, raw

@@ -8,6 +8,12 @@ crash is recognised by its offsets and skipped (exactly-once effect).
 A batch that cannot be finished (Redis down past the retry budget, dead-letter topic unwritable, stop
 requested) is abandoned whole: nothing of it was applied, its partitions are rewound to its first offset
 and the next poll fetches it again. Polling goes on meanwhile, so the consumer keeps its group membership.
+
+Pipelining: a batch is learnt (Redis read, SGD step, Redis apply) on a worker thread while the loop polls
+and decodes the next one; the loop waits for it before anything that depends on its outcome (the next
+batch's learning, offsets, a rebalance, a forget, shutdown). Store calls stay strictly one batch after
+the other, so the effect is the same as without the overlap; what overlaps is Kafka and JSON work with
+waiting on Redis.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +96,12 @@ class _ResumeFromStore(ConsumerRebalanceListener):
         self.loop = loop
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        # Every applied batch is already in Redis with its offsets: nothing to flush before giving up.
+        # Every applied batch is in Redis with its offsets; the one in flight is finished first, so its
+        # positions and commit are accounted while the partitions are still ours.
+        try:
+            self.loop.finish_in_flight()
+        except Exception as exc:  # kafka-python would log and swallow it: the loop re-raises it instead
+            self.loop.deferred_error = exc
         self.loop.positions.revoked(revoked)
         for tp in revoked:
             with contextlib.suppress(KeyError):  # no lag series yet for this partition
@@ -132,19 +144,34 @@ class ConsumeLoop:
         self._next_probe = 0.0
         self.store_guard = store_guard
         self._next_guard = monotonic() + settings.guard_every_s
+        self._worker: ThreadPoolExecutor | None = None  # set while run() runs
+        self._in_flight: _InFlight | None = None
+        self.deferred_error: Exception | None = None
 
     def run(self, stop: threading.Event) -> None:
         self.consumer.subscribe([self.settings.topic], listener=_ResumeFromStore(self))
         log.info("consuming", extra={"topic": self.settings.topic})
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="streammf-learn") as worker:
+            self._worker = worker
+            try:
+                self._run(stop)
+            finally:
+                self._worker = None
+        log.info("stop requested: loop finished its last batch")
+
+    def _run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             polled = self.consumer.poll(
                 timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_poll_records
             )
+            if self.deferred_error is not None:
+                raise self.deferred_error
             self.heartbeat.beat()
             if polled:
                 self._made_contact("kafka")
             repositioned: set[TopicPartition] = set()
             if self.positions.needs_sync:
+                self.finish_in_flight()
                 synced = self._sync_offsets(stop)
                 if synced is None:
                     continue  # the store is unreachable: whatever was polled is fetched again after the seek
@@ -152,11 +179,50 @@ class ConsumeLoop:
             if polled:
                 # Records polled before a seek came from Kafka's committed offset, which may lag the store's;
                 # the next poll fetches from the seek.
-                self.process({tp: recs for tp, recs in polled.items() if tp not in repositioned}, stop)
+                self._pipeline({tp: recs for tp, recs in polled.items() if tp not in repositioned}, stop)
+            else:
+                self.finish_in_flight()
             self._update_lag()
             self._probe_kafka(heard_from_kafka=bool(polled))
             self._guard_store()
-        log.info("stop requested: loop finished its last batch")
+        self.finish_in_flight()
+
+    def _pipeline(self, polled: dict[TopicPartition, list[Any]], stop: threading.Event) -> None:
+        """Decode this poll while the batch in flight finishes, then start learning it in the worker."""
+        received = time.perf_counter()
+        decoded = self._decode(polled)
+        if not self.finish_in_flight(newer=polled):
+            return  # the batch in flight was abandoned: both were rewound, the next polls fetch them again
+        if self.positions.needs_sync:  # it hit an offset conflict: nothing goes on before the resync
+            self._rewind(polled)
+            return
+        fresh = self.positions.drop_applied(polled)
+        # drop_applied keeps a suffix of each partition's records (offsets ascend within a poll).
+        decoded = {tp: decoded[tp][len(decoded[tp]) - len(records) :] for tp, records in fresh.items()}
+        if not fresh:
+            return
+        if self._worker is None or any(
+            isinstance(d, ForgetUser) for pairs in decoded.values() for _, d in pairs
+        ):
+            self._process_now(fresh, decoded, stop, received)
+            return
+        future = self._worker.submit(self._learn, decoded, stop, received)
+        self._in_flight = _InFlight(fresh, future)
+
+    def finish_in_flight(self, newer: dict[TopicPartition, list[Any]] | None = None) -> bool:
+        """Wait for the batch the worker is learning and account for it (metrics, positions, commit).
+        False if it was abandoned: then its records, and `newer` ones polled after it, are rewound."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return True
+        try:
+            learnt = in_flight.future.result()
+        except _Abandoned:
+            self._rewind(in_flight.polled, newer or {})
+            return False
+        self._advance(learnt)
+        self._commit(in_flight.polled)
+        return True
 
     def _sync_offsets(self, stop: threading.Event) -> set[TopicPartition] | None:
         """Seek newly assigned partitions to the offsets applied in the store; returns those it moved, or
@@ -173,21 +239,33 @@ class ConsumeLoop:
             return None
 
     def process(self, polled: dict[TopicPartition, list[Any]], stop: threading.Event) -> StepResult | None:
-        """One poll's records. Returns the (last) step result, or None when the batch was abandoned (to be
-        re-polled) or held nothing new.
-
-        Normally one batch covers every partition. A `forget_user` record splits its partition's records
-        around it, so it takes effect in stream order: the events before it are applied (with their
-        offsets), then the forget (with its offset), then the events after it."""
+        """One poll's records, synchronously. Returns the (last) step result, or None when the batch was
+        abandoned (to be re-polled) or held nothing new."""
+        received = time.perf_counter()
+        self.finish_in_flight()
         polled = self.positions.drop_applied(polled)
         if not polled:
             return None
-        received = time.perf_counter()
-        decoded = {
-            tp: [(r, decode(r.value, self.settings.max_record_bytes, self.settings.limits)) for r in records]
-            for tp, records in polled.items()
-        }
+        return self._process_now(polled, self._decode(polled), stop, received)
+
+    def _decode(self, polled: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, list[tuple[Any, Any]]]:
         self.metrics.events_consumed.inc(sum(len(r) for r in polled.values()))
+        max_bytes, limits = self.settings.max_record_bytes, self.settings.limits
+        return {
+            tp: [(r, decode(r.value, max_bytes, limits)) for r in records] for tp, records in polled.items()
+        }
+
+    def _process_now(
+        self,
+        polled: dict[TopicPartition, list[Any]],
+        decoded: dict[TopicPartition, list[tuple[Any, Any]]],
+        stop: threading.Event,
+        received: float,
+    ) -> StepResult | None:
+        """Learn `decoded` in this thread. Normally one batch covers every partition. A `forget_user`
+        record splits its partition's records around it, so it takes effect in stream order: the events
+        before it are applied (with their offsets), then the forget (with its offset), then the events
+        after it."""
         if not any(isinstance(d, ForgetUser) for pairs in decoded.values() for _, d in pairs):
             segments = [decoded]
         else:
@@ -199,7 +277,7 @@ class ConsumeLoop:
                 if isinstance(first[1], ForgetUser):
                     self._forget(first[0], first[1], stop)
                 else:
-                    result = self._learn(segment, stop, received)
+                    result = self._advance(self._learn(segment, stop, received))
         except _Abandoned:
             self._rewind(polled)
             return None
@@ -208,8 +286,9 @@ class ConsumeLoop:
 
     def _learn(
         self, decoded: dict[TopicPartition, list[tuple[Any, Any]]], stop: threading.Event, received: float
-    ) -> StepResult:
-        """Dead-letter the invalid records, learn the events, account; raises _Abandoned."""
+    ) -> _Learnt:
+        """Dead-letter the invalid records, learn the events and record the metrics (on the worker, or
+        inline); raises _Abandoned. Touches no consumer state: positions move on the loop's thread."""
         events: list[Event] = []
         sources: list[Any] = []  # the record of each event
         dead: list[tuple[Any, Invalid]] = []
@@ -233,9 +312,10 @@ class ConsumeLoop:
             self._with_retry(lambda: self._dead_letter(dead), stop, dependency="kafka")
         result = self._with_retry(lambda: self.learner.learn(events, offsets, dead_letter_diverged), stop)
         diverged = set(result.diverged)
-        applied = [(sources[t], e) for t, e in enumerate(events) if t not in diverged]
-        self._account(result, applied, offsets, received)
-        return result
+        self._observe(
+            result, [(sources[t], e) for t, e in enumerate(events) if t not in diverged], offsets, received
+        )
+        return _Learnt(result, offsets)
 
     def _forget(self, record: Any, forget: ForgetUser, stop: threading.Event) -> None:
         offsets = {record.partition: (record.offset, record.offset + 1)}
@@ -249,19 +329,18 @@ class ConsumeLoop:
             log.info("forgot a user", extra={"partition": record.partition, "offset": record.offset})
         self.positions.applied(record.partition, record.offset + 1)
 
-    def _account(
+    def _observe(
         self,
         result: StepResult,
         applied: list[tuple[Any, Event]],
         offsets: dict[int, tuple[int, int]],
         received: float,
     ) -> None:
-        """Metrics of one batch (`applied`: the applied events with their records) and its positions."""
+        """Metrics of one batch, as soon as its apply is acknowledged (`applied`: the applied events with
+        their records; `received`: when its poll returned)."""
+        acknowledged, now = time.perf_counter(), self.clock()  # the effect is committed in Redis
         self.metrics.batches.labels(result.outcome.value).inc()
         if result.outcome is ApplyOutcome.CONFLICT:
-            # Someone else applied part of these offsets (a zombie or a rebalance race): resync and re-poll.
-            log.warning("offset conflict: resyncing partitions", extra={"offsets": offsets})
-            self.positions.resync(TopicPartition(self.settings.topic, p) for p in offsets)
             return
         if result.outcome is ApplyOutcome.DUPLICATE:
             log.info("batch already applied (replay after a restart): skipped", extra={"offsets": offsets})
@@ -269,7 +348,6 @@ class ConsumeLoop:
             self.metrics.events_applied.inc(len(applied))
             self.metrics.batch_size.observe(len(applied))
             self.metrics.observe_errors(float((result.errors**2).sum()), len(applied))
-            now = self.clock()  # the apply has just been acknowledged: the effect is committed
             # Kafka timestamps in ms, -1 when absent; an event without its own time happened when it entered.
             entered = np.array(
                 [r.timestamp if r.timestamp is not None else -1 for r, _ in applied], dtype=float
@@ -281,10 +359,19 @@ class ConsumeLoop:
             happened = np.where(np.isnan(happened), entered, happened)
             self.metrics.freshness.observe_many(np.maximum(0.0, now - entered[~np.isnan(entered)]))
             self.metrics.event_age.observe_many(np.maximum(0.0, now - happened[~np.isnan(happened)]))
-        self.metrics.update_latency.observe(time.perf_counter() - received)
+        self.metrics.update_latency.observe(acknowledged - received)
         self.metrics.model_version.set(result.version)
-        for partition, (_, nxt) in offsets.items():
-            self.positions.applied(partition, nxt)
+
+    def _advance(self, learnt: _Learnt) -> StepResult:
+        """Positions after a learnt batch (on the loop's thread)."""
+        if learnt.result.outcome is ApplyOutcome.CONFLICT:
+            # Someone else applied part of these offsets (a zombie or a rebalance race): resync and re-poll.
+            log.warning("offset conflict: resyncing partitions", extra={"offsets": learnt.offsets})
+            self.positions.resync(TopicPartition(self.settings.topic, p) for p in learnt.offsets)
+        else:
+            for partition, (_, nxt) in learnt.offsets.items():
+                self.positions.applied(partition, nxt)
+        return learnt.result
 
     def _dead_letter(self, dead: list[tuple[Any, Invalid]]) -> None:
         """Produce bad records with their original bytes, cut to `max_record_bytes` (a record near the
@@ -369,9 +456,14 @@ class ConsumeLoop:
                 self.sleep(delay)
                 delay = min(delay * 2, self.settings.backoff_max_s)
 
-    def _rewind(self, polled: dict[TopicPartition, list[Any]]) -> None:
-        for tp, records in polled.items():
-            self.consumer.seek(tp, records[0].offset)
+    def _rewind(self, *polled: dict[TopicPartition, list[Any]]) -> None:
+        """Seek each partition back to the first offset any of `polled` holds for it."""
+        first: dict[TopicPartition, int] = {}
+        for batch in polled:
+            for tp, records in batch.items():
+                first[tp] = min(first.get(tp, records[0].offset), records[0].offset)
+        for tp, offset in first.items():
+            self.consumer.seek(tp, offset)
 
     def _guard_store(self) -> None:
         """Runs `store_guard` every `guard_every_s`; what it raises (e.g. StoreUnsafeError) stops the loop,
@@ -456,6 +548,18 @@ def _diverged(event: Event) -> Invalid:
         f"the update for user {event.user_id!r}, item {event.item_id!r} (value {event.value:g}, weight "
         f"{event.weight:g}) would drive a row out of bounds (STREAMMF_MODEL__MAX_ABS_FACTOR): not applied",
     )
+
+
+@dataclass(frozen=True)
+class _Learnt:
+    result: StepResult
+    offsets: dict[int, tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    polled: dict[TopicPartition, list[Any]]
+    future: Future[_Learnt]
 
 
 class _Abandoned(Exception):

@@ -285,3 +285,58 @@ def test_a_permanently_refused_dead_letter_falls_back_to_metadata_and_the_batch_
     assert loop.process({TP: _records(0, 10, poison_at=frozenset({4}))}, threading.Event()) is not None
     assert producer.sent == [b"{broken", b""], "the copy, then metadata only"
     assert memory.events_applied() == 9 and memory.applied_offsets() == {0: 10}
+
+
+# ------------------------------------------------------------ pipelining: a batch in flight, the next polled
+
+TP1 = TopicPartition(TOPIC, 1)
+
+
+def _records_of(tp: TopicPartition, first: int, n: int) -> list[Record]:
+    return [
+        Record(offset, json.dumps({"user_id": f"u{offset}", "item_id": "i"}).encode(), partition=tp.partition)
+        for offset in range(first, first + n)
+    ]
+
+
+def test_a_batch_abandoned_in_flight_rewinds_the_batch_polled_after_it_too() -> None:
+    # Batch 1 (partition 0) is learnt on the worker while batch 2 (partitions 0 and 1) is polled; batch 1
+    # fails past its budget: every partition goes back to the first offset either batch held.
+    memory, stop = MemoryStore("m", "implicit", 4), threading.Event()
+    consumer = ScriptedConsumer(
+        [
+            (False, {TP: _records_of(TP, 0, 5)}),
+            (False, {TP: _records_of(TP, 5, 5), TP1: _records_of(TP1, 7, 3)}),
+        ],
+        stop,
+    )
+    loop = ConsumeLoop(
+        consumer,
+        CountingProducer(),
+        Learner(FlakyStore(memory, failures=1), LearnerParams(SgdParams(LossParams("implicit")))),
+        Metrics(CollectorRegistry()),
+        Heartbeat(max_silence_s=30),
+        LoopSettings(topic=TOPIC, dead_letter_topic=f"{TOPIC}.dlq", retry_budget_s=0.0),
+    )
+    loop.run(stop)
+    assert sorted(consumer.seeks) == [(TP, 0), (TP1, 7)]
+    assert memory.events_applied() == 0
+
+
+def test_after_an_offset_conflict_in_flight_the_next_batch_waits_for_the_resync() -> None:
+    # A zombie applied offsets 0-9. This loop, not yet synced, learns 5-14 (conflict) while it polls 15-19:
+    # those must not apply before the resync, or 10-14 would be skipped for good.
+    store, producer, stop = MemoryStore("m", "implicit", 4), CountingProducer(), threading.Event()
+    _loop(ScriptedConsumer([], stop), producer, store).process({TP: _records(0, 10)}, stop)
+    consumer = ScriptedConsumer(
+        [
+            (False, {TP: _records(5, 10)}),
+            (False, {TP: _records(15, 5)}),
+            (False, {TP: _records(15, 5)}),  # fetched before the resync's seek: not used
+            (False, {TP: _records(10, 10)}),  # after the seek to the store's offset
+        ],
+        stop,
+    )
+    _loop(consumer, producer, store).run(stop)
+    assert consumer.seeks == [(TP, 15), (TP, 10)]
+    assert store.events_applied() == 20 and store.applied_offsets() == {0: 20}

@@ -37,6 +37,8 @@ EVENT_AGE_BUCKETS = (1.0, 10.0, 60.0, 600.0, 3600.0, 86400.0, 7 * 86400.0, 30 * 
 BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 REFRESH_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 LOSS_EMA_DECAY = 0.999
+REFRESH_OUTCOMES = ("published", "not_published", "failed")
+DEPENDENCIES = ("kafka", "redis")
 
 
 class Metrics:
@@ -139,6 +141,12 @@ class Metrics:
             "1 when the daemon refused to run because the store lost state it had (see the log)",
             registry=r,
         )
+        # Labelled series exist from the start at 0: otherwise a counter's first increment creates it at 1,
+        # `increase()` sees no change and an alert on the first failed refresh or retry never fires.
+        for outcome in REFRESH_OUTCOMES:
+            self.refreshes.labels(outcome)
+        for dependency in DEPENDENCIES:
+            self.retries.labels(dependency)
         self._ema: float | None = None
 
     def observe_refresh(self, outcome: str, report: RefreshReport | None) -> None:

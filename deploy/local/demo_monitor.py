@@ -85,13 +85,16 @@ def watch(target: int, baseline: float, port: int) -> tuple[Timeline, dict[str, 
         )
         rate = (applied - previous.get("streammf_events_applied_total", 0.0)) / TICK_S
         version = int(now.get("streammf_model_version", 0))
-        if version > int(previous.get("streammf_model_version", version)):
+        published_key = 'streammf_refreshes_total{outcome="published"}'
+        # A refresh, not the model's first batch (which moves the version from 0, "no model yet", to 1).
+        if now.get(published_key, 0) > previous.get(published_key, 0):
+            was = int(previous.get("streammf_model_version", 0))
             took = now["streammf_refresh_seconds_sum"] - previous.get("streammf_refresh_seconds_sum", 0)
             paused = now["streammf_refresh_pause_seconds_sum"] - previous.get(
                 "streammf_refresh_pause_seconds_sum", 0
             )
             print(
-                f"      refresh published: model version {version - 1} -> {version} "
+                f"      refresh published: model version {was} -> {version} "
                 f"(WALS {took:.1f} s, writers paused {paused * 1000:.1f} ms)"
             )
             timeline.refreshes.append((elapsed, version))

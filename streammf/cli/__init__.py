@@ -131,6 +131,15 @@ def run(settings: Settings, rebuild: bool) -> None:
 
 
 @cli.command()
+def warmup() -> None:
+    """Compile the numba kernels into numba's cache (NUMBA_CACHE_DIR), so that a daemon started later
+    neither waits for them before its first event nor before its first refresh. Image build, demo."""
+    from streammf.tools.warmup import warm_up
+
+    click.echo(f"kernels compiled and cached in {warm_up():.1f} s")
+
+
+@cli.command()
 @click.option("--iterations", type=int, default=None, help="Default: STREAMMF_REFRESH__ITERATIONS.")
 @click.pass_obj
 def refresh(settings: Settings, iterations: int | None) -> None:

@@ -164,6 +164,8 @@ def _run_loop(
         LoopSettings.from_settings(settings, rebuild),
         store_guard=lambda: store.check_eviction_policy(settings.redis.allow_eviction),
     )
+    heartbeat.ready_when(lambda: _partitions_not_ready(consumer, loop))
+    heartbeat.ready_when(lambda: _redis_not_ready(client))
     log.info(
         "streammf run: model=%s mode=%s k=%d topic=%s group=%s",
         settings.model.name,
@@ -183,6 +185,24 @@ def _run_loop(
     )
     refresher.start(stop)
     loop.run(stop)
+
+
+def _partitions_not_ready(consumer: Any, loop: ConsumeLoop) -> str | None:
+    """Readiness: this replica owns partitions and has moved them to the store's offsets."""
+    if not consumer.assignment():  # kafka-python guards the assignment with a lock: safe off-thread
+        return "no partitions assigned (more replicas than partitions, or the group is rebalancing)"
+    if loop.positions.needs_sync:
+        return "assigned partitions not yet moved to the store's offsets"
+    return None
+
+
+def _redis_not_ready(client: redis.Redis) -> str | None:
+    """Readiness: Redis answers a PING now (bounded by the client's socket timeout)."""
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return f"redis does not answer: {exc}"
+    return None
 
 
 def wait_for_topic(consumer: Any, topic: str, stop: threading.Event) -> bool:

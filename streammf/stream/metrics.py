@@ -37,6 +37,8 @@ EVENT_AGE_BUCKETS = (1.0, 10.0, 60.0, 600.0, 3600.0, 86400.0, 7 * 86400.0, 30 * 
 BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 REFRESH_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 LOSS_EMA_DECAY = 0.999
+REFRESH_OUTCOMES = ("published", "not_published", "failed")
+DEPENDENCIES = ("kafka", "redis")
 
 
 class Metrics:
@@ -139,6 +141,12 @@ class Metrics:
             "1 when the daemon refused to run because the store lost state it had (see the log)",
             registry=r,
         )
+        # Labelled series exist from the start at 0: otherwise a counter's first increment creates it at 1,
+        # `increase()` sees no change and an alert on the first failed refresh or retry never fires.
+        for outcome in REFRESH_OUTCOMES:
+            self.refreshes.labels(outcome)
+        for dependency in DEPENDENCIES:
+            self.retries.labels(dependency)
         self._ema: float | None = None
 
     def observe_refresh(self, outcome: str, report: RefreshReport | None) -> None:
@@ -207,7 +215,11 @@ class BatchHistogram:
 class Heartbeat:
     """Liveness for /healthz: the poll loop beats after every poll, and notes each dependency round trip
     that succeeded (`saw`). Healthy while beats are recent and every dependency seen so far was seen
-    recently: an empty poll looks the same for an idle topic and a dead broker, a probe does not."""
+    recently: an empty poll looks the same for an idle topic and a dead broker, a probe does not.
+
+    Readiness for /readyz is stricter: alive, and every condition given to `ready_when` met (the daemon
+    adds "partitions assigned" and "Redis answers" once its loop exists; until then it is starting). A
+    replica without partitions is alive but not ready, so an orchestrator sees an over-scaled group."""
 
     def __init__(
         self,
@@ -220,6 +232,12 @@ class Heartbeat:
         self._clock = clock
         self._last = clock()
         self._seen: dict[str, float] = {}
+        self._readiness: list[Callable[[], str | None]] = []
+
+    def ready_when(self, condition: Callable[[], str | None]) -> None:
+        """Add a readiness condition: it returns None when met, else why not. It runs on the HTTP thread,
+        once per /readyz request, so it must be thread-safe and bounded in time."""
+        self._readiness.append(condition)
 
     def beat(self) -> None:
         self._last = self._clock()
@@ -238,18 +256,34 @@ class Heartbeat:
         ]
         return found
 
+    def not_ready(self) -> list[str]:
+        """Why /readyz should answer 503; empty when ready."""
+        if not self._readiness:
+            return ["starting: not consuming yet"]
+        found = self.problems()
+        for condition in self._readiness:
+            try:
+                why = condition()
+            except Exception as exc:  # a failing check means not ready, never a crashed HTTP handler
+                why = f"readiness check failed: {exc}"
+            if why is not None:
+                found.append(why)
+        return found
+
 
 def serve_metrics(
     registry: CollectorRegistry, heartbeat: Heartbeat, host: str, port: int
 ) -> ThreadingHTTPServer:
-    """Start /metrics and /healthz on a daemon thread; returns the server (to read its address, stop it)."""
+    """Start /metrics, /healthz (liveness) and /readyz (readiness) on a daemon thread; returns the server
+    (to read its address, stop it)."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path.startswith("/metrics"):
                 body, status, kind = generate_latest(registry), 200, CONTENT_TYPE_LATEST
-            elif self.path.startswith("/healthz"):
-                problems = heartbeat.problems()
+            elif self.path.startswith(("/healthz", "/readyz")):
+                check = heartbeat.problems if self.path.startswith("/healthz") else heartbeat.not_ready
+                problems = check()
                 body = ("; ".join(problems) if problems else "ok").encode() + b"\n"
                 status, kind = (503 if problems else 200), "text/plain; charset=utf-8"
             else:

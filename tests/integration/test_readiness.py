@@ -1,0 +1,54 @@
+"""/readyz of a real daemon: ready once it owns partitions and Redis answers; a replica without partitions
+and a daemon whose Redis died are alive (/healthz 200) but not ready (/readyz 503)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.integration.private_services import PrivateRedis
+from tests.integration.test_daemon import _free_port, _InProcessDaemon, _produce, _settings, _wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _status(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:  # not listening yet
+        return 0, str(exc)
+
+
+def test_readyz_needs_partitions_and_redis(kafka_bootstrap, make_topic, topic_name, model, tmp_path):
+    private_redis = PrivateRedis(tmp_path / "redis").start()
+    topic = make_topic(topic_name, 1)
+    event = json.dumps({"user_id": "u1", "item_id": "i1", "value": 4}).encode()
+    _produce(kafka_bootstrap, topic, [(b"u1", event)])
+    first_port, second_port = _free_port(), _free_port()
+    try:
+        with _InProcessDaemon(_settings(kafka_bootstrap, private_redis.url, topic, model, first_port)):
+            _wait_for(lambda: _status(first_port, "/readyz")[0] == 200, 60, "the first daemon ready")
+            # Same group, one partition: the second replica gets nothing, so it must not take traffic.
+            second_settings = _settings(kafka_bootstrap, private_redis.url, topic, model, second_port)
+            with _InProcessDaemon(second_settings):
+                _wait_for(lambda: _status(second_port, "/healthz")[0] == 200, 60, "the second daemon alive")
+                _wait_for(
+                    lambda: "no partitions assigned" in _status(second_port, "/readyz")[1],
+                    60,
+                    "the second daemon to report it owns no partition",
+                )
+                assert _status(second_port, "/readyz")[0] == 503
+                # The owner is ready again once the rebalance the second replica caused has settled.
+                _wait_for(lambda: _status(first_port, "/readyz")[0] == 200, 60, "the owner ready again")
+            private_redis.kill()
+            _wait_for(lambda: "redis does not answer" in _status(first_port, "/readyz")[1], 30, "not ready")
+            assert _status(first_port, "/readyz")[0] == 503
+            assert _status(first_port, "/healthz")[0] == 200  # alive: a Redis outage is no reason to restart
+    finally:
+        private_redis.kill()

@@ -61,10 +61,10 @@ class ModelSettings(_Section):
     mode: Literal["explicit", "implicit"] = "explicit"
     factors: int = Field(32, ge=1, le=1024)
     learning_rate: float = Field(0.01, gt=0)
-    bias_learning_rate: float = Field(0.04, gt=0)
-    bias_damping: float = Field(5.0, gt=0)
+    bias_learning_rate: float = Field(0.04, ge=0)
     reg: float = Field(0.05, ge=0)
-    reg_bias: float = Field(0.02, ge=0)
+    # Count-independent bias prior λ_b·b² (λ_b pseudo-ratings of zero in each bias's mean), in both solvers.
+    reg_bias: float = Field(5.0, ge=0)
     # Implicit mode: confidence w = 1 + alpha * strength; unobserved entries pulled to 0 with weight w0.
     alpha: float = Field(10.0, ge=0)
     w0: float = Field(1.0, ge=0)

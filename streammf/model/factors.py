@@ -3,7 +3,7 @@
 The objective both solvers minimise (see README, "The objective"):
 
     L = Σ_obs w_ij (a_ij − p_ij)²  +  w0 Σ_unobs p_ij²
-        + Σ_i λ_i ‖u_i‖² + Σ_j λ_j ‖v_j‖²  [+ λ_b (Σ_i n_i b_i² + Σ_j m_j c_j²)]
+        + Σ_i λ_i ‖u_i‖² + Σ_j λ_j ‖v_j‖²  [+ λ_b (Σ_{i: n_i>0} b_i² + Σ_{j: m_j>0} c_j²)]
 
 explicit: p_ij = μ + b_i + c_j + ⟨u_i, v_j⟩, w0 = 0, w_ij = the event's weight (default 1)
 implicit: p_ij = ⟨u_i, v_j⟩, a_ij = 1, w_ij = 1 + α·s_ij (s_ij: accumulated strength), w0 > 0
@@ -12,6 +12,13 @@ The model's row regularisation is "weighted-λ" (ALS-WR): λ_i = λ·n_i with n_
 entries in row i (m_j for item columns). That is exactly the sum of a constant per-observation L2 term,
 which is what a per-event SGD step applies, so both solvers descend one loss. The kernels take λ_i as a
 per-row vector, so a plain constant λ (as in other ALS libraries) is just another vector.
+
+The bias prior is count-independent: λ_b·b² once per row that has observations. A bias is then a ridge
+mean of its row's residuals with λ_b pseudo-observations of zero, Σ r/(n + λ_b), so a row with one rating
+keeps 1/(1 + λ_b) of its residual instead of all of it. SGD's bias step η_b + 1/(n + λ_b) is the
+recursive form of that same mean (see `streammf.model.sgd`), so the refresh and the stream agree on rare
+rows. (A count-weighted λ_b·n·b² prior, as the factors have, was measured to make every refresh hurt on
+long-tail catalogues: WALS gave an item with one rating almost its full residual; issue #12.)
 """
 
 from __future__ import annotations

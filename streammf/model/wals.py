@@ -7,7 +7,7 @@ x = u_i (implicit) or x = [u_i; b_i] against features z_j = [v_j; 1] (explicit w
         A_i = w0·VᵀV + Σ_{j∈obs(i)} (w_ij − w0) v_j v_jᵀ + λ_i I
         b_i = Σ_{j∈obs(i)} w_ij v_j
     explicit (observed entries only, residual target t_ij = a_ij − μ − c_j):
-        A_i = Σ_{j∈obs(i)} w_ij z_j z_jᵀ + diag(λ_i, …, λ_i, λ_b·n_i)
+        A_i = Σ_{j∈obs(i)} w_ij z_j z_jᵀ + diag(λ_i, …, λ_i, λ_b)
         b_i = Σ_{j∈obs(i)} w_ij t_ij z_j
     x = A_i⁻¹ b_i
 
@@ -78,7 +78,7 @@ class _RowProblem:
     gram: np.ndarray  # (k, k) float64: w0·OᵀO in implicit mode, zeros in explicit mode
     w0: float
     reg: np.ndarray  # (n_rows,) float64: λ_i
-    bias_reg: np.ndarray  # (n_rows,) float64: λ_b·n_i
+    bias_reg: np.ndarray  # (n_rows,) float64: λ_b (the count-independent bias prior)
     offset: float  # μ
     implicit: bool
     fit_bias: bool
@@ -284,7 +284,7 @@ def _row_problem(
         gram=np.ascontiguousarray(gram),
         w0=float(w0),
         reg=np.ascontiguousarray(reg),
-        bias_reg=params.reg_bias * counts.astype(np.float64),
+        bias_reg=np.full(rows.shape[0], params.reg_bias, dtype=np.float64),
         offset=float(global_mean) if not implicit else 0.0,
         implicit=implicit,
         fit_bias=fit_biases and not implicit,

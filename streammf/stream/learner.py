@@ -48,7 +48,6 @@ class LearnerParams:
             loss,
             model.learning_rate,
             model.bias_learning_rate,
-            model.bias_damping,
             max_gradient=value_max - value_min,
         )
         return cls(sgd, init_std=model.init_std, seed=model.seed, max_abs_factor=model.max_abs_factor)

@@ -62,8 +62,9 @@ def test_explicit_objective_ignores_unobserved_and_regularises_biases() -> None:
     factors = Factors(
         np.zeros((2, 1), DTYPE), np.zeros((2, 1), DTYPE), np.array([1.0, 7.0], DTYPE), np.zeros(2, DTYPE), 2.0
     )
-    # p = 3 for both observed entries; user 1 has no entries, so its bias costs nothing.
-    expected = 1.0 * (4 - 3) ** 2 + 2.0 * (2 - 3) ** 2 + 0.5 * (2 * 1.0**2)
+    # p = 3 for both observed entries; user 1 has no entries, so its bias costs nothing; user 0's prior is
+    # count-independent: λ_b·b², not λ_b·n·b².
+    expected = 1.0 * (4 - 3) ** 2 + 2.0 * (2 - 3) ** 2 + 0.5 * 1.0**2
     assert objective(interactions, factors, params) == pytest.approx(expected)
 
 

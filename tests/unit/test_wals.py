@@ -144,7 +144,7 @@ def dense_row_minimiser(
         weight = row_weights[observed]
         target = dense_targets[observed] - factors.global_mean - factors.item_bias[observed]
         design = np.hstack([item[observed], np.ones((n_i, 1))])
-        ridge = np.append(np.full(factors.k, params.reg * n_i), params.reg_bias * n_i)
+        ridge = np.append(np.full(factors.k, params.reg * n_i), params.reg_bias)
     stacked = np.vstack([np.sqrt(weight)[:, None] * design, np.diag(np.sqrt(ridge))])
     rhs = np.concatenate([np.sqrt(weight) * target, np.zeros(ridge.size)])
     solution = np.linalg.lstsq(stacked, rhs, rcond=None)[0]

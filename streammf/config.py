@@ -69,6 +69,10 @@ class ModelSettings(_Section):
     alpha: float = Field(10.0, ge=0)
     w0: float = Field(1.0, ge=0)
     init_std: float = Field(0.01, ge=0)
+    # Cold start: users with fewer interactions than this (0 for an unknown user) are served the item
+    # popularity decayed with this half-life, counted in events (streammf.model.popularity).
+    popularity_half_life_events: float = Field(20000.0, gt=0)
+    fallback_below_events: int = Field(1, ge=0)
     seed: int = 42
     # Input bounds: an event outside them is dead-lettered (`out_of_range`) before it reaches the model.
     # None takes the mode's default (MODE_BOUNDS): ratings in explicit mode, strengths in implicit mode.

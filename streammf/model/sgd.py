@@ -136,7 +136,7 @@ def _sgd_kernel(
 
 @njit(cache=True)
 def _work_arrays(k):  # fmt: skip
-    """Scratch of `_sgd_event`: rows 0-4 hold u_old, v_old, r_u, r_v and solve work; rows 5.. the k×k system."""
+    """Scratch of `_sgd_event`: rows 0-4 hold u_old, v_old, r_u, r_v, solve work; rows 5.. the system."""
     return np.empty((5 + k, k), dtype=np.float64)
 
 
@@ -213,12 +213,8 @@ def _sgd_event(
         # Implicit (proximal) step: (I + η(a·ooᵀ + λ_on·I + c·G)) x' = x + η·b·o, the exact minimiser of
         # ½ℓ + ‖x' − x‖²/2η. Confidence weights and the Gramian make the plain step stiff; this one is
         # stable at any η and has the same fixed points.
-        _prox_row(
-            G_V, lr * gu, u_old, v_old, lr * a_coef, lr * b_coef, lr * reg_on * reg, r_u, system, work
-        )
-        _prox_row(
-            G_U, lr * gv, v_old, u_old, lr * a_coef, lr * b_coef, lr * reg_on * reg, r_v, system, work
-        )
+        _prox_row(G_V, lr * gu, u_old, v_old, lr * a_coef, lr * b_coef, lr * reg_on * reg, r_u, system, work)
+        _prox_row(G_U, lr * gv, v_old, u_old, lr * a_coef, lr * b_coef, lr * reg_on * reg, r_v, system, work)
         for f in range(k):
             U[a, f] = r_u[f]
             V[b, f] = r_v[f]

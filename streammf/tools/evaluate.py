@@ -77,10 +77,14 @@ class EvaluationReport:
         return None if ranking is None else ranking.recall
 
     def lines(self) -> list[str]:
-        tail = f"throughput {self.events_per_second:,.0f} events/s ({self.seconds:.1f} s, {self.refreshes} refreshes)"
+        tail = (
+            f"throughput {self.events_per_second:,.0f} events/s "
+            f"({self.seconds:.1f} s, {self.refreshes} refreshes)"
+        )
         if self.mode == "explicit":
             return [
-                f"mode explicit: prequential RMSE {self.rmse:.4f}, MAE {self.mae:.4f} over {self.events:,} events",
+                f"mode explicit: prequential RMSE {self.rmse:.4f}, MAE {self.mae:.4f} "
+                f"over {self.events:,} events",
                 f"baseline: RMSE {self.baseline_rmse:.4f}, MAE {self.baseline_mae:.4f} "
                 "predicting the mean of earlier ratings",
                 tail,

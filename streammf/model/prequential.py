@@ -66,7 +66,7 @@ def _scores(V, u, out):  # fmt: skip
 def prequential_implicit_kernel(
     ev_u, ev_i, ev_val, ev_w, ev_new, ev_clock, seen, seen_lo, seen_hi,
     U, bu, n_u, V, bv, m_i, user_present, item_present, U_init, V_init, value_sum, value_count, G_V, G_U,
-    lr, reg, alpha, w0, decayed, origin, half_life, min_user_events,
+    lr, reg, reg_p, alpha, w0, decayed, origin, half_life, min_user_events,
     rank_model, rank_popular, rank_decayed,
 ):  # fmt: skip
     """Score, then learn, each event of one batch (indices are global rows of the mirror arrays).
@@ -122,7 +122,7 @@ def prequential_implicit_kernel(
         origin = add_event(decayed, b, ev_clock[t], origin, half_life)
         value_sum, value_count = _sgd_event(
             t, U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_val, ev_w, ev_new, ev_new_u, ev_new_i,
-            value_sum, value_count, G_V, G_U, False, False, np.inf, lr, 0.0, reg, 0.0, alpha, w0,
+            value_sum, value_count, G_V, G_U, False, False, np.inf, lr, 0.0, reg, 0.0, reg_p, alpha, w0,
             predictions, scratch,
         )  # fmt: skip
     return value_sum, value_count, origin

@@ -6,10 +6,11 @@ Each event's step descends the change in L that the event causes, evaluated at t
 explicit, prediction p = μ + b_u + c_i + ⟨u, v⟩, error e = a − p, event weight w:
     ℓ = w·e²  [+ λ(‖u‖² + ‖v‖²)  when the (u, i) pair is new: the pair adds one observed entry, so n_u and
                m_i grow by one and weighted-λ regularisation grows by exactly that]
-              [+ λ_b·b_u²  when it is the user's first pair (n_u becomes 1): the row enters L with its
-               count-independent bias prior; likewise λ_b·c_i² for the item's first pair]
+              [+ λ_0‖u‖² + λ_b·b_u²  when it is the user's first pair (n_u becomes 1): the row enters L
+               with its count-independent priors; likewise λ_0‖v‖² + λ_b·c_i² for the item's first pair]
 implicit, p = ⟨u, v⟩, target 1, strength added s (value × weight):
     new pair: ℓ = (1 + α·s)(1 − p)² − w0·p² + λ(‖u‖² + ‖v‖²)   (entry moves from unobserved to observed)
+              [+ λ_0‖u‖² at the user's first pair, λ_0‖v‖² at the item's, as in explicit mode]
     old pair: ℓ = α·s·(1 − p)²                                  (its confidence grows by α·s)
     gravity:  + (w0/n_u)·uᵀ G_V u + (w0/m_i)·vᵀ G_U v
 The gravity share spreads the unobserved term w0·Σ_u uᵀG_V u (and its item-side twin) over a row's events,
@@ -48,7 +49,7 @@ from streammf.model.factors import DEFAULTS, DTYPE, LossParams
 @dataclass(frozen=True)
 class SgdParams:
     loss: LossParams
-    learning_rate: float = DEFAULTS.learning_rate
+    learning_rate: float = DEFAULTS.factor_learning_rate
     bias_learning_rate: float = DEFAULTS.bias_learning_rate
     fit_biases: bool = True  # explicit mode; False: p = ⟨u, v⟩ (no μ, biases held at their values)
     # Explicit mode: |w·e| is clipped to this (a Huber-like step), so one extreme event moves a row by a
@@ -112,6 +113,7 @@ def sgd_step(batch: SgdBatch, params: SgdParams) -> tuple[np.ndarray, float, int
         params.bias_learning_rate,
         loss.reg,
         loss.reg_bias,
+        loss.reg_prior,
         loss.alpha,
         loss.w0,
         predictions,
@@ -122,13 +124,13 @@ def sgd_step(batch: SgdBatch, params: SgdParams) -> tuple[np.ndarray, float, int
 @njit(cache=True)
 def _sgd_kernel(
     U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_val, ev_w, ev_new, ev_new_u, ev_new_i, value_sum, value_count,
-    G_V, G_U, explicit, fit_biases, max_gradient, lr, lr_b, reg, reg_b, alpha, w0, predictions,
+    G_V, G_U, explicit, fit_biases, max_gradient, lr, lr_b, reg, reg_b, reg_p, alpha, w0, predictions,
 ):  # fmt: skip
     work = _work_arrays(U.shape[1])
     for t in range(ev_u.shape[0]):
         value_sum, value_count = _sgd_event(
             t, U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_val, ev_w, ev_new, ev_new_u, ev_new_i, value_sum,
-            value_count, G_V, G_U, explicit, fit_biases, max_gradient, lr, lr_b, reg, reg_b, alpha, w0,
+            value_count, G_V, G_U, explicit, fit_biases, max_gradient, lr, lr_b, reg, reg_b, reg_p, alpha, w0,
             predictions, work,
         )  # fmt: skip
     return value_sum, value_count
@@ -143,7 +145,8 @@ def _work_arrays(k):  # fmt: skip
 @njit(cache=True)
 def _sgd_event(
     t, U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_val, ev_w, ev_new, ev_new_u, ev_new_i, value_sum, value_count,
-    G_V, G_U, explicit, fit_biases, max_gradient, lr, lr_b, reg, reg_b, alpha, w0, predictions, scratch,
+    G_V, G_U, explicit, fit_biases, max_gradient, lr, lr_b, reg, reg_b, reg_p, alpha, w0, predictions,
+    scratch,
 ):  # fmt: skip
     """Event t's step on the rows it names, in place; returns the μ sums after it. Shared by `sgd_step`
     and the exact per-event evaluation (`streammf.model.prequential`), so both take the very same step."""
@@ -161,6 +164,9 @@ def _sgd_event(
         n_u[a] += 1
         m_i[b] += 1
     reg_on = 1.0 if new else 0.0
+    # A row's first pair brings the row's count-independent priors into L (λ_0 on factors, λ_b on bias).
+    first_u = 1.0 if new and n_u[a] == 1 else 0.0
+    first_i = 1.0 if new and m_i[b] == 1 else 0.0
     dot = 0.0
     for f in range(k):
         u_old[f] = U[a, f]
@@ -177,15 +183,15 @@ def _sgd_event(
         # The prior's gradient λ_b·b enters once, at the row's first pair.
         step_u = lr_b + 1.0 / max(n_u[a] + reg_b, 1.0)
         step_i = lr_b + 1.0 / max(m_i[b] + reg_b, 1.0)
-        prior_u = reg_b if new and n_u[a] == 1 else 0.0
-        prior_i = reg_b if new and m_i[b] == 1 else 0.0
         if fit_biases:
             bu_old = bu[a]
-            bu[a] = bu_old - step_u * (g + prior_u * bu_old)
-            bv[b] = bv[b] - step_i * (g + prior_i * bv[b])
+            bu[a] = bu_old - step_u * (g + first_u * reg_b * bu_old)
+            bv[b] = bv[b] - step_i * (g + first_i * reg_b * bv[b])
+        shrink_u = reg_on * reg + first_u * reg_p
+        shrink_i = reg_on * reg + first_i * reg_p
         for f in range(k):
-            U[a, f] = u_old[f] - lr * (g * v_old[f] + reg_on * reg * u_old[f])
-            V[b, f] = v_old[f] - lr * (g * u_old[f] + reg_on * reg * v_old[f])
+            U[a, f] = u_old[f] - lr * (g * v_old[f] + shrink_u * u_old[f])
+            V[b, f] = v_old[f] - lr * (g * u_old[f] + shrink_i * v_old[f])
     else:
         # A row entering the model joins the unobserved term: add it to its Gramian first.
         if ev_new_u[t]:
@@ -213,8 +219,10 @@ def _sgd_event(
         # Implicit (proximal) step: (I + η(a·ooᵀ + λ_on·I + c·G)) x' = x + η·b·o, the exact minimiser of
         # ½ℓ + ‖x' − x‖²/2η. Confidence weights and the Gramian make the plain step stiff; this one is
         # stable at any η and has the same fixed points.
-        _prox_row(G_V, lr * gu, u_old, v_old, lr * a_coef, lr * b_coef, lr * reg_on * reg, r_u, system, work)
-        _prox_row(G_U, lr * gv, v_old, u_old, lr * a_coef, lr * b_coef, lr * reg_on * reg, r_v, system, work)
+        shift_u = lr * (reg_on * reg + first_u * reg_p)
+        shift_i = lr * (reg_on * reg + first_i * reg_p)
+        _prox_row(G_V, lr * gu, u_old, v_old, lr * a_coef, lr * b_coef, shift_u, r_u, system, work)
+        _prox_row(G_U, lr * gv, v_old, u_old, lr * a_coef, lr * b_coef, shift_i, r_v, system, work)
         for f in range(k):
             U[a, f] = r_u[f]
             V[b, f] = r_v[f]
@@ -280,14 +288,15 @@ def event_loss_reference(
     n_u and m_i are the counts *including* this event's pair.
     """
     reg_on = 1.0 if new_pair else 0.0
+    first_u = 1.0 if new_pair and n_u == 1 else 0.0  # the row's first pair brings its priors
+    first_i = 1.0 if new_pair and m_i == 1 else 0.0
     if params.mode == "explicit":
         p = mu + bu + bv + float(u @ v)
-        prior_u = 1.0 if new_pair and n_u == 1 else 0.0  # the row's first pair brings its bias prior
-        prior_i = 1.0 if new_pair and m_i == 1 else 0.0
         return (
             weight * (value - p) ** 2
             + reg_on * params.reg * (u @ u + v @ v)
-            + params.reg_bias * (prior_u * bu * bu + prior_i * bv * bv)
+            + params.reg_bias * (first_u * bu * bu + first_i * bv * bv)
+            + params.reg_prior * (first_u * (u @ u) + first_i * (v @ v))
         )
     p = float(u @ v)
     s = value * weight
@@ -297,7 +306,8 @@ def event_loss_reference(
         else params.alpha * s * (1 - p) ** 2
     )
     gravity = params.w0 / n_u * (u @ item_gramian @ u) + params.w0 / m_i * (v @ user_gramian @ v)
-    return data + reg_on * params.reg * (u @ u + v @ v) + gravity
+    priors = params.reg_prior * (first_u * (u @ u) + first_i * (v @ v))
+    return data + reg_on * params.reg * (u @ u + v @ v) + priors + gravity
 
 
 __all__ = ["DTYPE", "SgdBatch", "SgdParams", "event_loss_reference", "sgd_step"]

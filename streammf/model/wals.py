@@ -107,7 +107,7 @@ def solve_users(
 ) -> Factors:
     """One half-step: every user row re-solved against the fixed item factors. Inputs are not modified.
 
-    ``user_reg`` is λ_i per user (default: `weighted_reg`, λ·n_i). ``fit_biases=False`` (explicit mode)
+    ``user_reg`` is λ_i per user (default: `weighted_reg`, λ·n_i + λ_0). ``fit_biases=False`` (explicit mode)
     holds the biases and μ at their values in ``factors`` instead of solving for them; pass zeros for a
     pure ⟨u, v⟩ model.
     """
@@ -176,9 +176,9 @@ def wals(
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     _check_inputs(interactions, factors, params)
     if user_reg is None:
-        user_reg = weighted_reg(interactions.row_counts(), params.reg)
+        user_reg = weighted_reg(interactions.row_counts(), params.reg, params.reg_prior)
     if item_reg is None:
-        item_reg = weighted_reg(interactions.col_counts(), params.reg)
+        item_reg = weighted_reg(interactions.col_counts(), params.reg, params.reg_prior)
     current = factors
     for iteration in range(iterations):
         current = solve_users(interactions, current, params, user_reg, fit_biases=fit_biases, solver=solver)
@@ -267,7 +267,11 @@ def _row_problem(
 ) -> _RowProblem:
     implicit = params.mode == "implicit"
     counts = rows.row_counts()
-    reg = weighted_reg(counts, params.reg) if reg is None else np.asarray(reg, dtype=np.float64)
+    reg = (
+        weighted_reg(counts, params.reg, params.reg_prior)
+        if reg is None
+        else np.asarray(reg, dtype=np.float64)
+    )
     if reg.shape != (rows.shape[0],):
         raise ValueError(f"regularisation must have one entry per row ({rows.shape[0]},), got {reg.shape}")
     if not np.all(np.isfinite(reg)) or np.any(reg < 0):

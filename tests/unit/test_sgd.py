@@ -378,7 +378,7 @@ def test_recovers_hidden_entries_of_rank2_matrix(seed: int) -> None:
     cols = np.array([j for _, j in observed])
     U = rng.normal(0.0, 0.5, size=(4, 2)).astype(DTYPE)
     V = rng.normal(0.0, 0.5, size=(5, 2)).astype(DTYPE)
-    loss = LossParams("explicit", reg=1e-4, reg_bias=0.0)
+    loss = LossParams("explicit", reg=1e-4, reg_bias=0.0, reg_prior=0.0)
     epochs = 2000
     for epoch in range(epochs):
         params = SgdParams(loss, learning_rate=0.05 / (1.0 + 0.001 * epoch), fit_biases=False)
@@ -399,7 +399,7 @@ def test_recovers_low_rank_matrix_held_out() -> None:
     test_u, test_i = np.nonzero(~mask)
     U = rng.normal(0.0, 0.3, size=(n_users, rank)).astype(DTYPE)
     V = rng.normal(0.0, 0.3, size=(n_items, rank)).astype(DTYPE)
-    loss = LossParams("explicit", reg=0.01, reg_bias=0.0)
+    loss = LossParams("explicit", reg=0.01, reg_bias=0.0, reg_prior=0.0)
 
     def held_out_rmse() -> float:
         predicted = U.astype(np.float64) @ V.astype(np.float64).T

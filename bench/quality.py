@@ -97,11 +97,18 @@ def explicit(log: RatingsLog) -> None:
 def implicit(log: RatingsLog) -> None:
     print("\n### implicit, ML-100k (ratings as strengths): confidence α and unobserved weight w0\n")
     header("alpha", "w0", "learning_rate", "recall@10", "NDCG@10", "popularity recall@10")
-    for alpha in (1.0, 3.0, 10.0):
+    for alpha in (1.0, 3.0, 10.0, 30.0):
         for w0 in (1.0, 3.0, 10.0, 30.0):
             _implicit_row(log, alpha=alpha, w0=w0)
+    defaults = ModelSettings(mode="implicit")
     for lr in (0.003, 0.03):
-        _implicit_row(log, alpha=10.0, w0=10.0, learning_rate=lr)
+        _implicit_row(log, alpha=defaults.alpha, w0=defaults.w0, learning_rate=lr)
+    print(f"\n### implicit, ML-100k, defaults: refresh every {REFRESH_EVERY:,} events or not\n")
+    header("refresh", "recall@10", "NDCG@10", "popularity recall@10")
+    for every in (0, REFRESH_EVERY):
+        report = run(log, every, mode="implicit")
+        model, popular = report.rankings[("model", "all")], report.rankings[("popularity", "all")]
+        row(every or "none", f"{model.recall:.4f}", f"{model.ndcg:.4f}", f"{popular.recall:.4f}")
 
 
 def _implicit_row(log: RatingsLog, **settings: float) -> None:
@@ -122,7 +129,7 @@ def cold_start(log: RatingsLog) -> None:
     print("\n### implicit, ML-100k: cold events (a user's first) by decayed popularity half-life\n")
     header("half-life (events)", "cold recall@10", "cold NDCG@10", "popularity cold recall@10")
     reports = {}
-    for half_life in (1_000.0, 5_000.0, 20_000.0, float("inf")):
+    for half_life in (1_000.0, 2_000.0, 5_000.0, 10_000.0, 20_000.0, float("inf")):
         report = run(log, mode="implicit", popularity_half_life_events=half_life)
         reports[half_life] = report
         cold, popular = report.rankings[("model", "cold")], report.rankings[("popularity", "cold")]

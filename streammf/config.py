@@ -68,7 +68,7 @@ class ModelSettings(_Section):
     mode: Literal["explicit", "implicit"] = "explicit"
     factors: int = Field(32, ge=1, le=1024)
     learning_rate: float | None = Field(None, gt=0)  # None: the mode's (MODE_LEARNING_RATE)
-    bias_learning_rate: float = Field(0.04, ge=0)
+    bias_learning_rate: float = Field(0.02, ge=0)
     reg: float = Field(0.05, ge=0)
     # Count-independent priors on every row with observations, in both solvers: λ_b·b² on its bias (λ_b
     # pseudo-ratings of zero in each bias's mean) and λ_0·‖u‖² on its factors (on top of λ·n·‖u‖²).
@@ -80,7 +80,7 @@ class ModelSettings(_Section):
     init_std: float = Field(0.1, ge=0)
     # Cold start: users with fewer interactions than this (0 for an unknown user) are served the item
     # popularity decayed with this half-life, counted in events (streammf.model.popularity).
-    popularity_half_life_events: float = Field(20000.0, gt=0)
+    popularity_half_life_events: float = Field(2000.0, gt=0)
     fallback_below_events: int = Field(1, ge=0)
     seed: int = 42
     # Input bounds: an event outside them is dead-lettered (`out_of_range`) before it reaches the model.

@@ -149,7 +149,7 @@ def evaluate(
             refreshes += 1
             next_refresh += refresh_every
             if mirror is not None:
-                mirror.sync(store, 0, position)
+                mirror.sync(store, 0, position, after_refresh=True)
     bar.close()
     seconds = time.perf_counter() - started
     if mirror is not None:
@@ -313,9 +313,10 @@ class _Mirror:
             self.ranks[0, window], self.ranks[1, window], self.ranks[2, window],
         )  # fmt: skip
 
-    def sync(self, store: MemoryStore, start: int, end: int) -> None:
+    def sync(self, store: MemoryStore, start: int, end: int, after_refresh: bool = False) -> None:
         """Re-read from `store` the rows of the users and items of events [start, end), the counters and
-        the Gramians; the largest difference from what the mirror computed goes into `drift`."""
+        the Gramians. After a batch, the largest difference from what the mirror computed goes into
+        `drift`; after a refresh the rows are the refit's, so nothing is compared."""
         users = np.unique(self.ev_u[start:end])
         items = np.unique(self.ev_i[start:end])
         k = self.user_rows.shape[1]
@@ -329,7 +330,7 @@ class _Mirror:
                 if stored is None:
                     present[code] = False
                     continue
-                if present[code]:
+                if present[code] and not after_refresh:
                     self.drift = max(self.drift, float(np.max(np.abs(rows[code] - stored[:k]))))
                 rows[code], bias[code], present[code] = stored[:k], stored[k], True
         for code in users.tolist():

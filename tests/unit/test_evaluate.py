@@ -216,6 +216,10 @@ def test_implicit_model_beats_popularity_and_is_deterministic() -> None:
     assert model_all.ndcg <= model_all.recall
     again, _ = _run(log, model, batch_size=100)
     assert again.rankings == report.rankings
+    # With WALS refreshes in between, the mirror re-reads the refit and still takes the learner's steps.
+    refreshed, _ = _run(log, model, batch_size=100, refresh_every=1000)  # type: ignore[arg-type]
+    assert refreshed.refreshes == 3 and refreshed.mirror_drift == 0.0  # after 1,000, 2,000, 3,000
+    assert refreshed.rankings != report.rankings
 
 
 def test_decayed_popularity_kernel() -> None:

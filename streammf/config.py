@@ -56,19 +56,32 @@ MODE_BOUNDS: dict[str, tuple[float, float, float]] = {
 }
 
 
+# The factor learning rate when STREAMMF_MODEL__LEARNING_RATE is unset, per mode: explicit SGD takes plain
+# gradient steps and needs a large one to grow factors from their init in one pass; implicit mode's
+# proximal steps are stiff (confidence weights, the Gramian) and do best small. bench/quality.py measured
+# both (README, "Figures").
+MODE_LEARNING_RATE: dict[str, float] = {"explicit": 0.15, "implicit": 0.01}
+
+
 class ModelSettings(_Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     mode: Literal["explicit", "implicit"] = "explicit"
     factors: int = Field(32, ge=1, le=1024)
-    learning_rate: float = Field(0.01, gt=0)
-    bias_learning_rate: float = Field(0.04, gt=0)
-    bias_damping: float = Field(5.0, gt=0)
+    learning_rate: float | None = Field(None, gt=0)  # None: the mode's (MODE_LEARNING_RATE)
+    bias_learning_rate: float = Field(0.02, ge=0)
     reg: float = Field(0.05, ge=0)
-    reg_bias: float = Field(0.02, ge=0)
+    # Count-independent priors on every row with observations, in both solvers: λ_b·b² on its bias (λ_b
+    # pseudo-ratings of zero in each bias's mean) and λ_0·‖u‖² on its factors (on top of λ·n·‖u‖²).
+    reg_bias: float = Field(5.0, ge=0)
+    reg_prior: float = Field(5.0, ge=0)
     # Implicit mode: confidence w = 1 + alpha * strength; unobserved entries pulled to 0 with weight w0.
     alpha: float = Field(10.0, ge=0)
-    w0: float = Field(1.0, ge=0)
-    init_std: float = Field(0.01, ge=0)
+    w0: float = Field(10.0, ge=0)
+    init_std: float = Field(0.1, ge=0)
+    # Cold start: users with fewer interactions than this (0 for an unknown user) are served the item
+    # popularity decayed with this half-life, counted in events (streammf.model.popularity).
+    popularity_half_life_events: float = Field(2000.0, gt=0)
+    fallback_below_events: int = Field(1, ge=0)
     seed: int = 42
     # Input bounds: an event outside them is dead-lettered (`out_of_range`) before it reaches the model.
     # None takes the mode's default (MODE_BOUNDS): ratings in explicit mode, strengths in implicit mode.
@@ -78,6 +91,11 @@ class ModelSettings(_Section):
     # A computed row with a coordinate (factor or bias) beyond this, or not finite, is never written: the
     # event that caused it is dead-lettered (`diverged`) and the rest of its batch applies.
     max_abs_factor: float = Field(100.0, gt=0)
+
+    @property
+    def factor_learning_rate(self) -> float:
+        """`learning_rate`, or the mode's default when it is unset."""
+        return MODE_LEARNING_RATE[self.mode] if self.learning_rate is None else self.learning_rate
 
     @property
     def bounds(self) -> tuple[float, float, float]:

@@ -1,7 +1,8 @@
 """The exact value of the objective L (see `streammf.model.factors`) for a set of factors, and error metrics.
 
     L = Σ_obs w_ij (a_ij − p_ij)²  +  w0 Σ_unobs p_ij²
-        + Σ_i λ_i ‖u_i‖² + Σ_j λ_j ‖v_j‖²  [+ λ_b (Σ_i n_i b_i² + Σ_j m_j c_j²)]
+        + Σ_i λ_i ‖u_i‖² + Σ_j λ_j ‖v_j‖²  [+ λ_b (Σ_{i: n_i>0} b_i² + Σ_{j: m_j>0} c_j²)]
+    λ_i = λ·n_i + λ_0·[n_i > 0]  (`weighted_reg`)
 
 `objective` never forms the dense matrix: the implicit-mode sum over the (many) unobserved entries uses
 the Gramian identity
@@ -27,9 +28,11 @@ _CHUNK = 1 << 15
 _GRAMIAN_BLOCKS = 64
 
 
-def weighted_reg(counts: np.ndarray, reg: float) -> np.ndarray:
-    """ALS-WR per-row regularisation λ_i = λ·n_i (float64), the model's default."""
-    return reg * np.asarray(counts, dtype=np.float64)
+def weighted_reg(counts: np.ndarray, reg: float, prior: float = 0.0) -> np.ndarray:
+    """Per-row regularisation λ_i = λ·n_i + λ_0·[n_i > 0] (float64): ALS-WR's weighted λ plus the
+    count-independent prior of a row with observations. The model's default (λ_0 = `LossParams.reg_prior`)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return reg * counts + prior * (counts > 0)
 
 
 def predict_entries(factors: Factors, users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -85,9 +88,10 @@ def objective(
         loss = float(np.dot(weights * errors, errors))
         user_bias = factors.user_bias.astype(np.float64)
         item_bias = factors.item_bias.astype(np.float64)
+        # The bias prior is count-independent: one λ_b·b² per row in the model (a row with observations).
         loss += params.reg_bias * (
-            float(np.dot(interactions.row_counts() * user_bias, user_bias))
-            + float(np.dot(interactions.col_counts() * item_bias, item_bias))
+            float(np.dot((interactions.row_counts() > 0) * user_bias, user_bias))
+            + float(np.dot((interactions.col_counts() > 0) * item_bias, item_bias))
         )
     loss += float(np.dot(user_reg, _row_norms_squared(factors.user)))
     loss += float(np.dot(item_reg, _row_norms_squared(factors.item)))
@@ -127,8 +131,8 @@ def dense_objective_reference(
     loss += float(np.sum(item_reg * np.sum(item**2, axis=1)))
     if params.mode == "explicit":
         loss += params.reg_bias * float(
-            np.sum(observed.sum(axis=1) * factors.user_bias.astype(np.float64) ** 2)
-            + np.sum(observed.sum(axis=0) * factors.item_bias.astype(np.float64) ** 2)
+            np.sum(observed.any(axis=1) * factors.user_bias.astype(np.float64) ** 2)
+            + np.sum(observed.any(axis=0) * factors.item_bias.astype(np.float64) ** 2)
         )
     return loss
 
@@ -205,12 +209,12 @@ def _resolve_regs(
 ) -> tuple[np.ndarray, np.ndarray]:
     n_users, n_items = interactions.shape
     user_reg = (
-        weighted_reg(interactions.row_counts(), params.reg)
+        weighted_reg(interactions.row_counts(), params.reg, params.reg_prior)
         if user_reg is None
         else np.asarray(user_reg, dtype=np.float64)
     )
     item_reg = (
-        weighted_reg(interactions.col_counts(), params.reg)
+        weighted_reg(interactions.col_counts(), params.reg, params.reg_prior)
         if item_reg is None
         else np.asarray(item_reg, dtype=np.float64)
     )

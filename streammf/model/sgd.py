@@ -4,10 +4,13 @@ Each event's step descends the change in L that the event causes, evaluated at t
 ("increment rule"), plus its share of the implicit-mode unobserved term:
 
 explicit, prediction p = μ + b_u + c_i + ⟨u, v⟩, error e = a − p, event weight w:
-    ℓ = w·e²  [+ λ(‖u‖² + ‖v‖²) + λ_b(b_u² + c_i²)  when the (u, i) pair is new: the pair adds one observed
-               entry, so n_u and m_i grow by one and weighted-λ regularisation grows by exactly that]
+    ℓ = w·e²  [+ λ(‖u‖² + ‖v‖²)  when the (u, i) pair is new: the pair adds one observed entry, so n_u and
+               m_i grow by one and weighted-λ regularisation grows by exactly that]
+              [+ λ_0‖u‖² + λ_b·b_u²  when it is the user's first pair (n_u becomes 1): the row enters L
+               with its count-independent priors; likewise λ_0‖v‖² + λ_b·c_i² for the item's first pair]
 implicit, p = ⟨u, v⟩, target 1, strength added s (value × weight):
     new pair: ℓ = (1 + α·s)(1 − p)² − w0·p² + λ(‖u‖² + ‖v‖²)   (entry moves from unobserved to observed)
+              [+ λ_0‖u‖² at the user's first pair, λ_0‖v‖² at the item's, as in explicit mode]
     old pair: ℓ = α·s·(1 − p)²                                  (its confidence grows by α·s)
     gravity:  + (w0/n_u)·uᵀ G_V u + (w0/m_i)·vᵀ G_U v
 The gravity share spreads the unobserved term w0·Σ_u uᵀG_V u (and its item-side twin) over a row's events,
@@ -18,6 +21,12 @@ G_V = VᵀV and G_U = UᵀU are kept current by exact rank-one updates after eve
 Explicit mode takes the gradient step, halved (absorbed into the learning rate): x ← x − η·½∇ℓ, with
 the scalar w·e clipped to ±max_gradient so that no single event can throw a row far (ordinary errors are
 far inside the clip, so it changes nothing for them).
+A bias takes the step η_b + 1/(n + λ_b). With η_b = 0 that is recursive least squares on the bias's part
+of L: the accumulated curvature of Σ e² + λ_b·b² after n − 1 events is n − 1 + λ_b, and
+b_n = b_{n−1} + e_n/(n + λ_b) turns the ridge mean Σ_{t<n} r_t/(n − 1 + λ_b) of the residuals r into
+Σ_{t≤n} r_t/(n + λ_b) exactly. That is what WALS's row solve gives the bias for the same residuals, and
+after a refresh the stream continues the refit's biases as if it had seen every event itself (tested).
+η_b > 0 adds a constant rate on top, to track drifting biases of old rows.
 Implicit mode's ℓ is quadratic in each row and stiff (confidence weights, the Gramian), so it takes the
 implicit (proximal) step x' = argmin ½ℓ(x') + ‖x' − x‖²/2η, one small SPD solve per row: stable at any
 η, with the same fixed points.
@@ -40,9 +49,8 @@ from streammf.model.factors import DEFAULTS, DTYPE, LossParams
 @dataclass(frozen=True)
 class SgdParams:
     loss: LossParams
-    learning_rate: float = DEFAULTS.learning_rate
+    learning_rate: float = DEFAULTS.factor_learning_rate
     bias_learning_rate: float = DEFAULTS.bias_learning_rate
-    bias_damping: float = DEFAULTS.bias_damping  # β in the bias step η_b + 1/(n + β)
     fit_biases: bool = True  # explicit mode; False: p = ⟨u, v⟩ (no μ, biases held at their values)
     # Explicit mode: |w·e| is clipped to this (a Huber-like step), so one extreme event moves a row by a
     # bounded amount. Within the input bounds it never binds for ordinary errors
@@ -103,9 +111,9 @@ def sgd_step(batch: SgdBatch, params: SgdParams) -> tuple[np.ndarray, float, int
         params.max_gradient,
         params.learning_rate,
         params.bias_learning_rate,
-        params.bias_damping,
         loss.reg,
         loss.reg_bias,
+        loss.reg_prior,
         loss.alpha,
         loss.w0,
         predictions,
@@ -116,88 +124,115 @@ def sgd_step(batch: SgdBatch, params: SgdParams) -> tuple[np.ndarray, float, int
 @njit(cache=True)
 def _sgd_kernel(
     U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_val, ev_w, ev_new, ev_new_u, ev_new_i, value_sum, value_count,
-    G_V, G_U, explicit, fit_biases, max_gradient, lr, lr_b, bias_damping, reg, reg_b, alpha, w0, predictions,
+    G_V, G_U, explicit, fit_biases, max_gradient, lr, lr_b, reg, reg_b, reg_p, alpha, w0, predictions,
 ):  # fmt: skip
-    k = U.shape[1]
-    u_old = np.empty(k, dtype=np.float64)
-    v_old = np.empty(k, dtype=np.float64)
-    r_u = np.empty(k, dtype=np.float64)
-    r_v = np.empty(k, dtype=np.float64)
-    system = np.empty((k, k), dtype=np.float64)
-    work = np.empty(k, dtype=np.float64)
+    work = _work_arrays(U.shape[1])
     for t in range(ev_u.shape[0]):
-        a = ev_u[t]
-        b = ev_i[t]
-        new = ev_new[t]
-        if new:
-            n_u[a] += 1
-            m_i[b] += 1
-        reg_on = 1.0 if new else 0.0
-        dot = 0.0
+        value_sum, value_count = _sgd_event(
+            t, U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_val, ev_w, ev_new, ev_new_u, ev_new_i, value_sum,
+            value_count, G_V, G_U, explicit, fit_biases, max_gradient, lr, lr_b, reg, reg_b, reg_p, alpha, w0,
+            predictions, work,
+        )  # fmt: skip
+    return value_sum, value_count
+
+
+@njit(cache=True)
+def _work_arrays(k):  # fmt: skip
+    """Scratch of `_sgd_event`: rows 0-4 hold u_old, v_old, r_u, r_v, solve work; rows 5.. the system."""
+    return np.empty((5 + k, k), dtype=np.float64)
+
+
+@njit(cache=True)
+def _sgd_event(
+    t, U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_val, ev_w, ev_new, ev_new_u, ev_new_i, value_sum, value_count,
+    G_V, G_U, explicit, fit_biases, max_gradient, lr, lr_b, reg, reg_b, reg_p, alpha, w0, predictions,
+    scratch,
+):  # fmt: skip
+    """Event t's step on the rows it names, in place; returns the μ sums after it. Shared by `sgd_step`
+    and the exact per-event evaluation (`streammf.model.prequential`), so both take the very same step."""
+    k = U.shape[1]
+    u_old = scratch[0]
+    v_old = scratch[1]
+    r_u = scratch[2]
+    r_v = scratch[3]
+    work = scratch[4]
+    system = scratch[5:]
+    a = ev_u[t]
+    b = ev_i[t]
+    new = ev_new[t]
+    if new:
+        n_u[a] += 1
+        m_i[b] += 1
+    reg_on = 1.0 if new else 0.0
+    # A row's first pair brings the row's count-independent priors into L (λ_0 on factors, λ_b on bias).
+    first_u = 1.0 if new and n_u[a] == 1 else 0.0
+    first_i = 1.0 if new and m_i[b] == 1 else 0.0
+    dot = 0.0
+    for f in range(k):
+        u_old[f] = U[a, f]
+        v_old[f] = V[b, f]
+        dot += u_old[f] * v_old[f]
+    if explicit:
+        mu = value_sum / value_count if value_count > 0 and fit_biases else 0.0
+        p = mu + bu[a] + bv[b] + dot
+        predictions[t] = p
+        # ½ dℓ/dp = −w·e, clipped: a step stays bounded however far off the prediction is.
+        g = min(max(-ev_w[t] * (ev_val[t] - p), -max_gradient), max_gradient)
+        # Bias step η_b + 1/(n + λ_b): recursive least squares on Σ e² + λ_b·b² (the ridge mean of
+        # the row's residuals, exact with η_b = 0), plus a constant rate that tracks drift.
+        # The prior's gradient λ_b·b enters once, at the row's first pair.
+        step_u = lr_b + 1.0 / max(n_u[a] + reg_b, 1.0)
+        step_i = lr_b + 1.0 / max(m_i[b] + reg_b, 1.0)
+        if fit_biases:
+            bu_old = bu[a]
+            bu[a] = bu_old - step_u * (g + first_u * reg_b * bu_old)
+            bv[b] = bv[b] - step_i * (g + first_i * reg_b * bv[b])
+        shrink_u = reg_on * reg + first_u * reg_p
+        shrink_i = reg_on * reg + first_i * reg_p
         for f in range(k):
-            u_old[f] = U[a, f]
-            v_old[f] = V[b, f]
-            dot += u_old[f] * v_old[f]
-        if explicit:
-            mu = value_sum / value_count if value_count > 0 and fit_biases else 0.0
-            p = mu + bu[a] + bv[b] + dot
-            predictions[t] = p
-            # ½ dℓ/dp = −w·e, clipped: a step stays bounded however far off the prediction is.
-            g = min(max(-ev_w[t] * (ev_val[t] - p), -max_gradient), max_gradient)
-            # Bias step η_b + 1/(n + β): a damped running mean of the residuals while a row is young,
-            # a constant-rate tracker once it is old (ratings drift).
-            step_u = lr_b + 1.0 / (n_u[a] + bias_damping)
-            step_i = lr_b + 1.0 / (m_i[b] + bias_damping)
-            if fit_biases:
-                bu_old = bu[a]
-                bu[a] = bu_old - step_u * (g + reg_on * reg_b * bu_old)
-                bv[b] = bv[b] - step_i * (g + reg_on * reg_b * bv[b])
-            for f in range(k):
-                U[a, f] = u_old[f] - lr * (g * v_old[f] + reg_on * reg * u_old[f])
-                V[b, f] = v_old[f] - lr * (g * u_old[f] + reg_on * reg * v_old[f])
-        else:
-            # A row entering the model joins the unobserved term: add it to its Gramian first.
-            if ev_new_u[t]:
-                for f in range(k):
-                    for h in range(k):
-                        G_U[f, h] += u_old[f] * u_old[h]
-            if ev_new_i[t]:
-                for f in range(k):
-                    for h in range(k):
-                        G_V[f, h] += v_old[f] * v_old[h]
-            p = dot
-            predictions[t] = p
-            s = ev_val[t] * ev_w[t]
-            # ½ℓ restricted to one row x (the other fixed at o) is ½a(x·o)² − b(x·o) + ½λ_on‖x‖² + ½c·xᵀGx:
-            # new pair a = w − w0, b = w (w = 1 + α·s); old pair a = b = α·s.
-            if new:
-                conf = 1.0 + alpha * s
-                a_coef = max(conf - w0, 0.0)  # clamped so the system stays SPD even if w0 > 1
-                b_coef = conf
-            else:
-                a_coef = alpha * s
-                b_coef = alpha * s
-            gu = w0 / n_u[a] if n_u[a] > 0 else w0
-            gv = w0 / m_i[b] if m_i[b] > 0 else w0
-            # Implicit (proximal) step: (I + η(a·ooᵀ + λ_on·I + c·G)) x' = x + η·b·o, the exact minimiser of
-            # ½ℓ + ‖x' − x‖²/2η. Confidence weights and the Gramian make the plain step stiff; this one is
-            # stable at any η and has the same fixed points.
-            _prox_row(
-                G_V, lr * gu, u_old, v_old, lr * a_coef, lr * b_coef, lr * reg_on * reg, r_u, system, work
-            )
-            _prox_row(
-                G_U, lr * gv, v_old, u_old, lr * a_coef, lr * b_coef, lr * reg_on * reg, r_v, system, work
-            )
-            for f in range(k):
-                U[a, f] = r_u[f]
-                V[b, f] = r_v[f]
-            # Keep the Gramians exact: swap the old rows' outer products for the new (float32-rounded) ones.
+            U[a, f] = u_old[f] - lr * (g * v_old[f] + shrink_u * u_old[f])
+            V[b, f] = v_old[f] - lr * (g * u_old[f] + shrink_i * v_old[f])
+    else:
+        # A row entering the model joins the unobserved term: add it to its Gramian first.
+        if ev_new_u[t]:
             for f in range(k):
                 for h in range(k):
-                    G_V[f, h] += np.float64(V[b, f]) * V[b, h] - v_old[f] * v_old[h]
-                    G_U[f, h] += np.float64(U[a, f]) * U[a, h] - u_old[f] * u_old[h]
-        value_sum += ev_val[t]
-        value_count += 1
+                    G_U[f, h] += u_old[f] * u_old[h]
+        if ev_new_i[t]:
+            for f in range(k):
+                for h in range(k):
+                    G_V[f, h] += v_old[f] * v_old[h]
+        p = dot
+        predictions[t] = p
+        s = ev_val[t] * ev_w[t]
+        # ½ℓ restricted to one row x (the other fixed at o) is ½a(x·o)² − b(x·o) + ½λ_on‖x‖² + ½c·xᵀGx:
+        # new pair a = w − w0, b = w (w = 1 + α·s); old pair a = b = α·s.
+        if new:
+            conf = 1.0 + alpha * s
+            a_coef = max(conf - w0, 0.0)  # clamped so the system stays SPD even if w0 > 1
+            b_coef = conf
+        else:
+            a_coef = alpha * s
+            b_coef = alpha * s
+        gu = w0 / n_u[a] if n_u[a] > 0 else w0
+        gv = w0 / m_i[b] if m_i[b] > 0 else w0
+        # Implicit (proximal) step: (I + η(a·ooᵀ + λ_on·I + c·G)) x' = x + η·b·o, the exact minimiser of
+        # ½ℓ + ‖x' − x‖²/2η. Confidence weights and the Gramian make the plain step stiff; this one is
+        # stable at any η and has the same fixed points.
+        shift_u = lr * (reg_on * reg + first_u * reg_p)
+        shift_i = lr * (reg_on * reg + first_i * reg_p)
+        _prox_row(G_V, lr * gu, u_old, v_old, lr * a_coef, lr * b_coef, shift_u, r_u, system, work)
+        _prox_row(G_U, lr * gv, v_old, u_old, lr * a_coef, lr * b_coef, shift_i, r_v, system, work)
+        for f in range(k):
+            U[a, f] = r_u[f]
+            V[b, f] = r_v[f]
+        # Keep the Gramians exact: swap the old rows' outer products for the new (float32-rounded) ones.
+        for f in range(k):
+            for h in range(k):
+                G_V[f, h] += np.float64(V[b, f]) * V[b, h] - v_old[f] * v_old[h]
+                G_U[f, h] += np.float64(U[a, f]) * U[a, h] - u_old[f] * u_old[h]
+    value_sum += ev_val[t]
+    value_count += 1
     return value_sum, value_count
 
 
@@ -253,12 +288,15 @@ def event_loss_reference(
     n_u and m_i are the counts *including* this event's pair.
     """
     reg_on = 1.0 if new_pair else 0.0
+    first_u = 1.0 if new_pair and n_u == 1 else 0.0  # the row's first pair brings its priors
+    first_i = 1.0 if new_pair and m_i == 1 else 0.0
     if params.mode == "explicit":
         p = mu + bu + bv + float(u @ v)
         return (
             weight * (value - p) ** 2
             + reg_on * params.reg * (u @ u + v @ v)
-            + reg_on * params.reg_bias * (bu * bu + bv * bv)
+            + params.reg_bias * (first_u * bu * bu + first_i * bv * bv)
+            + params.reg_prior * (first_u * (u @ u) + first_i * (v @ v))
         )
     p = float(u @ v)
     s = value * weight
@@ -268,7 +306,8 @@ def event_loss_reference(
         else params.alpha * s * (1 - p) ** 2
     )
     gravity = params.w0 / n_u * (u @ item_gramian @ u) + params.w0 / m_i * (v @ user_gramian @ v)
-    return data + reg_on * params.reg * (u @ u + v @ v) + gravity
+    priors = params.reg_prior * (first_u * (u @ u) + first_i * (v @ v))
+    return data + reg_on * params.reg * (u @ u + v @ v) + priors + gravity
 
 
 __all__ = ["DTYPE", "SgdBatch", "SgdParams", "event_loss_reference", "sgd_step"]

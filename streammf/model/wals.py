@@ -7,7 +7,7 @@ x = u_i (implicit) or x = [u_i; b_i] against features z_j = [v_j; 1] (explicit w
         A_i = w0·VᵀV + Σ_{j∈obs(i)} (w_ij − w0) v_j v_jᵀ + λ_i I
         b_i = Σ_{j∈obs(i)} w_ij v_j
     explicit (observed entries only, residual target t_ij = a_ij − μ − c_j):
-        A_i = Σ_{j∈obs(i)} w_ij z_j z_jᵀ + diag(λ_i, …, λ_i, λ_b·n_i)
+        A_i = Σ_{j∈obs(i)} w_ij z_j z_jᵀ + diag(λ_i, …, λ_i, λ_b)
         b_i = Σ_{j∈obs(i)} w_ij t_ij z_j
     x = A_i⁻¹ b_i
 
@@ -78,7 +78,7 @@ class _RowProblem:
     gram: np.ndarray  # (k, k) float64: w0·OᵀO in implicit mode, zeros in explicit mode
     w0: float
     reg: np.ndarray  # (n_rows,) float64: λ_i
-    bias_reg: np.ndarray  # (n_rows,) float64: λ_b·n_i
+    bias_reg: np.ndarray  # (n_rows,) float64: λ_b (the count-independent bias prior)
     offset: float  # μ
     implicit: bool
     fit_bias: bool
@@ -107,7 +107,7 @@ def solve_users(
 ) -> Factors:
     """One half-step: every user row re-solved against the fixed item factors. Inputs are not modified.
 
-    ``user_reg`` is λ_i per user (default: `weighted_reg`, λ·n_i). ``fit_biases=False`` (explicit mode)
+    ``user_reg`` is λ_i per user (default: `weighted_reg`, λ·n_i + λ_0). ``fit_biases=False`` (explicit mode)
     holds the biases and μ at their values in ``factors`` instead of solving for them; pass zeros for a
     pure ⟨u, v⟩ model.
     """
@@ -176,9 +176,9 @@ def wals(
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     _check_inputs(interactions, factors, params)
     if user_reg is None:
-        user_reg = weighted_reg(interactions.row_counts(), params.reg)
+        user_reg = weighted_reg(interactions.row_counts(), params.reg, params.reg_prior)
     if item_reg is None:
-        item_reg = weighted_reg(interactions.col_counts(), params.reg)
+        item_reg = weighted_reg(interactions.col_counts(), params.reg, params.reg_prior)
     current = factors
     for iteration in range(iterations):
         current = solve_users(interactions, current, params, user_reg, fit_biases=fit_biases, solver=solver)
@@ -267,7 +267,11 @@ def _row_problem(
 ) -> _RowProblem:
     implicit = params.mode == "implicit"
     counts = rows.row_counts()
-    reg = weighted_reg(counts, params.reg) if reg is None else np.asarray(reg, dtype=np.float64)
+    reg = (
+        weighted_reg(counts, params.reg, params.reg_prior)
+        if reg is None
+        else np.asarray(reg, dtype=np.float64)
+    )
     if reg.shape != (rows.shape[0],):
         raise ValueError(f"regularisation must have one entry per row ({rows.shape[0]},), got {reg.shape}")
     if not np.all(np.isfinite(reg)) or np.any(reg < 0):
@@ -284,7 +288,7 @@ def _row_problem(
         gram=np.ascontiguousarray(gram),
         w0=float(w0),
         reg=np.ascontiguousarray(reg),
-        bias_reg=params.reg_bias * counts.astype(np.float64),
+        bias_reg=np.full(rows.shape[0], params.reg_bias, dtype=np.float64),
         offset=float(global_mean) if not implicit else 0.0,
         implicit=implicit,
         fit_bias=fit_biases and not implicit,

@@ -40,15 +40,21 @@ class LearnerParams:
 
     @classmethod
     def from_settings(cls, model: ModelSettings) -> LearnerParams:
-        loss = LossParams(model.mode, reg=model.reg, reg_bias=model.reg_bias, alpha=model.alpha, w0=model.w0)
+        loss = LossParams(
+            model.mode,
+            reg=model.reg,
+            reg_bias=model.reg_bias,
+            reg_prior=model.reg_prior,
+            alpha=model.alpha,
+            w0=model.w0,
+        )
         value_min, value_max, _ = model.bounds
         # An error can be at most the width of the value range for a prediction inside it: the clip only
         # binds for predictions far outside, which is where a step would otherwise throw a row away.
         sgd = SgdParams(
             loss,
-            model.learning_rate,
+            model.factor_learning_rate,
             model.bias_learning_rate,
-            model.bias_damping,
             max_gradient=value_max - value_min,
         )
         return cls(sgd, init_std=model.init_std, seed=model.seed, max_abs_factor=model.max_abs_factor)

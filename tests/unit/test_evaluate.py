@@ -1,4 +1,5 @@
-"""`streammf evaluate`: prequential RMSE / recall@10 through the daemon's Learner on the in-memory store."""
+"""`streammf evaluate`: prequential RMSE / MAE and per-event exact recall@10 / NDCG@10 through the daemon's
+Learner on the in-memory store; the decayed popularity kernel and the fallback rule."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from click.testing import CliRunner
 
 from streammf.cli import cli
 from streammf.config import ModelSettings
+from streammf.model.popularity import add_events, decayed_counts, serve_popularity, top_items
+from streammf.model.prequential import NOT_SCORED, UNRANKABLE
 from streammf.store.memory import MemoryStore
-from streammf.stream.learner import LearnerParams
-from streammf.tools.evaluate import EvaluationReport, evaluate
+from streammf.stream.events import Event
+from streammf.stream.learner import Learner, LearnerParams
+from streammf.tools.evaluate import EvaluationReport, Ranking, evaluate
 from streammf.tools.ratings import RatingsLog, load_ratings
 
 
@@ -51,61 +55,17 @@ def _implicit_log(
 
 
 def _run(
-    log: RatingsLog, model: ModelSettings, batch_size: int = 500
+    log: RatingsLog, model: ModelSettings, batch_size: int = 500, **kwargs: float
 ) -> tuple[EvaluationReport, MemoryStore]:
     store = MemoryStore(model.name, model.mode, model.factors)
-    return evaluate(log, store, LearnerParams.from_settings(model), batch_size=batch_size), store
+    params = LearnerParams.from_settings(model)
+    return evaluate(log, store, params, batch_size=batch_size, **kwargs), store  # type: ignore[arg-type]
 
 
 def _global_mean_rmse(values: np.ndarray) -> float:
     """Prequential RMSE of predicting the mean of all earlier values (0 for the first, as the model does)."""
     earlier = np.concatenate([[0.0], np.cumsum(values)[:-1] / np.arange(1, len(values))])
     return float(np.sqrt(np.mean((values - earlier) ** 2)))
-
-
-def _random_recall(log: RatingsLog, batch_size: int) -> float:
-    """Expected recall@10 of a uniformly random ranking with exactly `evaluate`'s rules: only users and
-    items known before the event's batch count, the user's other seen items are excluded."""
-    known_users: set[str] = set()
-    known_items: set[str] = set()
-    seen: dict[str, set[str]] = {}
-    expected = 0.0
-    for start in range(0, len(log), batch_size):
-        chunk = list(
-            zip(log.users[start : start + batch_size], log.items[start : start + batch_size], strict=True)
-        )
-        for user, item in chunk:
-            if user in known_users and item in known_items:
-                eligible = len(known_items) - len(seen.get(user, set()) - {item})
-                expected += min(1.0, 10.0 / eligible)
-        for user, item in chunk:
-            known_users.add(user)
-            known_items.add(item)
-            seen.setdefault(user, set()).add(item)
-    return expected / len(log)
-
-
-def _popularity_recall(log: RatingsLog, batch_size: int) -> float:
-    """recall@10 of ranking unseen items by their number of users so far, with `evaluate`'s rules (ties
-    broken the same way: items in order of first appearance)."""
-    users_of: dict[str, set[str]] = {}  # item -> users, in order of first appearance
-    seen: dict[str, set[str]] = {}
-    hits = 0
-    for start in range(0, len(log), batch_size):
-        chunk = list(
-            zip(log.users[start : start + batch_size], log.items[start : start + batch_size], strict=True)
-        )
-        items = list(users_of)
-        counts = np.array([len(users_of[i]) for i in items], dtype=np.float64)
-        for user, item in chunk:
-            if user in seen and item in users_of:
-                scores = counts.copy()
-                scores[[items.index(i) for i in seen[user] if i != item]] = -np.inf
-                hits += items.index(item) in np.argpartition(-scores, min(10, len(scores) - 1))[:10]
-        for user, item in chunk:
-            users_of.setdefault(item, set()).add(user)
-            seen.setdefault(user, set()).add(item)
-    return hits / len(log)
 
 
 # -------------------------------------------------------------------------------------------- explicit
@@ -123,7 +83,8 @@ def test_explicit_rmse_beats_global_mean(seed: int) -> None:
     assert store.events_applied() == len(log)
     assert report.rmse is not None and np.isfinite(report.rmse)
     assert report.rmse < 0.9 * baseline, (report.rmse, baseline)
-    assert report.baseline == pytest.approx(baseline, rel=1e-12)
+    assert report.baseline_rmse == pytest.approx(baseline, rel=1e-12)
+    assert report.mae is not None and report.mae < report.rmse
 
 
 def test_explicit_is_deterministic_and_batch_size_free() -> None:
@@ -148,30 +109,149 @@ def test_explicit_is_deterministic_and_batch_size_free() -> None:
 # -------------------------------------------------------------------------------------------- implicit
 
 
-def test_implicit_recall_beats_random_ranking() -> None:
+def _ranks(log: RatingsLog, model: ModelSettings, batch_size: int, **kwargs: float) -> np.ndarray:
+    report, _ = _run(log, model, batch_size, **kwargs)
+    assert report.ranks is not None
+    return report.ranks
+
+
+def _hand_log() -> RatingsLog:
+    """w takes c0..c10 (items numbered by first appearance), x takes c10, c9, c8, y takes c0, then an
+    item nobody had; finally x takes c9 again."""
+    users = ["w"] * 11 + ["x", "x", "x", "y", "y", "x"]
+    items = [f"c{j}" for j in range(11)] + ["c10", "c9", "c8", "c0", "new", "c9"]
+    n = len(users)
+    return RatingsLog(np.array(users), np.array(items), np.ones(n), np.arange(n, dtype=np.float64))
+
+
+def test_protocol_on_a_hand_checked_log() -> None:
+    """Which events are hits, worked out by hand (popularity = users so far; ties to the item seen first;
+    the user's own items left out; decayed popularity with a half-life of one event)."""
+    log = _hand_log()
+    model = ModelSettings(mode="implicit", factors=4)
+    ranks = _ranks(log, model, batch_size=4, popularity_half_life=1.0)
+    model_rank, popular, decayed = ranks
+    # Events 0-10: each item is new when w takes it: nothing can rank it.
+    assert (popular[:11] == UNRANKABLE).all() and (decayed[:11] == UNRANKABLE).all()
+    # 11: x's first event, c10; all 11 items have one user, so the 10 seen before c10 beat it: a miss.
+    # 12: c9; x has c10 (left out), c0..c8 win the tie: rank 9, the last hit.
+    # 13: c8; c9 and c10 have two users now but x has them both: c0..c7 beat c8, rank 8.
+    # 14: y's first event, c0 (one user); c8, c9, c10 have two: rank 3.
+    assert popular[11:15].tolist() == [10, 9, 8, 3]
+    # Decayed (half-life one event): an event at t weighs 2^t, so recency rules. At 11, c10 (taken at 10)
+    # is first: a hit where popularity misses; at 14, c0 (taken at 0) is last of all 11: a miss.
+    assert decayed[11] == 0
+    assert decayed[14] == 10
+    # 15: an item nobody had; 16: a pair x already has: learned, not scored.
+    assert popular[15] == UNRANKABLE
+    assert popular[16] == NOT_SCORED and decayed[16] == NOT_SCORED and model_rank[16] == NOT_SCORED
+    # Cold events (11, 14) get the fallback: the model's rank is decayed popularity's.
+    assert model_rank[11] == decayed[11] and model_rank[14] == decayed[14]
+    # Hits and segments as reported: popularity hits 12, 13, 14 out of 16 scored events (11 cold-or-new
+    # misses among them); cold events are 0 (w), 11 (x) and 14 (y).
+    report, _ = _run(log, model, 4, popularity_half_life=1.0)
+    assert report.rankings[("popularity", "all")] == Ranking(3 / 16, pytest.approx(_ndcg([9, 8, 3]) / 16), 16)
+    assert report.rankings[("popularity", "cold")].events == 3
+    assert report.rankings[("popularity", "cold")].recall == pytest.approx(1 / 3)  # event 14
+    assert report.rankings[("decayed popularity", "cold")] == Ranking(1 / 3, 1 / 3, 3)  # event 11
+    assert report.rankings[("model", "cold")] == report.rankings[("decayed popularity", "cold")]
+
+
+def _ndcg(hit_ranks: list[int]) -> float:
+    return float(sum(1.0 / np.log2(r + 2.0) for r in hit_ranks))
+
+
+def _reference_model_ranks(log: RatingsLog, model: ModelSettings) -> np.ndarray:
+    """The model's rank of each warm event's item, the slow way: the learner one event per batch, and
+    before each event a full numpy ranking from the store's rows (-1 where not a warm scored event)."""
+    store = MemoryStore(model.name, model.mode, model.factors)
+    learner = Learner(store, LearnerParams.from_settings(model))
+    k = model.factors
+    ranks = np.full(len(log), -1, dtype=np.int64)
+    order: list[str] = []  # items in order of first appearance (the tie rule)
+    for t, (user, item) in enumerate(zip(log.users.tolist(), log.items.tolist(), strict=True)):
+        row = store.user_rows.get(user)
+        held = store.interactions.get(user, {})
+        if row is not None and item in store.item_rows and item not in held:
+            scores = {j: float(store.item_rows[j][:k] @ row[:k]) for j in order if j not in held}
+            target = scores[item]
+            index = {j: n for n, j in enumerate(order)}
+            ranks[t] = sum(
+                1
+                for j, s in scores.items()
+                if j != item and (s > target or (s == target and index[j] < index[item]))
+            )
+        learner.learn([Event(user_id=user, item_id=item, value=1.0)], {0: (t, t + 1)})
+        if item not in order:
+            order.append(item)
+    return ranks
+
+
+def test_model_ranks_are_per_event_exact_at_any_batch_size() -> None:
+    """Within a batch an event sees the steps of the events before it: the mirror's ranks equal a slow
+    reference that learns one event at a time and ranks from the store, for batch sizes 1, 7 and 500."""
+    log = _implicit_log(2, n=400, n_users=30, n_items=40, groups=4)
+    model = ModelSettings(mode="implicit", factors=4)
+    reference = _reference_model_ranks(log, model)
+    warm = reference >= 0
+    assert warm.sum() > 100
+    for batch_size in (1, 7, 500):
+        ranks = _ranks(log, model, batch_size)
+        np.testing.assert_array_equal(ranks[0][warm], reference[warm])
+    # Not a vacuous comparison: ranks spread over the catalogue (40 items, top-10 hits and misses both).
+    assert 0.2 < (reference[warm] < 10).mean() < 1.0 and reference[warm].max() >= 10
+
+
+def test_implicit_model_beats_popularity_and_is_deterministic() -> None:
     log = _implicit_log(0)
     model = ModelSettings(mode="implicit", factors=8)
     report, _ = _run(log, model, batch_size=100)
-    random_recall = _random_recall(log, batch_size=100)
-    assert report.mode == "implicit"
-    assert report.rmse is None
-    assert report.recall_at_10 is not None and 0.0 <= report.recall_at_10 <= 1.0
-    assert 0.0 < random_recall < 0.2
-    assert report.recall_at_10 > 3 * random_recall, (report.recall_at_10, random_recall)
+    assert report.mode == "implicit" and report.rmse is None
+    model_all = report.rankings[("model", "all")]
+    popular_all = report.rankings[("popularity", "all")]
+    # Scored: each (user, item) pair's first event.
+    assert model_all.events == len(set(zip(log.users.tolist(), log.items.tolist(), strict=True)))
+    assert report.mirror_drift == 0.0
+    assert 0.0 <= popular_all.recall < model_all.recall <= 1.0, (model_all, popular_all)
+    assert model_all.ndcg <= model_all.recall
     again, _ = _run(log, model, batch_size=100)
-    assert again.recall_at_10 == report.recall_at_10
-    assert report.baseline == pytest.approx(_popularity_recall(log, batch_size=100), abs=1e-12)
-    assert report.recall_at_10 > report.baseline > random_recall, (report.recall_at_10, report.baseline)
+    assert again.rankings == report.rankings
+    # With WALS refreshes in between, the mirror re-reads the refit and still takes the learner's steps.
+    refreshed, _ = _run(log, model, batch_size=100, refresh_every=1000)  # type: ignore[arg-type]
+    assert refreshed.refreshes == 3 and refreshed.mirror_drift == 0.0  # after 1,000, 2,000, 3,000
+    assert refreshed.rankings != report.rankings
+
+
+def test_decayed_popularity_kernel() -> None:
+    scores = np.zeros(3)
+    origin = add_events(scores, np.array([0, 1, 1, 2]), np.array([0.0, 1.0, 2.0, 3.0]), 0.0, 1.0)
+    # P_j(3) = Σ 2^-(3 - c_e): item 0: 1/8, item 1: 1/4 + 1/2, item 2: 1.
+    np.testing.assert_allclose(decayed_counts(scores, 3.0, origin, 1.0), [0.125, 0.75, 1.0])
+    # Far in the future the weights would overflow: the origin moves and the counts are unchanged.
+    late = add_events(scores, np.array([0]), np.array([200.0]), origin, 1.0)
+    assert late == 200.0
+    np.testing.assert_allclose(decayed_counts(scores, 200.0, late, 1.0), [1.0, 0.75 * 2.0**-197, 2.0**-197])
+    counts = np.zeros(2)
+    add_events(counts, np.array([1, 1, 0]), np.zeros(3), 0.0, float("inf"))
+    np.testing.assert_array_equal(counts, [1.0, 2.0])
+    assert top_items(np.array([1.0, 3.0, 3.0, 2.0]), np.array([1]), 2).tolist() == [2, 3]
+    assert serve_popularity(0, 1) and not serve_popularity(1, 1) and serve_popularity(2, 3)
 
 
 def test_report_lines() -> None:
-    report = EvaluationReport("explicit", 1234, 0.91234, None, 1.1, 5000.0, 0, 0.25)
-    assert report.lines()[0] == "mode explicit: prequential RMSE 0.9123 over 1,234 events"
-    assert report.lines()[1] == "baseline: RMSE 1.1000 predicting the mean of earlier ratings"
-    implicit = EvaluationReport("implicit", 10, None, 0.5, 0.25, 5000.0, 2, 0.25)
-    assert "prequential recall@10 0.5000" in implicit.lines()[0]
-    assert "recall@10 0.2500 ranking unseen items by popularity" in implicit.lines()[1]
-    assert "2 refreshes" in implicit.lines()[2]
+    report = EvaluationReport(
+        "explicit", 1234, 0.25, 0, rmse=0.91234, mae=0.7, baseline_rmse=1.1, baseline_mae=0.9
+    )
+    assert report.lines()[0] == "mode explicit: prequential RMSE 0.9123, MAE 0.7000 over 1,234 events"
+    assert report.lines()[1] == "baseline: RMSE 1.1000, MAE 0.9000 predicting the mean of earlier ratings"
+    log = _implicit_log(1, n=300)
+    implicit, _ = _run(log, ModelSettings(mode="implicit", factors=4), batch_size=50)
+    lines = implicit.lines()
+    assert lines[0].startswith("mode implicit: prequential top-10 over 300 events")
+    assert lines[2].split()[0] == "model" and lines[3].split()[0] == "popularity"
+    assert float(lines[3].split()[1]) == pytest.approx(
+        implicit.rankings[("popularity", "all")].recall, abs=1e-4
+    )
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -204,7 +284,7 @@ def test_cli_evaluate_prints_rmse(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "prequential RMSE" in result.output
     assert "over 1,500 events" in result.output
-    rmse = float(result.output.split("prequential RMSE ")[1].split()[0])
+    rmse = float(result.output.split("prequential RMSE ")[1].split(",")[0])
     direct, _ = _run(load_ratings(path), ModelSettings(factors=8), batch_size=100)
     assert rmse == pytest.approx(direct.rmse, abs=5e-5)
 
@@ -216,7 +296,9 @@ def test_cli_evaluate_implicit_prints_recall(tmp_path: Path) -> None:
         cli, ["evaluate", str(path), "--no-progress", "--mode", "implicit", "-k", "4"]
     )
     assert result.exit_code == 0, result.output
-    assert "prequential recall@10" in result.output
+    assert "prequential top-10" in result.output
+    assert "all R@10" in result.output and "cold NDCG" in result.output
+    assert [line.split()[0] for line in result.output.splitlines()[2:4]] == ["model", "popularity"]
 
 
 @pytest.mark.usefixtures("clean_env")
@@ -230,11 +312,29 @@ def test_cli_evaluate_rejects_malformed_file(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------- acceptance: ML-100k
 
 
-def test_movielens_100k_prequential_rmse(movielens_file: Path) -> None:
-    """The issue's acceptance criterion: default settings, prequential RMSE <= 0.950 on ML-100k."""
+def test_movielens_100k_explicit_acceptance(movielens_file: Path) -> None:
+    """Issue #12: default settings, exact per-event protocol: RMSE <= 0.945, and a WALS refresh every
+    10,000 events does not make it worse."""
     log = load_ratings(movielens_file)
     assert len(log) == 100_000
     model = ModelSettings()
-    report, _ = _run(log, model)
-    assert report.rmse is not None
-    assert report.rmse <= 0.950, f"prequential RMSE {report.rmse:.4f} > 0.950"
+    plain, _ = _run(log, model)
+    store = MemoryStore(model.name, model.mode, model.factors)
+    refreshed = evaluate(log, store, LearnerParams.from_settings(model), refresh_every=10_000)
+    assert plain.rmse is not None and refreshed.rmse is not None
+    assert plain.rmse <= 0.945, f"prequential RMSE {plain.rmse:.4f} > 0.945"
+    assert refreshed.refreshes == 10
+    assert refreshed.rmse <= plain.rmse, (refreshed.rmse, plain.rmse)
+
+
+def test_movielens_100k_implicit_acceptance(movielens_file: Path) -> None:
+    """Issue #12: implicit defaults (ratings as strengths) reach recall@10 >= 0.18 where popularity gets
+    0.077, and cold events with the fallback do at least as well as popularity on them."""
+    log = load_ratings(movielens_file)
+    model = ModelSettings(mode="implicit")
+    report, _ = _run(log, model, popularity_half_life=model.popularity_half_life_events, min_user_events=1)
+    rankings = report.rankings
+    assert rankings[("model", "all")].recall >= 0.18, rankings[("model", "all")]
+    assert rankings[("popularity", "all")].recall == pytest.approx(0.077, abs=0.001)
+    assert rankings[("model", "cold")].recall >= rankings[("popularity", "cold")].recall
+    assert report.mirror_drift == 0.0

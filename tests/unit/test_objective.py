@@ -42,7 +42,7 @@ def test_objective_with_custom_regularisation_matches_dense(mode: Mode) -> None:
 
 def test_implicit_objective_by_hand() -> None:
     # One user, two items, entry (0, 0) observed with strength 1: w = 1 + 2·1 = 3.
-    params = LossParams("implicit", reg=0.5, alpha=2.0, w0=0.25)
+    params = LossParams("implicit", reg=0.5, alpha=2.0, w0=0.25, reg_prior=1.5)
     interactions = Interactions.from_coo([0], [0], [1.0], (1, 2), params)
     factors = Factors(
         np.array([[1.0, 2.0]], DTYPE),
@@ -50,8 +50,9 @@ def test_implicit_objective_by_hand() -> None:
         np.zeros(1, DTYPE),
         np.zeros(2, DTYPE),
     )
-    # p00 = 0.5, p01 = 3; λ_user = 0.5·1, λ_items = 0.5·(1, 0)
-    expected = 3 * (1 - 0.5) ** 2 + 0.25 * 3.0**2 + 0.5 * 5.0 + 0.5 * 0.25 + 0.0 * 2.0
+    # p00 = 0.5, p01 = 3; λ_user = 0.5·1 + 1.5, λ_items = 0.5·(1, 0) + 1.5·(1, 0): the prior only on rows
+    # with observations
+    expected = 3 * (1 - 0.5) ** 2 + 0.25 * 3.0**2 + 2.0 * 5.0 + 2.0 * 0.25 + 0.0 * 2.0
     assert objective(interactions, factors, params) == pytest.approx(expected)
     assert dense_objective_reference(interactions, factors, params) == pytest.approx(expected)
 
@@ -62,8 +63,9 @@ def test_explicit_objective_ignores_unobserved_and_regularises_biases() -> None:
     factors = Factors(
         np.zeros((2, 1), DTYPE), np.zeros((2, 1), DTYPE), np.array([1.0, 7.0], DTYPE), np.zeros(2, DTYPE), 2.0
     )
-    # p = 3 for both observed entries; user 1 has no entries, so its bias costs nothing.
-    expected = 1.0 * (4 - 3) ** 2 + 2.0 * (2 - 3) ** 2 + 0.5 * (2 * 1.0**2)
+    # p = 3 for both observed entries; user 1 has no entries, so its bias costs nothing; user 0's prior is
+    # count-independent: λ_b·b², not λ_b·n·b².
+    expected = 1.0 * (4 - 3) ** 2 + 2.0 * (2 - 3) ** 2 + 0.5 * 1.0**2
     assert objective(interactions, factors, params) == pytest.approx(expected)
 
 
@@ -86,6 +88,7 @@ def test_objective_rejects_mismatched_inputs() -> None:
 
 def test_weighted_reg_is_lambda_times_count() -> None:
     np.testing.assert_allclose(weighted_reg(np.array([0, 1, 5]), 0.1), [0.0, 0.1, 0.5])
+    np.testing.assert_allclose(weighted_reg(np.array([0, 1, 5]), 0.1, 2.0), [0.0, 2.1, 2.5])
     assert weighted_reg(np.array([3]), 0.1).dtype == np.float64
 
 

@@ -138,13 +138,13 @@ _K = 5
 _USER, _ITEM = 2, 1  # the event's local rows; the others must stay untouched
 
 
-def _one_event_check(mode: str, new_pair: bool, fit_biases: bool = True, seed: int = 0) -> None:
+def _one_event_check(
+    mode: str, new_pair: bool, fit_biases: bool = True, seed: int = 0, counts: bool = True
+) -> None:
     rng = np.random.default_rng(seed)
     loss = LossParams(mode, reg=0.07, reg_bias=0.03, alpha=3.0, w0=0.2)
-    params = SgdParams(
-        loss, learning_rate=0.1, bias_learning_rate=0.05, bias_damping=2.0, fit_biases=fit_biases
-    )
-    state = _random_state(rng, n_users=3, n_items=4, k=_K)
+    params = SgdParams(loss, learning_rate=0.1, bias_learning_rate=0.05, fit_biases=fit_biases)
+    state = _random_state(rng, n_users=3, n_items=4, k=_K, counts=counts)
     before = state.copy()
     value, weight = (4.0, 1.7) if mode == "explicit" else (2.0, 0.6)
 
@@ -183,8 +183,8 @@ def _one_event_check(mode: str, new_pair: bool, fit_biases: bool = True, seed: i
     np.testing.assert_allclose(state.user_rows[_USER], expected_u, rtol=1e-4, atol=2e-7)
     np.testing.assert_allclose(state.item_rows[_ITEM], expected_v, rtol=1e-4, atol=2e-7)
     if explicit and fit_biases:
-        step_u = params.bias_learning_rate + 1.0 / (n_u + params.bias_damping)
-        step_i = params.bias_learning_rate + 1.0 / (m_i + params.bias_damping)
+        step_u = params.bias_learning_rate + 1.0 / max(n_u + loss.reg_bias, 1.0)
+        step_i = params.bias_learning_rate + 1.0 / max(m_i + loss.reg_bias, 1.0)
         assert state.user_bias[_USER] - bu == pytest.approx(-step_u * 0.5 * grad[2 * _K], rel=1e-4, abs=2e-7)
         assert state.item_bias[_ITEM] - bv == pytest.approx(
             -step_i * 0.5 * grad[2 * _K + 1], rel=1e-4, abs=2e-7
@@ -218,6 +218,13 @@ def _one_event_check(mode: str, new_pair: bool, fit_biases: bool = True, seed: i
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_explicit_step_is_half_gradient_of_event_loss(new_pair: bool, seed: int) -> None:
     _one_event_check("explicit", new_pair, fit_biases=True, seed=seed)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_explicit_first_pair_of_a_row_brings_its_bias_prior(seed: int) -> None:
+    """Rows without pairs yet (n = 0): the event's pair is the first of both rows, so ℓ gains λ_b·(b² + c²)
+    and the bias step is 1/(1 + λ_b) (plus η_b)."""
+    _one_event_check("explicit", True, fit_biases=True, seed=seed, counts=False)
 
 
 @pytest.mark.parametrize("new_pair", [True, False], ids=["new_pair", "old_pair"])
@@ -371,7 +378,7 @@ def test_recovers_hidden_entries_of_rank2_matrix(seed: int) -> None:
     cols = np.array([j for _, j in observed])
     U = rng.normal(0.0, 0.5, size=(4, 2)).astype(DTYPE)
     V = rng.normal(0.0, 0.5, size=(5, 2)).astype(DTYPE)
-    loss = LossParams("explicit", reg=1e-4, reg_bias=0.0)
+    loss = LossParams("explicit", reg=1e-4, reg_bias=0.0, reg_prior=0.0)
     epochs = 2000
     for epoch in range(epochs):
         params = SgdParams(loss, learning_rate=0.05 / (1.0 + 0.001 * epoch), fit_biases=False)
@@ -392,7 +399,7 @@ def test_recovers_low_rank_matrix_held_out() -> None:
     test_u, test_i = np.nonzero(~mask)
     U = rng.normal(0.0, 0.3, size=(n_users, rank)).astype(DTYPE)
     V = rng.normal(0.0, 0.3, size=(n_items, rank)).astype(DTYPE)
-    loss = LossParams("explicit", reg=0.01, reg_bias=0.0)
+    loss = LossParams("explicit", reg=0.01, reg_bias=0.0, reg_prior=0.0)
 
     def held_out_rmse() -> float:
         predicted = U.astype(np.float64) @ V.astype(np.float64).T

@@ -139,12 +139,14 @@ def dense_row_minimiser(
         weight = np.where(observed, row_weights, params.w0)
         target = observed.astype(np.float64)
         design = item
-        ridge = np.full(factors.k, params.reg * n_i)
+        ridge = np.full(factors.k, params.reg * n_i + params.reg_prior * (n_i > 0))
     else:
         weight = row_weights[observed]
         target = dense_targets[observed] - factors.global_mean - factors.item_bias[observed]
         design = np.hstack([item[observed], np.ones((n_i, 1))])
-        ridge = np.append(np.full(factors.k, params.reg * n_i), params.reg_bias * n_i)
+        ridge = np.append(
+            np.full(factors.k, params.reg * n_i + params.reg_prior * (n_i > 0)), params.reg_bias
+        )
     stacked = np.vstack([np.sqrt(weight)[:, None] * design, np.diag(np.sqrt(ridge))])
     rhs = np.concatenate([np.sqrt(weight) * target, np.zeros(ridge.size)])
     solution = np.linalg.lstsq(stacked, rhs, rcond=None)[0]
@@ -238,7 +240,7 @@ def test_recovers_two_hidden_entries_of_a_rank_two_matrix() -> None:
     observed = np.ones_like(matrix, dtype=bool)
     observed[0, 1] = observed[3, 2] = False
     users, items = np.nonzero(observed)
-    params = LossParams("explicit", reg=1e-3, reg_bias=0.0)
+    params = LossParams("explicit", reg=1e-3, reg_bias=0.0, reg_prior=0.0)
     interactions = Interactions.from_coo(users, items, matrix[users, items], matrix.shape, params)
     rng = np.random.default_rng(0)
     # No biases: they are held at zero with μ = 0 (fit_biases=False), so p = ⟨u, v⟩.
@@ -264,7 +266,7 @@ def test_recovers_a_low_rank_matrix_from_sixty_percent_of_its_entries() -> None:
     observed = rng.random(truth.shape) < 0.6
     users, items = np.nonzero(observed)
     held_users, held_items = np.nonzero(~observed)
-    params = LossParams("explicit", reg=1e-4, reg_bias=1e-4)
+    params = LossParams("explicit", reg=1e-4, reg_bias=1e-4, reg_prior=0.0)
     interactions = Interactions.from_coo(users, items, truth[users, items], truth.shape, params)
     start = Factors(
         rng.normal(0, 0.1, (n_users, rank)).astype(DTYPE),

@@ -5,6 +5,10 @@ Endpoints, in this order:
   2. testcontainers, when a Docker engine answers;
   3. otherwise the test fails (never skips) and says how to start the local stack.
 
+The Redis Cluster (`redis_cluster_url`, `redis_cluster_client`) comes from env STREAMMF_TEST_REDIS_CLUSTER_URL
+only (set by `eval "$(deploy/local/stack up --redis-cluster)"`), else the test fails the same way: a cluster
+in containers would announce addresses the host cannot reach, so there is no testcontainers step.
+
 Every test under tests/integration/ is marked `integration`, so `pytest -m "not integration"` runs the
 unit tests alone.
 """
@@ -22,8 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
-from streammf.store.layout import ModelKeys
+from streammf.store.layout import ModelKeys, require_binary_client
 
 if TYPE_CHECKING:  # imported lazily below, after pytest_configure has silenced its import-time warnings
     from kafka import KafkaAdminClient
@@ -34,6 +40,11 @@ KAFKA_IMAGE = "apache/kafka:4.1.1"
 REDIS_IMAGE = "redis:7"
 START_HINT = (
     'start the local stack first: eval "$(deploy/local/stack up)" '
+    "(or run the whole suite with: bash deploy/local/test)"
+)
+REDIS_CLUSTER_ENV = "STREAMMF_TEST_REDIS_CLUSTER_URL"
+CLUSTER_START_HINT = (
+    'start the local stack with its Redis Cluster first: eval "$(deploy/local/stack up --redis-cluster)" '
     "(or run the whole suite with: bash deploy/local/test)"
 )
 
@@ -238,6 +249,62 @@ def kafka_bootstrap(_endpoints: tuple[str, str]) -> str:
 def redis_url(_endpoints: tuple[str, str]) -> str:
     """redis:// URL of a Redis server that answered PING."""
     return _endpoints[1]
+
+
+def _check_redis_cluster(url: str, timeout_s: float = 10.0) -> None:
+    """Every primary of the cluster behind the seed `url` answers CLUSTER INFO with cluster_state:ok
+    (waited for a little: a primary restarted by a fault test may still be rejoining)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client = RedisCluster.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+            try:
+                infos = client.execute_command("CLUSTER INFO", target_nodes=RedisCluster.PRIMARIES)
+            finally:
+                client.close()
+            states = {node: info.get("cluster_state") for node, info in infos.items()}  # parsed
+            if states and all(state == "ok" for state in states.values()):
+                return
+            problem = f"cluster_state per primary: {states}"
+        except (redis.RedisError, RedisClusterException) as exc:  # the latter: no seed answered
+            problem = f"no answer ({type(exc).__name__}: {exc})"
+        if time.monotonic() > deadline:
+            pytest.fail(f"the Redis Cluster at {url} is not ok: {problem}; {CLUSTER_START_HINT}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> str:
+    """redis:// URL of one node of a Redis Cluster (the seed: the client discovers the others) whose every
+    primary says cluster_state:ok."""
+    url = os.environ.get(REDIS_CLUSTER_ENV)
+    if not url:
+        pytest.fail(
+            f"this test needs a real Redis Cluster and {REDIS_CLUSTER_ENV} is not set; {CLUSTER_START_HINT}"
+        )
+    _check_redis_cluster(url)
+    return url
+
+
+@pytest.fixture
+def redis_cluster_client(redis_cluster_url: str) -> Iterator[RedisCluster]:
+    """A redis-py cluster client with binary replies (decode_responses=False), as the store requires."""
+    client = RedisCluster.from_url(redis_cluster_url, decode_responses=False)
+    require_binary_client(client)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def redis_cluster_prefix(request: pytest.FixtureRequest, redis_cluster_client: RedisCluster) -> Iterator[str]:
+    """A key prefix unique to this test; its keys, on every primary, are deleted afterwards. Put a hash tag
+    after it ({...}) to choose the slot: the prefix itself has no braces."""
+    prefix = f"test:{_sanitised_test_name(request)}:{uuid.uuid4().hex[:8]}:"
+    yield prefix
+    with contextlib.suppress(redis.RedisError):  # best effort: a test may have left a primary stopped
+        keys = list(redis_cluster_client.scan_iter(match=prefix + "*", count=1000))  # every primary
+        if keys:
+            redis_cluster_client.delete(*keys)  # redis-py splits it into one DEL per slot
 
 
 # ------------------------------------------------------------------------------------- per-test helpers

@@ -34,6 +34,7 @@ from streammf.store.layout import (
     parse_int,
     read_current_version,
     read_model_meta,
+    read_popular_items,
     require_binary_client,
     rows_from_blob,
     scan_version_rows,
@@ -90,7 +91,12 @@ class StreamMFClient:
     """Read-only access to one model. Safe to share between threads."""
 
     def __init__(
-        self, redis_client: redis.Redis, name: str, item_cache_ttl_s: float = 1.0, max_attempts: int = 5
+        self,
+        redis_client: redis.Redis,
+        name: str,
+        item_cache_ttl_s: float = 1.0,
+        max_attempts: int = 5,
+        fallback_below_events: int = 1,
     ) -> None:
         require_binary_client(redis_client)
         self._redis = redis_client
@@ -98,6 +104,9 @@ class StreamMFClient:
         self.model: StoredModel = read_model_meta(redis_client, self.keys)
         self._ttl_s = item_cache_ttl_s
         self._max_attempts = max_attempts
+        # Users with fewer interactions than this get the decayed popularity (cold start); 1: users the
+        # model has no row for (STREAMMF_MODEL__FALLBACK_BELOW_EVENTS).
+        self._fallback_below = fallback_below_events
         self._read_user_script = scripts.READ_USER.register(redis_client)
         self._read_items_script = scripts.READ_ITEMS.register(redis_client)
         self._scan_rows_script = scripts.SCAN_ROWS.register(redis_client)
@@ -134,7 +143,9 @@ class StreamMFClient:
         raise VersionUnavailableError(f"{keys.current} moved on each of {self._max_attempts} reads")
 
     def recommend(self, user: str, k: int = 10, exclude_seen: bool = True) -> list[tuple[str, float]]:
-        """Top-`k` items by predicted score for `user`, best first; [] for an unknown user.
+        """Top-`k` items by predicted score for `user`, best first. A user the model has no row for (or with
+        fewer than `fallback_below_events` interactions) gets the most popular items instead, scored by
+        their decayed counts ([] while nothing was learnt yet).
 
         score = item bias + ⟨u, v_j⟩, plus user bias and global mean in explicit mode (the model's
         prediction; the additions are constant per user, so they change scores, not the order).
@@ -143,9 +154,11 @@ class StreamMFClient:
         """
         tried: list[int] = []
         for _ in range(self._max_attempts):
-            read = self._read_user(user, with_seen=exclude_seen)
-            if read.row is None:
-                return []
+            read = self._read_user(user, with_seen=exclude_seen or self._fallback_below > 1)
+            # The rule of streammf.model.popularity.serve_popularity (not imported: it would load numba).
+            few = self._fallback_below > 1 and len(read.seen) < self._fallback_below
+            if read.row is None or few:
+                return read_popular_items(self._redis, self.keys, k, read.seen if exclude_seen else ())
             if not np.isfinite(read.row).all():
                 raise DamagedRowError(self.keys.name, read.version, "user", user)
             matrix = self._matrix(read.version)

@@ -103,7 +103,9 @@ def _client(settings: Settings) -> Iterator[StreamMFClient]:
 
     try:
         with redis_client(settings) as connection:
-            yield StreamMFClient(connection, settings.model.name)
+            yield StreamMFClient(
+                connection, settings.model.name, fallback_below_events=settings.model.fallback_below_events
+            )
     except (redis.RedisError, StoreError, VersionUnavailableError, ValueError) as exc:
         raise click.ClickException(failure_message(exc)) from exc
 

@@ -72,6 +72,27 @@ def add_event(scores, item, clock, origin, half_life):  # fmt: skip
     return origin
 
 
+def batch_item_weights(event_items: np.ndarray, n_items: int, half_life: float) -> np.ndarray:
+    """A batch's contribution to S, relative to its last event: per item, Σ 2^{(p − (n−1))/h} over the
+    item's events at positions p = 0 … n−1 (each ≤ 1, so no batch size overflows). The store multiplies
+    by 2^{(c_last − o)/h}, c_last the clock of the batch's last event (see `batch_origin`)."""
+    n = len(event_items)
+    weights = np.ones(n) if math.isinf(half_life) else np.exp2((np.arange(n) - (n - 1)) / half_life)
+    return np.bincount(np.asarray(event_items, dtype=np.int64), weights=weights, minlength=n_items)
+
+
+def batch_scale(clock_last: float, origin: float, half_life: float) -> tuple[float, float, float]:
+    """For a batch whose last event has clock `clock_last`: (shrink, origin, scale). Every stored S_j is
+    first multiplied by `shrink` (1, or < 1 when the weights would pass 2^RESCALE_BITS: then the origin
+    moves to `clock_last`), then the batch's weights are added times `scale`."""
+    if math.isinf(half_life):
+        return 1.0, origin, 1.0
+    exponent = (clock_last - origin) / half_life
+    if exponent > RESCALE_BITS:
+        return float(2.0 ** (-exponent)), clock_last, 1.0
+    return 1.0, origin, float(2.0**exponent)
+
+
 def decayed_counts(scores: np.ndarray, clock: float, origin: float, half_life: float) -> np.ndarray:
     """P_j(clock) = S_j / 2^{(clock − o)/h}: the decayed counts themselves (for display and tests)."""
     return np.asarray(scores, dtype=np.float64) / forward_weight(clock, origin, half_life)
@@ -100,6 +121,8 @@ __all__ = [
     "RESCALE_BITS",
     "add_event",
     "add_events",
+    "batch_item_weights",
+    "batch_scale",
     "decayed_counts",
     "forward_weight",
     "serve_popularity",

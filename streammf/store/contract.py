@@ -119,6 +119,11 @@ class BatchUpdate:
     # A stored item row with a coordinate not finite or beyond this is damaged: the delta applies to the
     # base row instead (the learner computed it from there), which repairs the row.
     max_abs_factor: float = float("inf")
+    # Decayed item popularity (cold start, streammf.model.popularity): per item, the batch's weights
+    # relative to its last event (`batch_item_weights`); the store scales them by its clock, which is
+    # events_applied (the batch's last event has clock events_applied + events_applied_delta - 1).
+    item_popularity: np.ndarray | None = None  # (n_items,) float64
+    popularity_half_life: float = float("inf")
 
 
 class FactorStore(Protocol):
@@ -135,6 +140,11 @@ class FactorStore(Protocol):
         ...
 
     def events_applied(self) -> int: ...
+
+    def popular_items(self, n: int, exclude: Sequence[str] = ()) -> list[tuple[str, float]]:
+        """The `n` items with the highest decayed popularity, best first, with their decayed counts at the
+        model's clock (ties: higher id first, as Redis' ZREVRANGE); `exclude` left out."""
+        ...
 
     def forget_user(self, user: str, offsets: dict[int, tuple[int, int]] | None = None) -> ApplyOutcome:
         """Delete the user from the model, atomically: their row in every version (and their share of the

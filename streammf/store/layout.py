@@ -14,7 +14,9 @@ script may touch any of them (always through KEYS, see `streammf.store.scripts`)
     v<N>:gram:users, …:items    string  little-endian float64 k×k Gramian (implicit mode)
     inter:<user>                hash    item -> value (text; implicit: summed strength, explicit: rating)
     item_counts                 hash    item -> observed entries m_j (n_i of a user is HLEN inter:<user>)
-    stats                       hash    value_sum (decimal text), value_count, events_applied
+    stats                       hash    value_sum (decimal text), value_count, events_applied,
+                                        popularity_origin, popularity_half_life (0: no decay)
+    popularity                  zset    item -> forward-decay score S_j (cold start; see README)
     offsets                     hash    Kafka partition -> next offset to consume
 
 Floats stored as text are written with 17 significant digits, so they read back as the exact float64.
@@ -90,6 +92,10 @@ class ModelKeys:
     @property
     def stats(self) -> str:
         return self.prefix + "stats"
+
+    @property
+    def popularity(self) -> str:
+        return self.prefix + "popularity"
 
     @property
     def offsets(self) -> str:
@@ -193,6 +199,25 @@ def read_current_version(client: redis.Redis, keys: ModelKeys) -> int:
 
 def model_exists(client: redis.Redis, name: str) -> bool:
     return bool(client.exists(ModelKeys(name).meta))
+
+
+def read_popular_items(
+    client: redis.Redis, keys: ModelKeys, n: int, exclude: Sequence[str] = ()
+) -> list[tuple[str, float]]:
+    """The `n` most popular items (decayed counts at the model's clock, best first; ties in ZREVRANGE's
+    order, higher id first), without `exclude`: what a reader serves a user the model has no row for."""
+    if n <= 0:
+        return []
+    excluded = set(exclude)
+    with client.pipeline(transaction=True) as pipe:  # one slot: a MULTI works in Redis Cluster too
+        pipe.zrevrange(keys.popularity, 0, n + len(excluded) - 1, withscores=True)
+        pipe.hmget(keys.stats, "events_applied", "popularity_origin", "popularity_half_life")
+        ranked, (clock, origin, half_life) = pipe.execute()
+    clock_value = parse_int(clock, keys.stats, "field 'events_applied'")
+    origin_value = parse_float(origin, keys.stats, "field 'popularity_origin'")
+    half_life_value = parse_float(half_life, keys.stats, "field 'popularity_half_life'")
+    now = 1.0 if not half_life_value else 2.0 ** ((clock_value - origin_value) / half_life_value)
+    return [(text(item), float(score) / now) for item, score in ranked if text(item) not in excluded][:n]
 
 
 def delete_model(client: redis.Redis, name: str) -> int:

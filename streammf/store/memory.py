@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from streammf.model.factors import DTYPE, Mode
+from streammf.model.popularity import batch_scale, forward_weight
 from streammf.store.contract import (
     ApplyOutcome,
     BatchState,
@@ -33,6 +34,9 @@ class MemoryStore:
         self.value_sum = 0.0
         self.value_count = 0
         self._events_applied = 0
+        self.popularity: dict[str, float] = {}  # forward-decay scores S_j (streammf.model.popularity)
+        self.popularity_origin = 0.0
+        self.popularity_half_life = float("inf")
         self.offsets: dict[int, int] = {}
         self.item_gramian = np.zeros((k, k)) if mode == "implicit" else None
         self.user_gramian = np.zeros((k, k)) if mode == "implicit" else None
@@ -95,6 +99,8 @@ class MemoryStore:
             held[item] = held.get(item, 0.0) + float(value) if additive else float(value)
         self.value_sum += update.value_sum_delta
         self.value_count += update.value_count_delta
+        if update.item_popularity is not None:
+            self._add_popularity(update)
         self._events_applied += update.events_applied
         if self.item_gramian is not None and update.item_gramian_delta is not None:
             self.item_gramian += update.item_gramian_delta
@@ -103,6 +109,28 @@ class MemoryStore:
         for partition, (_, nxt) in update.offsets.items():
             self.offsets[partition] = nxt
         return ApplyOutcome.APPLIED
+
+    def _add_popularity(self, update: BatchUpdate) -> None:
+        assert update.item_popularity is not None
+        clock_last = self._events_applied + update.events_applied - 1
+        shrink, self.popularity_origin, scale = batch_scale(
+            clock_last, self.popularity_origin, update.popularity_half_life
+        )
+        if shrink != 1.0:
+            self.popularity = {item: score * shrink for item, score in self.popularity.items()}
+        self.popularity_half_life = update.popularity_half_life
+        for item, weight in zip(update.items, update.item_popularity, strict=True):
+            self.popularity[item] = self.popularity.get(item, 0.0) + float(weight) * scale
+
+    def popular_items(self, n: int, exclude: Sequence[str] = ()) -> list[tuple[str, float]]:
+        excluded = set(exclude)
+        ranked = sorted(  # Redis' ZREVRANGE order: score, then id, both descending
+            ((item, score) for item, score in self.popularity.items() if item not in excluded),
+            key=lambda pair: (pair[1], pair[0].encode()),
+            reverse=True,
+        )[:n]
+        now = forward_weight(self._events_applied, self.popularity_origin, self.popularity_half_life)
+        return [(item, score / now) for item, score in ranked]
 
     def applied_offsets(self) -> dict[int, int]:
         return dict(self.offsets)

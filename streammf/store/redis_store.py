@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -43,6 +44,7 @@ from streammf.store.layout import (
     parse_int,
     read_current_version,
     read_model_meta,
+    read_popular_items,
     require_binary_client,
     require_no_eviction,
     rows_from_blob,
@@ -371,6 +373,12 @@ class RedisStore:
             user_gramian_expected=last.user_gramian if last else b"",
             user_gramian_sum=gramian_sum(user_gramian_delta, last.user_gramian) if last else b"",
             max_abs_factor=repr(min(float(update.max_abs_factor), 1e308)),  # Lua's tonumber reads no 'inf'
+            item_popularity=b""
+            if update.item_popularity is None
+            else np.asarray(update.item_popularity, dtype="<f8").reshape(n_items).tobytes(),
+            popularity_half_life=repr(
+                0.0 if math.isinf(update.popularity_half_life) else update.popularity_half_life
+            ),
         )
         script_keys = scripts.APPLY.key_list(
             [keys.inter(user) for user in pair_users],
@@ -385,6 +393,7 @@ class RedisStore:
             gram_users=keys.gramian(update.version, "users"),
             changed_users=keys.changed(update.version, "users"),
             changed_items=keys.changed(update.version, "items"),
+            popularity=keys.popularity,
         )
         try:
             outcome = self._apply_script(keys=script_keys, args=args)
@@ -451,6 +460,9 @@ class RedisStore:
             parse_int(p, self.keys.offsets, "field"): parse_int(o, self.keys.offsets, f"field {p!r}")
             for p, o in raw.items()
         }
+
+    def popular_items(self, n: int, exclude: Sequence[str] = ()) -> list[tuple[str, float]]:
+        return read_popular_items(self._client, self.keys, n, exclude)
 
     def events_applied(self) -> int:
         raw = self._client.hget(self.keys.stats, "events_applied")

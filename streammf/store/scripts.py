@@ -84,11 +84,13 @@ READ_STATE = _script(
 # Tails: KEYS inter:<user> of each distinct pair user; ARGV (partition, first, next) triples.
 APPLY = _script(
     "apply",
-    "current offsets meta users items item_counts stats gram_items gram_users changed_users changed_items",
+    """current offsets meta users items item_counts stats gram_items gram_users changed_users changed_items
+    popularity""",
     """version k additive n_users n_items n_pairs value_sum_delta value_count_delta events_applied users
     user_rows items item_base item_deltas item_expected_mask item_expected_rows item_new_rows
     item_count_deltas pair_items pair_inter_keys pair_values item_gramian_delta user_gramian_delta
-    item_gramian_expected item_gramian_sum user_gramian_expected user_gramian_sum max_abs_factor""",
+    item_gramian_expected item_gramian_sum user_gramian_expected user_gramian_sum max_abs_factor
+    item_popularity popularity_half_life""",
 )
 # Tails: KEYS per version (v:meta, v:users, v:gram:users, v:changed:users); ARGV the version numbers, then
 # (partition, first, next) triples.

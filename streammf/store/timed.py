@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from prometheus_client import Histogram
 
@@ -52,3 +53,6 @@ class TimedStore:
 
     def events_applied(self) -> int:
         return self.inner.events_applied()
+
+    def popular_items(self, n: int, exclude: Sequence[str] = ()) -> list[tuple[str, float]]:
+        return self.inner.popular_items(n, exclude)

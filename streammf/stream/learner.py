@@ -15,6 +15,7 @@ import numpy as np
 
 from streammf.config import ModelSettings
 from streammf.model.factors import DEFAULTS, DTYPE, LossParams, init_rows
+from streammf.model.popularity import batch_item_weights
 from streammf.model.sgd import SgdBatch, SgdParams, sgd_step
 from streammf.store.contract import ApplyOutcome, BatchState, BatchUpdate, FactorStore
 from streammf.stream.events import Event
@@ -33,6 +34,8 @@ class LearnerParams:
     # A row whose coordinates (factors, bias) leave [-max_abs_factor, max_abs_factor] or are not finite is
     # damaged: never written by a batch, and replaced by its initial row when read.
     max_abs_factor: float = float("inf")
+    # Decayed item popularity kept beside the model for cold start (streammf.model.popularity).
+    popularity_half_life: float = DEFAULTS.popularity_half_life_events
 
     @property
     def loss(self) -> LossParams:
@@ -57,7 +60,13 @@ class LearnerParams:
             model.bias_learning_rate,
             max_gradient=value_max - value_min,
         )
-        return cls(sgd, init_std=model.init_std, seed=model.seed, max_abs_factor=model.max_abs_factor)
+        return cls(
+            sgd,
+            init_std=model.init_std,
+            seed=model.seed,
+            max_abs_factor=model.max_abs_factor,
+            popularity_half_life=model.popularity_half_life_events,
+        )
 
 
 @dataclass(frozen=True)
@@ -279,6 +288,10 @@ class Learner:
             item_gramian_delta=item_gram - _or_zero(state.item_gramian, k) if implicit else None,
             user_gramian_delta=user_gram - _or_zero(state.user_gramian, k) if implicit else None,
             max_abs_factor=bound,
+            item_popularity=batch_item_weights(
+                plan.event_item, len(plan.items), self.params.popularity_half_life
+            ),
+            popularity_half_life=self.params.popularity_half_life,
         )
         return update, predictions
 

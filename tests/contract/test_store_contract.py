@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -411,3 +412,37 @@ def test_a_write_between_read_and_apply_is_added_to_not_overwritten(make_store: 
     assert store.apply(late) is ApplyOutcome.APPLIED
 
     assert_same_state(read_all(store), read_all(twin))
+
+
+@pytest.mark.parametrize("half_life", [3.0, 0.5, float("inf")])  # 0.5: the weights pass 2^60, a rescale
+def test_decayed_popularity_matches_the_per_event_definition(make_store: MakeStore, half_life: float) -> None:
+    from streammf.model.popularity import add_events, batch_item_weights, decayed_counts
+
+    store = make_store("implicit")
+    rng = np.random.default_rng(8)
+    catalogue = [f"i{j}" for j in range(12)]
+    log = [catalogue[j] for j in rng.zipf(1.6, 90) % len(catalogue)]
+    for first in range(0, len(log), 30):
+        batch = log[first : first + 30]
+        items = list(dict.fromkeys(batch))
+        update = make_update(
+            offsets={0: (first, first + len(batch))},
+            items={item: ([0.0] * K, [0.0] * (K + 1), 1) for item in items},
+            pairs=[(f"u{first + t}", item, 1.0) for t, item in enumerate(batch)],
+        )
+        weights = batch_item_weights(np.array([items.index(i) for i in batch]), len(items), half_life)
+        update = replace(update, item_popularity=weights, popularity_half_life=half_life)
+        assert store.apply(update) is ApplyOutcome.APPLIED
+
+    scores = np.zeros(len(catalogue))
+    origin = add_events(
+        scores, np.array([catalogue.index(i) for i in log]), np.arange(len(log)), 0.0, half_life
+    )
+    expected = decayed_counts(scores, len(log), origin, half_life)
+    got = store.popular_items(5, exclude=["i0"])
+    # Ties (plain counts) in Redis' ZREVRANGE order: higher id first.
+    candidates = [j for j in range(len(catalogue)) if catalogue[j] != "i0"]
+    order = sorted(candidates, key=lambda j: (expected[j], catalogue[j].encode()), reverse=True)
+    assert [item for item, _ in got] == [catalogue[j] for j in order[:5]]
+    np.testing.assert_allclose([count for _, count in got], expected[order[:5]], rtol=1e-9)
+    assert store.popular_items(0) == []

@@ -374,3 +374,47 @@ def test_cli_refresh_of_a_missing_model_is_one_error_line(
     result = CliRunner().invoke(cli, ["refresh"], env=refresh_env(redis_url, model_name))
     assert_one_error_line(result)
     assert ModelKeys(model_name).current in result.output
+
+
+# ------------------------------------------------------------------------------------------ cold start
+
+
+def test_a_user_without_a_row_gets_the_most_popular_items(redis_client: redis.Redis, model_name: str) -> None:
+    from streammf.model.popularity import batch_item_weights
+
+    store = RedisStore.open(redis_client, model_name, "implicit", K)
+    client = StreamMFClient(redis_client, model_name)
+    assert client.recommend("stranger") == []  # nothing learnt yet
+    log = ["m1", "m2", "m2", "m3", "m3", "m3", "m1", "m1", "m1", "m1"]
+    items = list(dict.fromkeys(log))
+    outcome = store.apply(
+        BatchUpdate(
+            version=1,
+            offsets={0: (0, len(log))},
+            users=["alice"],
+            user_rows=np.zeros((1, K), dtype=np.float32),
+            user_bias=np.zeros(1, dtype=np.float32),
+            items=items,
+            item_base=np.zeros((len(items), K), dtype=np.float32),
+            item_delta=np.zeros((len(items), K)),
+            item_bias_delta=np.zeros(len(items)),
+            item_count_delta=np.ones(len(items), dtype=np.int64),
+            pair_users=["alice"],
+            pair_items=["m3"],
+            pair_values=np.ones(1),
+            value_sum_delta=1.0,
+            value_count_delta=1,
+            events_applied=len(log),
+            item_popularity=batch_item_weights(np.array([items.index(i) for i in log]), len(items), 4.0),
+            popularity_half_life=4.0,
+        )
+    )
+    assert outcome is ApplyOutcome.APPLIED
+    expected = store.popular_items(3)
+    assert [item for item, _ in expected] == ["m1", "m3", "m2"]  # m1: 5 events, the last four most recent
+    assert client.recommend("stranger", k=3) == expected
+    # alice has a row: she gets model scores (every row is zero here, so every score is 0)...
+    assert [score for _, score in client.recommend("alice", k=3)] == [0.0, 0.0]
+    # ...unless she has fewer interactions than the fallback threshold: popularity without what she has.
+    fallback = StreamMFClient(redis_client, model_name, fallback_below_events=2)
+    assert fallback.recommend("alice", k=3) == [pair for pair in expected if pair[0] != "m3"]

@@ -367,3 +367,23 @@ def test_version_churn_error_after_max_retries() -> None:
         )
     assert store.reads == 3
     _assert_same(before, _snapshot(store), skip=("meta",))
+
+
+@pytest.mark.parametrize("size", [1, 7, 60])
+def test_the_learner_keeps_the_decayed_popularity_of_the_events_it_applies(size: int) -> None:
+    from dataclasses import replace
+
+    from streammf.model.popularity import add_events, decayed_counts
+
+    events = _stream(np.random.default_rng(4), 120, 9, 6, "implicit")
+    store = MemoryStore("m", "implicit", K)
+    _learn_in_batches(store, replace(_params("implicit"), popularity_half_life=10.0), events, size)
+    catalogue = sorted({e.item_id for e in events})
+    scores = np.zeros(len(catalogue))
+    clocks = np.arange(len(events), dtype=float)
+    origin = add_events(scores, np.array([catalogue.index(e.item_id) for e in events]), clocks, 0.0, 10.0)
+    expected = dict(zip(catalogue, decayed_counts(scores, len(events), origin, 10.0), strict=True))
+    got = dict(store.popular_items(len(catalogue)))
+    assert got.keys() == expected.keys()
+    for item, count in got.items():
+        assert count == pytest.approx(expected[item], rel=1e-9)

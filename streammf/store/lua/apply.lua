@@ -117,7 +117,7 @@ if additive then
   end
 end
 
-local stats = redis.call('HMGET', KEYS[K.stats], 'value_sum', 'value_count', 'events_applied')
+local stats = redis.call('HMGET', KEYS[K.stats], 'value_sum', 'value_count', 'events_applied', 'popularity_origin')
 local value_sum = 0
 if stats[1] then
   value_sum = tonumber(stats[1])
@@ -128,6 +128,29 @@ if stats[2] and not is_int(stats[2]) then
 end
 if stats[3] and not is_int(stats[3]) then
   return bad(KEYS[K.stats], 'field events_applied: not an integer: ' .. stats[3])
+end
+
+-- Decayed item popularity, forward-decay form (streammf.model.popularity.batch_scale): the batch's last
+-- event has clock events_applied + n - 1; scores are shrunk and the origin moved when weights grow large.
+local popularity = ARGV[A.item_popularity] ~= ''
+local pop_shrink, pop_origin, pop_scale = 1, 0, 1
+if popularity then
+  if stats[4] then
+    pop_origin = tonumber(stats[4])
+    if not pop_origin then return bad(KEYS[K.stats], 'field popularity_origin: not a number: ' .. stats[4]) end
+  end
+  local pop_type = redis.call('TYPE', KEYS[K.popularity])['ok']
+  if pop_type ~= 'zset' and pop_type ~= 'none' then return bad(KEYS[K.popularity], 'is a ' .. pop_type .. ', not a zset') end
+  local half_life = tonumber(ARGV[A.popularity_half_life])
+  if half_life > 0 then
+    local clock_last = tonumber(stats[3] or '0') + tonumber(ARGV[A.events_applied]) - 1
+    local exponent = (clock_last - pop_origin) / half_life
+    if exponent > 60 then  -- RESCALE_BITS
+      pop_shrink, pop_origin = 2 ^ (-exponent), clock_last
+    else
+      pop_scale = 2 ^ exponent
+    end
+  end
 end
 
 -- Gramians: the same shortcut as the item rows (the writer sends the Gramian it read and its sum).
@@ -173,6 +196,25 @@ redis.call('HINCRBY', KEYS[K.stats], 'value_count', ARGV[A.value_count_delta])
 redis.call('HINCRBY', KEYS[K.stats], 'events_applied', ARGV[A.events_applied])
 for _, g in ipairs(gramians) do redis.call('SET', g[1], g[2]) end
 for o = NA + 1, #ARGV, 3 do redis.call('HSET', KEYS[K.offsets], ARGV[o], ARGV[o + 2]) end
+if popularity then
+  if pop_shrink ~= 1 then  -- rare (every 60 half-lives): one pass over the catalogue
+    local scored = redis.call('ZRANGE', KEYS[K.popularity], 0, -1, 'WITHSCORES')
+    for first = 1, #scored, 2 * CHUNK do
+      local args = {}
+      for i = first, math.min(first + 2 * CHUNK - 1, #scored), 2 do
+        args[#args + 1] = string.format('%.17g', tonumber(scored[i + 1]) * pop_shrink)
+        args[#args + 1] = scored[i]
+      end
+      redis.call('ZADD', KEYS[K.popularity], unpack(args))
+    end
+  end
+  for r = 1, n_items do
+    local weight = struct.unpack('<d', ARGV[A.item_popularity], 8 * r - 7) * pop_scale
+    redis.call('ZINCRBY', KEYS[K.popularity], string.format('%.17g', weight), items[r])
+  end
+  redis.call('HSET', KEYS[K.stats], 'popularity_origin', string.format('%.17g', pop_origin),
+             'popularity_half_life', ARGV[A.popularity_half_life])
+end
 if tracking then  -- a refresh is catching up with this version: tell it what changed
   sadd_many(KEYS[K.changed_users], users)
   sadd_many(KEYS[K.changed_items], item_order)

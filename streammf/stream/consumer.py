@@ -66,6 +66,8 @@ class LoopSettings:
     # Kafka answers (an empty poll looks the same whether the topic is idle or the broker is gone).
     probe_every_s: float = 1.0
     probe_timeout_s: float = 1.0
+    # Records waiting but none fetched for this long: the partitions are sought again (see `_unwedge`).
+    refetch_after_s: float = 30.0
     # How often `store_guard` runs (e.g. the eviction-policy check).
     guard_every_s: float = 30.0
     # A partition the store has no offset for, though the group committed one, means the store lost
@@ -96,12 +98,10 @@ class _ResumeFromStore(ConsumerRebalanceListener):
         self.loop = loop
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        # Every applied batch is in Redis with its offsets; the one in flight is finished first, so its
-        # positions and commit are accounted while the partitions are still ours.
-        try:
-            self.loop.finish_in_flight()
-        except Exception as exc:  # kafka-python would log and swallow it: the loop re-raises it instead
-            self.loop.deferred_error = exc
+        # Nothing waits here, not even a batch in flight: a callback that blocks holds up the group's join
+        # (kafka-python then lost the membership and never rejoined, seen with a long batch in flight). The
+        # batch's apply is fenced by its offsets in Redis, so whoever owns the partitions next resumes
+        # from what the store holds, before or after that apply lands.
         self.loop.positions.revoked(revoked)
         for tp in revoked:
             with contextlib.suppress(KeyError):  # no lag series yet for this partition
@@ -146,7 +146,7 @@ class ConsumeLoop:
         self._next_guard = monotonic() + settings.guard_every_s
         self._worker: ThreadPoolExecutor | None = None  # set while run() runs
         self._in_flight: _InFlight | None = None
-        self.deferred_error: Exception | None = None
+        self._last_fetch = monotonic()
 
     def run(self, stop: threading.Event) -> None:
         self.consumer.subscribe([self.settings.topic], listener=_ResumeFromStore(self))
@@ -164,11 +164,10 @@ class ConsumeLoop:
             polled = self.consumer.poll(
                 timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_poll_records
             )
-            if self.deferred_error is not None:
-                raise self.deferred_error
             self.heartbeat.beat()
             if polled:
                 self._made_contact("kafka")
+                self._last_fetch = self.monotonic()
             repositioned: set[TopicPartition] = set()
             if self.positions.needs_sync:
                 self.finish_in_flight()
@@ -457,13 +456,16 @@ class ConsumeLoop:
                 delay = min(delay * 2, self.settings.backoff_max_s)
 
     def _rewind(self, *polled: dict[TopicPartition, list[Any]]) -> None:
-        """Seek each partition back to the first offset any of `polled` holds for it."""
+        """Seek each partition still assigned back to the first offset any of `polled` holds for it (one
+        revoked meanwhile resumes from the store's offsets wherever it goes)."""
         first: dict[TopicPartition, int] = {}
         for batch in polled:
             for tp, records in batch.items():
                 first[tp] = min(first.get(tp, records[0].offset), records[0].offset)
+        assigned = self.consumer.assignment()
         for tp, offset in first.items():
-            self.consumer.seek(tp, offset)
+            if tp in assigned:
+                self.consumer.seek(tp, offset)
 
     def _guard_store(self) -> None:
         """Runs `store_guard` every `guard_every_s`; what it raises (e.g. StoreUnsafeError) stops the loop,
@@ -509,13 +511,41 @@ class ConsumeLoop:
         """Lag from the end offsets of the last probe, or else the high watermark of the last fetch."""
         assigned = self.consumer.assignment()
         known = {tp: (ends.get(tp) if ends is not None else self.consumer.highwater(tp)) for tp in assigned}
-        for partition, behind in self.positions.lag(known).items():
+        lag = self.positions.lag(known)
+        for partition, behind in lag.items():
             self.metrics.lag.labels(str(partition)).set(behind)
+        self._unwedge({p: behind for p, behind in lag.items() if behind > 0})
+
+    def _unwedge(self, behind: dict[int, int]) -> None:
+        """Records waiting, yet none fetched for `refetch_after_s`: seek those partitions to the offsets the
+        store holds, which restarts the client's fetching from a known state. Harmless when nothing can be
+        fetched (e.g. a transaction marker at the end of the log counts in the end offset)."""
+        now = self.monotonic()
+        if not behind:
+            self._last_fetch = now
+            return
+        if now - self._last_fetch < self.settings.refetch_after_s:
+            return
+        self._last_fetch = now
+        log.warning("no records fetched for %.0fs while behind: seeking to the store's offsets again",
+                    self.settings.refetch_after_s, extra={"behind": behind})  # fmt: skip
+        self.metrics.retries.labels("kafka").inc()
+        for partition in behind:
+            offset = self.positions.next_offset(partition)
+            if offset is not None:
+                self.consumer.seek(TopicPartition(self.settings.topic, partition), offset)
 
     def _commit(self, polled: dict[TopicPartition, list[Any]]) -> None:
         """Asynchronous: Redis is authoritative, Kafka's committed offsets only feed lag tooling, so a
         commit must never hold the loop (a synchronous one waits out a dead coordinator for 30 s)."""
-        offsets = {tp: OffsetAndMetadata(records[-1].offset + 1, "", -1) for tp, records in polled.items()}
+        assigned = self.consumer.assignment()
+        offsets = {
+            tp: OffsetAndMetadata(records[-1].offset + 1, "", -1)
+            for tp, records in polled.items()
+            if tp in assigned
+        }
+        if not offsets:
+            return
         try:
             self.consumer.commit_async(offsets, callback=_log_failed_commit)
         except KafkaError as exc:

@@ -299,11 +299,16 @@ def _records_of(tp: TopicPartition, first: int, n: int) -> list[Record]:
     ]
 
 
+class TwoPartitionConsumer(ScriptedConsumer):
+    def assignment(self) -> set[TopicPartition]:
+        return {TP, TP1}
+
+
 def test_a_batch_abandoned_in_flight_rewinds_the_batch_polled_after_it_too() -> None:
     # Batch 1 (partition 0) is learnt on the worker while batch 2 (partitions 0 and 1) is polled; batch 1
     # fails past its budget: every partition goes back to the first offset either batch held.
     memory, stop = MemoryStore("m", "implicit", 4), threading.Event()
-    consumer = ScriptedConsumer(
+    consumer = TwoPartitionConsumer(
         [
             (False, {TP: _records_of(TP, 0, 5)}),
             (False, {TP: _records_of(TP, 5, 5), TP1: _records_of(TP1, 7, 3)}),
@@ -340,3 +345,83 @@ def test_after_an_offset_conflict_in_flight_the_next_batch_waits_for_the_resync(
     _loop(consumer, producer, store).run(stop)
     assert consumer.seeks == [(TP, 15), (TP, 10)]
     assert store.events_applied() == 20 and store.applied_offsets() == {0: 20}
+
+
+class BehindConsumer(ScriptedConsumer):
+    """The broker says the log ends at `end`, yet polls bring nothing (a wedged client, or a marker)."""
+
+    def __init__(
+        self, script: list[tuple[bool, dict[TopicPartition, list[Record]]]], stop: threading.Event, end: int
+    ):
+        super().__init__(script, stop)
+        self.end = end
+
+    def end_offsets(self, partitions: list[TopicPartition], timeout_ms: int) -> dict[TopicPartition, int]:
+        return dict.fromkeys(partitions, self.end)
+
+
+def test_records_waiting_but_never_fetched_make_the_loop_seek_again() -> None:
+    store, producer, stop = MemoryStore("m", "implicit", 4), CountingProducer(), threading.Event()
+    _loop(ScriptedConsumer([], stop), producer, store).process({TP: _records(0, 10)}, stop)
+
+    def run(end: int) -> tuple[list[tuple[TopicPartition, int]], float | None]:
+        consumer = BehindConsumer([(True, {}), (False, {}), (False, {})], stop, end)
+        stop.clear()
+        loop = ConsumeLoop(
+            consumer,
+            producer,
+            Learner(store, LearnerParams(SgdParams(LossParams("implicit")))),
+            Metrics(CollectorRegistry()),
+            Heartbeat(max_silence_s=30),
+            LoopSettings(
+                topic=TOPIC, dead_letter_topic=f"{TOPIC}.dlq", probe_every_s=0.0, refetch_after_s=0.0
+            ),
+        )
+        loop.run(stop)
+        return consumer.seeks, loop.metrics.registry.get_sample_value(
+            "streammf_retries_total", {"dependency": "kafka"}
+        )
+
+    seeks, retries = run(end=50)  # 40 records wait at the broker
+    assert seeks[0] == (TP, 10) and seeks.count((TP, 10)) >= 2 and retries and retries >= 1
+    seeks, retries = run(end=10)  # caught up: nothing to refetch
+    assert seeks == [(TP, 10)] and retries == 0
+
+
+def test_a_rebalance_does_not_wait_for_the_batch_in_flight() -> None:
+    # A revocation callback that blocks holds up the group's join; the batch's fenced apply makes waiting
+    # unnecessary. Here the apply is held until the rebalance is over: the callback must not wait for it.
+    import time
+
+    release, memory, stop = threading.Event(), MemoryStore("m", "implicit", 4), threading.Event()
+    threading.Timer(5.0, release.set).start()  # only if the callback blocked (the test then fails below)
+
+    class HeldStore(FlakyStore):
+        def apply(self, update: Any) -> Any:
+            release.wait()
+            return self.inner.apply(update)
+
+    class RebalancingConsumer(ScriptedConsumer):
+        callback_s = 0.0
+
+        def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
+            if len(self.script) == 1:  # the second poll: a rebalance while batch 1 is in flight
+                started = time.monotonic()
+                self.listener.on_partitions_revoked([TP])
+                self.callback_s = time.monotonic() - started
+                release.set()
+                self.listener.on_partitions_assigned([TP])
+            return super().poll(timeout_ms, max_records)
+
+    consumer = RebalancingConsumer([(True, {TP: _records(0, 5)}), (False, {})], stop)
+    loop = ConsumeLoop(
+        consumer,
+        CountingProducer(),
+        Learner(HeldStore(memory, failures=0), LearnerParams(SgdParams(LossParams("implicit")))),
+        Metrics(CollectorRegistry()),
+        Heartbeat(max_silence_s=30),
+        LoopSettings(topic=TOPIC, dead_letter_topic=f"{TOPIC}.dlq"),
+    )
+    loop.run(stop)
+    assert consumer.callback_s < 1.0
+    assert memory.events_applied() == 5 and memory.applied_offsets() == {0: 5}

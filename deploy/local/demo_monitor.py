@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TICK_S = 2.0
+TICK_S = 1.0
 WAIT_FOR_REFRESH_S = 90.0  # after the stream: a refresh that started must get to publish
 
 
@@ -162,7 +162,7 @@ def plot(timeline: Timeline, path: Path) -> Path:
     figure, rmse_axis = plt.subplots(figsize=(9, 4.5), dpi=100)
     rmse_axis.plot(timeline.seconds, timeline.window_rmse, color="tab:blue", marker=".", label="window RMSE")
     rmse_axis.set_xlabel("seconds since the stream started")
-    rmse_axis.set_ylabel("prequential RMSE (2 s window)", color="tab:blue")
+    rmse_axis.set_ylabel(f"prequential RMSE ({TICK_S:g} s window)", color="tab:blue")
     rate_axis = rmse_axis.twinx()
     rate_axis.plot(timeline.seconds, timeline.events_per_s, color="tab:green", alpha=0.6, label="events/s")
     rate_axis.set_ylabel("events applied per second", color="tab:green")

@@ -14,6 +14,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from streammf.tools.bench import parse_samples
+
 TICK_S = 1.0
 WAIT_FOR_REFRESH_S = 90.0  # after the stream: a refresh that started must get to publish
 
@@ -24,12 +26,7 @@ def scrape(port: int) -> dict[str, float]:
             text = response.read().decode()
     except OSError:
         return {}
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
+    return parse_samples(text)
 
 
 def total(samples: dict[str, float], prefix: str) -> float:

@@ -262,6 +262,11 @@ def _scrape(port: int) -> dict[str, float]:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+    return parse_samples(text)
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> {'name{labels}': value} (what the daemon's /metrics serves)."""
     samples = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):

@@ -123,7 +123,7 @@ def run_contender(name: str, data_file: str, settings: dict[str, Any]) -> dict[s
 
             als.fit(confidences, show_progress=False, callback=on_iteration)
     else:
-        from streammf import wals as streammf_wals
+        from streammf.model import wals as streammf_wals
 
         solver = "cg" if name.endswith("cg") else "cholesky"
         with threadpool_limits(threads, "blas"):

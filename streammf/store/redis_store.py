@@ -101,8 +101,8 @@ def _item_sums(
         return b"?" * n, b"", b""
     index = np.array([last.item_index.get(item, -1) for item in items], dtype=np.int64)
     known = index >= 0
-    rows = last.item_rows[np.where(known, index, 0)]
-    present = known & last.item_present[np.where(known, index, 0)]
+    safe = np.maximum(index, 0)
+    rows, present = last.item_rows[safe], known & last.item_present[safe]
     # The script's test for a damaged row: every coordinate within ±max_abs (NaN fails), as a float64.
     sound = np.all(np.abs(rows.astype(np.float64)) <= min(max_abs, 1e308), axis=1)
     start = np.where((present & sound)[:, None], rows, np.column_stack([base, np.zeros(n, dtype=base.dtype)]))

@@ -80,26 +80,23 @@ end
 
 -- Interactions: implicit strengths add, explicit ratings replace; a pair repeated in one update
 -- builds on its own earlier value. One HMGET (implicit) and one HSET per user's inter hash.
-local pair_groups, inter_order = {}, {}
-for p = 1, n_pairs do
-  local key, item = KEYS[struct.unpack('<I4', ARGV[A.pair_inter_keys], 4 * p - 3)], pair_items[p]
-  local value = struct.unpack('<d', ARGV[A.pair_values], 8 * p - 7)
-  local group = pair_groups[key]
-  if not group then
-    group = {values = {}, order = {}, added = {}}
-    pair_groups[key] = group
-    inter_order[#inter_order + 1] = key
+local pair_groups, inter_order = pairs_by_inter(n_pairs, ARGV[A.pair_inter_keys])
+for _, key in ipairs(inter_order) do
+  local group = {values = {}, order = {}, added = {}}
+  for _, p in ipairs(pair_groups[key]) do
+    local item, value = pair_items[p], struct.unpack('<d', ARGV[A.pair_values], 8 * p - 7)
+    if group.values[item] == nil then
+      group.order[#group.order + 1] = item
+      group.values[item] = 0
+    end
+    if additive then  -- added in stream order, as the twin does: float addition is not associative
+      group.added[item] = group.added[item] or {}
+      table.insert(group.added[item], value)
+    else
+      group.values[item] = value
+    end
   end
-  if group.values[item] == nil then
-    group.order[#group.order + 1] = item
-    group.values[item] = 0
-  end
-  if additive then  -- added in stream order, as the twin does: float addition is not associative
-    group.added[item] = group.added[item] or {}
-    table.insert(group.added[item], value)
-  else
-    group.values[item] = value
-  end
+  pair_groups[key] = group
 end
 if additive then
   for _, key in ipairs(inter_order) do

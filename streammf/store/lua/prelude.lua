@@ -68,6 +68,22 @@ local function sadd_many(key, members)
     redis.call('SADD', key, unpack(members, first, math.min(first + CHUNK - 1, #members)))
   end
 end
+-- Pair positions 1..n grouped by their user's inter hash (`blob`: the KEYS index of each pair's hash, u32
+-- little-endian), hashes in first-seen order: one multi-field command per user instead of one per pair.
+local function pairs_by_inter(n, blob)
+  local groups, order = {}, {}
+  for p = 1, n do
+    local key = KEYS[struct.unpack('<I4', blob, 4 * p - 3)]
+    local group = groups[key]
+    if not group then
+      group = {}
+      groups[key] = group
+      order[#order + 1] = key
+    end
+    group[#group + 1] = p
+  end
+  return groups, order
+end
 local function gather_rows(key, ids, row_bytes)
   local rows, mask, zero = {}, {}, string.rep(NUL, row_bytes)
   local got = hmget_many(key, ids)

@@ -19,22 +19,12 @@ for i, item in ipairs(items) do
   item_counts[i] = count or '0'
 end
 -- Pairs: one HMGET per user's inter hash.
-local pair_groups, inter_order = {}, {}
-for p = 1, n_pairs do
-  local key = KEYS[struct.unpack('<I4', ARGV[A.pair_inter_keys], 4 * p - 3)]
-  local group = pair_groups[key]
-  if not group then
-    group = {fields = {}, pairs = {}}
-    pair_groups[key] = group
-    inter_order[#inter_order + 1] = key
-  end
-  group.fields[#group.fields + 1] = pair_items[p]
-  group.pairs[#group.pairs + 1] = p
-end
+local pair_groups, inter_order = pairs_by_inter(n_pairs, ARGV[A.pair_inter_keys])
 for _, key in ipairs(inter_order) do
-  local group = pair_groups[key]
-  local values = hmget_many(key, group.fields)
-  for i, p in ipairs(group.pairs) do
+  local positions, fields = pair_groups[key], {}
+  for i, p in ipairs(positions) do fields[i] = pair_items[p] end
+  local values = hmget_many(key, fields)
+  for i, p in ipairs(positions) do
     local value = values[i]
     if value and not tonumber(value) then
       return bad(key, 'field ' .. pair_items[p] .. ': not a number: ' .. value)

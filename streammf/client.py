@@ -38,9 +38,11 @@ from streammf.store.layout import (
     require_binary_client,
     rows_from_blob,
     scan_version_rows,
+    shard_keys,
     split_ids,
     store_error_from,
 )
+from streammf.store.shards import shard_indices, shard_of
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ class StreamMFClient:
         self._redis = redis_client
         self.keys = ModelKeys(name)
         self.model: StoredModel = read_model_meta(redis_client, self.keys)
+        self.shards = shard_keys(self.keys, self.model)
         self._ttl_s = item_cache_ttl_s
         self._max_attempts = max_attempts
         # Users with fewer interactions than this get the decayed popularity (cold start); 1: users the
@@ -127,19 +130,26 @@ class StreamMFClient:
         if not items:
             return {}
         k, keys = self.model.k, self.keys
+        held = shard_indices(items, len(self.shards))
         for _ in range(self._max_attempts):
             version = self.current_version()
-            reply = self._call(
-                self._read_items_script,
-                scripts.READ_ITEMS.key_list(
-                    current=self.keys.current, items=self.keys.rows(version, "items")
-                ),
-                scripts.READ_ITEMS.arg_list(version=version, k=k, n=len(items), items=join_ids(items)),
-            )
-            if reply != b"moved":
+            found: dict[str, np.ndarray] = {}
+            for s, shard in enumerate(self.shards):
+                asked = [items[i] for i in np.flatnonzero(held == s)]
+                if not asked:
+                    continue
+                reply = self._call(
+                    self._read_items_script,
+                    scripts.READ_ITEMS.key_list(current=shard.current, items=shard.rows(version, "items")),
+                    scripts.READ_ITEMS.arg_list(version=version, k=k, n=len(asked), items=join_ids(asked)),
+                )
+                if reply == b"moved":
+                    break
                 blob, mask = reply
-                rows, present = rows_from_blob(blob, mask, len(items), k)
-                return {item: rows[i, :k].copy() for i, item in enumerate(items) if present[i]}
+                rows, present = rows_from_blob(blob, mask, len(asked), k)
+                found.update((item, rows[i, :k].copy()) for i, item in enumerate(asked) if present[i])
+            else:
+                return {item: found[item] for item in items if item in found}
         raise VersionUnavailableError(f"{keys.current} moved on each of {self._max_attempts} reads")
 
     def recommend(self, user: str, k: int = 10, exclude_seen: bool = True) -> list[tuple[str, float]]:
@@ -158,7 +168,7 @@ class StreamMFClient:
             # The rule of streammf.model.popularity.serve_popularity (not imported: it would load numba).
             few = self._fallback_below > 1 and len(read.seen) < self._fallback_below
             if read.row is None or few:
-                return read_popular_items(self._redis, self.keys, k, read.seen if exclude_seen else ())
+                return read_popular_items(self._redis, self.shards, k, read.seen if exclude_seen else ())
             if not np.isfinite(read.row).all():
                 raise DamagedRowError(self.keys.name, read.version, "user", user)
             matrix = self._matrix(read.version)
@@ -206,7 +216,8 @@ class StreamMFClient:
 
     def _read_user(self, user: str, with_seen: bool) -> _UserRead:
         """The user's row, from the version `current` names (read again if it moves in between)."""
-        k, keys = self.model.k, self.keys
+        k = self.model.k
+        keys = self.shards[shard_of(user, len(self.shards))]
         for _ in range(self._max_attempts):
             version = self.current_version()
             reply = self._call(
@@ -250,10 +261,17 @@ class StreamMFClient:
 
     def _load_matrix(self, version: int) -> _ItemMatrix | None:
         loaded_at = time.monotonic()
-        scanned = scan_version_rows(self._scan_rows_script, self.keys, version, "items", self.model.k)
-        if scanned is None:
-            return None
-        ids, rows = scanned
+        ids: list[str] = []
+        blocks = []
+        for shard in self.shards:
+            scanned = scan_version_rows(self._scan_rows_script, shard, version, "items", self.model.k)
+            if scanned is None:
+                return None
+            ids += scanned[0]
+            blocks.append(scanned[1])
+        # In id order: ties in a top-k then fall the same way whatever the shards and HSCAN's order.
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        ids, rows = [ids[i] for i in order], np.concatenate(blocks)[order]
         k = self.model.k
         damaged = np.flatnonzero(~np.isfinite(rows).all(axis=1)).tolist()
         if damaged:

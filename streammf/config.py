@@ -43,7 +43,10 @@ class KafkaSettings(_Section):
 
 
 class RedisSettings(_Section):
+    # One Redis server, or any node of a Redis Cluster (found out by asking it).
     url: str = "redis://127.0.0.1:6379/0"
+    # A new model is split into this many shards (streammf.store.shards); an existing one keeps its own.
+    shards: int = Field(1, ge=1, le=1024)
     password: SecretStr | None = None
     socket_timeout_s: float = Field(5.0, gt=0)
     # Refused by default: a policy that may evict our keys silently deletes parts of the model.

@@ -29,7 +29,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
-from streammf.store.layout import ModelKeys, require_binary_client
+from streammf.store.layout import delete_model, require_binary_client
 
 if TYPE_CHECKING:  # imported lazily below, after pytest_configure has silenced its import-time warnings
     from kafka import KafkaAdminClient
@@ -382,6 +382,13 @@ def model_name(redis_client: redis.Redis) -> Iterator[str]:
     name = f"test-{uuid.uuid4().hex[:12]}"
     yield name
     with contextlib.suppress(redis.RedisError):
-        keys = list(redis_client.scan_iter(match=ModelKeys(name).prefix + "*", count=1000))
-        for start in range(0, len(keys), 1000):
-            redis_client.unlink(*keys[start : start + 1000])
+        delete_model(redis_client, name)  # every shard's keys too
+
+
+@pytest.fixture
+def cluster_model_name(redis_cluster_client: RedisCluster) -> Iterator[str]:
+    """A model name unique to this test, in the Redis Cluster; its keys on every shard go afterwards."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    yield name
+    with contextlib.suppress(redis.RedisError):
+        delete_model(redis_cluster_client, name)

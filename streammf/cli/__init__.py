@@ -160,9 +160,10 @@ def refresh(settings: Settings, iterations: int | None) -> None:
 
     from streammf.cli.read import failure_message
     from streammf.model.factors import NonFiniteFactorsError
+    from streammf.store.connect import redis_client
     from streammf.store.contract import StoreError
     from streammf.store.redis_store import ModelMismatchError
-    from streammf.stream.daemon import attach_store, redis_client
+    from streammf.stream.daemon import attach_store
     from streammf.stream.refresh import RefreshLeaseHeldError, refresh_with_lease
 
     params = LearnerParams.from_settings(settings.model)
@@ -251,8 +252,9 @@ def forget_user(settings: Settings, user: str) -> None:
     import redis
 
     from streammf.cli.read import failure_message
+    from streammf.store.connect import redis_client
     from streammf.store.contract import ApplyOutcome, StoreError
-    from streammf.stream.daemon import attach_store, redis_client
+    from streammf.stream.daemon import attach_store
     from streammf.stream.learner import Learner, VersionChurnError
 
     try:

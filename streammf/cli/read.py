@@ -1,6 +1,6 @@
 """`streammf recommend` and `streammf similar`: ask a live model from the shell (via `StreamMFClient`).
 
-Both connect as the daemon does (`streammf.stream.daemon.redis_client`: STREAMMF_REDIS__URL, __PASSWORD,
+Both connect as the daemon does (`streammf.store.connect.redis_client`: STREAMMF_REDIS__URL, __PASSWORD,
 __SOCKET_TIMEOUT_S) to the model STREAMMF_MODEL__NAME; `--redis-url` and `--model` override those two.
 """
 
@@ -99,7 +99,7 @@ def _settings(ctx: click.Context, redis_url: str | None, model: str | None) -> S
 @contextmanager
 def _client(settings: Settings) -> Iterator[StreamMFClient]:
     """A client for the command; what can go wrong becomes a one-line error instead of a traceback."""
-    from streammf.stream.daemon import redis_client
+    from streammf.store.connect import redis_client
 
     try:
         with redis_client(settings) as connection:

@@ -124,6 +124,11 @@ class BatchUpdate:
     # events_applied (the batch's last event has clock events_applied + events_applied_delta - 1).
     item_popularity: np.ndarray | None = None  # (n_items,) float64
     popularity_half_life: float = float("inf")
+    # Implicit mode: the rows as they entered the Gramians before the batch, (n, k) float32, zero for a
+    # row that was absent (or damaged). A store split in shards keeps one Gramian partial sum per shard
+    # and changes each by the rows it holds: Σ after·afterᵀ − before·beforeᵀ.
+    user_rows_before: np.ndarray | None = None
+    item_rows_before: np.ndarray | None = None
 
 
 class FactorStore(Protocol):
@@ -195,7 +200,9 @@ class RefreshableStore(FactorStore, Protocol):
         self, version: int, side: Side, ids: Sequence[str], rows: np.ndarray, biases: np.ndarray | None = None
     ) -> None: ...
 
-    def write_gramian(self, version: int, side: Side, gramian: np.ndarray) -> None: ...
+    def write_gramian(self, version: int, side: Side, ids: Sequence[str], rows: np.ndarray) -> None:
+        """The Gramian of `rows` ((n, k): every row of the side in `version`) for implicit mode's gravity."""
+        ...
 
     def delete_rows(self, version: int, side: Side, ids: Sequence[str]) -> None:
         """Remove rows from a version being built."""

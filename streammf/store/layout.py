@@ -2,16 +2,22 @@
 every reader (`streammf.client`, or a service in another language) reads.
 
 Other services read this layout without our code (README, "Reading embeddings from Redis"). Every key of a
-model starts with ``streammf:{<name>}:``; the hash tag puts them all in one Redis Cluster slot, so one Lua
-script may touch any of them (always through KEYS, see `streammf.store.scripts`).
+model starts with ``streammf:{<tag>}:``; the hash tag puts the keys of one tag in one Redis Cluster slot, so
+one Lua script may touch any of them (always through KEYS, see `streammf.store.scripts`). A model of one
+shard has one tag, its name. A model of S > 1 shards (`streammf.store.shards`) has a control tag, its name
+(keys meta, current, next_version, refresh_lease), and one tag per shard holding everything else: the
+shard's copy of `current` (what its writers are fenced on), its rows, Gramian partial sums, interactions,
+counts, popularity and offsets, and a full copy of `stats`.
 
     current                     string  the live version number N
     next_version                string  last version number handed out (INCR; numbers are never reused)
-    meta                        hash    mode, k, hyper (JSON), layout_version, created_at
+    meta                        hash    mode, k, hyper (JSON), layout_version, created_at,
+                                        shards, shard_tags (JSON list; absent: one shard)
     retired                     zset    version -> server time it stopped being current (garbage collection)
     v<N>:meta                   hash    created_at, source, state (building|live|retired), published_at, …
     v<N>:users, v<N>:items      hash    id -> little-endian float32 blob: k factors, then the bias
-    v<N>:gram:users, …:items    string  little-endian float64 k×k Gramian (implicit mode)
+    v<N>:gram:users, …:items    string  little-endian float64 k×k Gramian of the shard's rows (implicit
+                                        mode; a model's Gramian is the sum over its shards)
     inter:<user>                hash    item -> value (text; implicit: summed strength, explicit: rating)
     item_counts                 hash    item -> observed entries m_j (n_i of a user is HLEN inter:<user>)
     stats                       hash    value_sum (decimal text), value_count, events_applied,
@@ -26,11 +32,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 from redis.commands.core import Script
 
 from streammf.model.factors import DTYPE, Mode
@@ -52,18 +60,24 @@ _STORE_LOST_CODE = "STORELOST"
 
 @dataclass(frozen=True)
 class ModelKeys:
-    """Key names of one model (layout v1)."""
+    """Key names of one model's control keys (`tag` None) or of one of its shards (layout v1)."""
 
     name: str
+    tag: str | None = None
 
     def __post_init__(self) -> None:
         # The name sits inside the hash tag, so braces would break slot routing; keep it to config's charset.
         if not MODEL_NAME_PATTERN.match(self.name):
             raise ValueError(f"model name must match {MODEL_NAME_PATTERN.pattern}, got {self.name!r}")
+        if self.tag is not None and re.search(r"[{}]", self.tag):
+            raise ValueError(f"a shard tag may not contain braces, got {self.tag!r}")
 
     @property
     def prefix(self) -> str:
-        return f"{KEY_ROOT}:{{{self.name}}}:"
+        return f"{KEY_ROOT}:{{{self.tag or self.name}}}:"
+
+    def shard(self, tag: str) -> ModelKeys:
+        return ModelKeys(self.name, tag)
 
     @property
     def current(self) -> str:
@@ -167,6 +181,16 @@ class StoredModel:
     mode: Mode
     k: int
     hyper: dict[str, float]
+    shard_tags: tuple[str, ...] = ()  # one per shard; () for a model of one shard (its tag is its name)
+
+    @property
+    def shards(self) -> int:
+        return max(1, len(self.shard_tags))
+
+
+def shard_keys(keys: ModelKeys, model: StoredModel) -> list[ModelKeys]:
+    """The keys of each shard of the model (for one shard: the control keys themselves)."""
+    return [keys.shard(tag) for tag in model.shard_tags] if model.shard_tags else [keys]
 
 
 def read_model_meta(client: redis.Redis, keys: ModelKeys) -> StoredModel:
@@ -187,7 +211,16 @@ def read_model_meta(client: redis.Redis, keys: ModelKeys) -> StoredModel:
         hyper = json.loads(raw.get(b"hyper", b"{}"))
     except ValueError:
         raise StoreError(f"{keys.meta} field 'hyper': not JSON: {raw.get(b'hyper')!r}") from None
-    return StoredModel(mode=mode, k=k, hyper=hyper)  # type: ignore[arg-type]  # checked above
+    shards = parse_int(raw.get(b"shards"), keys.meta, "field 'shards'", default=1)
+    tags: tuple[str, ...] = ()
+    if shards > 1:
+        try:
+            tags = tuple(json.loads(raw.get(b"shard_tags", b"")))
+        except ValueError:
+            tags = ()
+        if len(tags) != shards or not all(isinstance(tag, str) and tag for tag in tags):
+            raise StoreError(f"{keys.meta} field 'shard_tags': not a JSON list of {shards} tags")
+    return StoredModel(mode=mode, k=k, hyper=hyper, shard_tags=tags)  # type: ignore[arg-type]  # checked
 
 
 def read_current_version(client: redis.Redis, keys: ModelKeys) -> int:
@@ -202,36 +235,66 @@ def model_exists(client: redis.Redis, name: str) -> bool:
 
 
 def read_popular_items(
-    client: redis.Redis, keys: ModelKeys, n: int, exclude: Sequence[str] = ()
+    client: redis.Redis, shards: Sequence[ModelKeys], n: int, exclude: Sequence[str] = ()
 ) -> list[tuple[str, float]]:
     """The `n` most popular items (decayed counts at the model's clock, best first; ties in ZREVRANGE's
-    order, higher id first), without `exclude`: what a reader serves a user the model has no row for."""
+    order, higher id first), without `exclude`: what a reader serves a user the model has no row for.
+    Each shard ranks its own items against its own clock; the best of each are merged."""
     if n <= 0:
         return []
     excluded = set(exclude)
-    with client.pipeline(transaction=True) as pipe:  # one slot: a MULTI works in Redis Cluster too
-        pipe.zrevrange(keys.popularity, 0, n + len(excluded) - 1, withscores=True)
-        pipe.hmget(keys.stats, "events_applied", "popularity_origin", "popularity_half_life")
-        ranked, (clock, origin, half_life) = pipe.execute()
-    clock_value = parse_int(clock, keys.stats, "field 'events_applied'")
-    origin_value = parse_float(origin, keys.stats, "field 'popularity_origin'")
-    half_life_value = parse_float(half_life, keys.stats, "field 'popularity_half_life'")
-    now = 1.0 if not half_life_value else 2.0 ** ((clock_value - origin_value) / half_life_value)
-    return [(text(item), float(score) / now) for item, score in ranked if text(item) not in excluded][:n]
+    merged: list[tuple[str, float]] = []
+    for keys in shards:
+        with client.pipeline(transaction=True) as pipe:  # one slot: a MULTI works in Redis Cluster too
+            pipe.zrevrange(keys.popularity, 0, n + len(excluded) - 1, withscores=True)
+            pipe.hmget(keys.stats, "events_applied", "popularity_origin", "popularity_half_life")
+            ranked, (clock, origin, half_life) = pipe.execute()
+        clock_value = parse_int(clock, keys.stats, "field 'events_applied'")
+        origin_value = parse_float(origin, keys.stats, "field 'popularity_origin'")
+        half_life_value = parse_float(half_life, keys.stats, "field 'popularity_half_life'")
+        now = 1.0 if not half_life_value else 2.0 ** ((clock_value - origin_value) / half_life_value)
+        merged += [(text(item), float(score) / now) for item, score in ranked if text(item) not in excluded]
+    if len(shards) > 1:
+        merged.sort(
+            key=lambda pair: pair[0].encode(), reverse=True
+        )  # ZREVRANGE's tie order: bytes, descending
+        merged.sort(key=lambda pair: pair[1], reverse=True)  # stable: ties keep the order above
+    return merged[:n]
 
 
 def delete_model(client: redis.Redis, name: str) -> int:
-    """UNLINK every key of the model (SCAN over its prefix); returns how many there were."""
+    """UNLINK every key of the model, on every shard (SCAN over each prefix); returns how many there were."""
+    keys = ModelKeys(name)
+    try:
+        tags = read_model_meta(client, keys).shard_tags
+    except StoreError:  # no meta (or a damaged one): whatever of the model is left is under its name
+        tags = ()
     deleted = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=_glob_escape(ModelKeys(name).prefix) + "*", count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            deleted += int(client.unlink(*batch))
-            batch.clear()
-    if batch:
-        deleted += int(client.unlink(*batch))
+    for prefix in [keys.shard(tag).prefix for tag in tags] + [keys.prefix]:
+        batch: list[bytes] = []
+        for key in scan_keys(client, prefix):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += unlink_all(client, batch)
+                batch.clear()
+        if batch:
+            deleted += unlink_all(client, batch)
     return deleted
+
+
+def scan_keys(client: redis.Redis, prefix: str, count: int = 1000) -> Iterator[bytes]:
+    """Every key starting with `prefix` (which holds a hash tag): in a Redis Cluster, only the node that
+    owns the tag's slot is asked."""
+    match = _glob_escape(prefix) + "*"
+    if isinstance(client, RedisCluster):
+        node = client.get_node_from_key(prefix)
+        return cast(Iterator[bytes], client.scan_iter(match=match, count=count, target_nodes=node))
+    return client.scan_iter(match=match, count=count)
+
+
+def unlink_all(client: redis.Redis, keys: Sequence[bytes]) -> int:
+    """UNLINK keys that share one hash tag (one slot: a single command in a cluster too)."""
+    return int(client.unlink(*keys))
 
 
 def _glob_escape(text: str) -> str:
@@ -243,7 +306,14 @@ EVICTING_POLICIES = frozenset({"allkeys-lru", "allkeys-lfu", "allkeys-random"})
 
 
 def eviction_policy(client: redis.Redis) -> str:
-    """The server's maxmemory-policy, from INFO (allowed where CONFIG GET is not, e.g. managed Redis)."""
+    """The server's maxmemory-policy, from INFO (allowed where CONFIG GET is not, e.g. managed Redis); in
+    a Redis Cluster the most dangerous one among the primaries."""
+    if isinstance(client, RedisCluster):
+        policies = {
+            str(client.info("memory", target_nodes=node).get("maxmemory_policy", "unknown"))
+            for node in client.get_primaries()
+        }
+        return min(policies, key=lambda policy: (policy not in EVICTING_POLICIES, policy))
     return str(client.info("memory").get("maxmemory_policy", "unknown"))
 
 
@@ -260,9 +330,9 @@ def require_no_eviction(client: redis.Redis, allow_eviction: bool) -> str:
     return policy
 
 
-def require_binary_client(client: redis.Redis) -> None:
+def require_binary_client(client: redis.Redis | RedisCluster) -> None:
     """Row blobs are bytes; a client that decodes replies to str would corrupt them."""
-    if client.get_connection_kwargs().get("decode_responses"):
+    if client.get_encoder().decode_responses:
         raise ValueError("the Redis client must be created with decode_responses=False (rows are binary)")
 
 

@@ -204,11 +204,12 @@ class MemoryStore:
         for ident in ids:
             target.pop(ident, None)
 
-    def write_gramian(self, version: int, side: Side, gramian: np.ndarray) -> None:
+    def write_gramian(self, version: int, side: Side, ids: Sequence[str], rows: np.ndarray) -> None:
         if self._meta.mode != "implicit":
             raise ValueError("explicit models keep no Gramians")
         draft = self._draft(version)
-        value = np.array(gramian, dtype=np.float64).reshape(self._meta.k, self._meta.k)
+        wide = np.asarray(rows, dtype=np.float64).reshape(len(ids), self._meta.k)
+        value = wide.T @ wide
         if side == "users":
             draft.user_gramian = value
         else:

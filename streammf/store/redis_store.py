@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any, cast
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from streammf.model.factors import Mode
 from streammf.store import scripts
@@ -48,11 +50,16 @@ from streammf.store.layout import (
     require_binary_client,
     require_no_eviction,
     rows_from_blob,
+    scan_keys,
     scan_version_rows,
+    shard_keys,
     split_numbers,
     store_error_from,
     text,
 )
+from streammf.store.shards import shard_indices, shard_of, shard_tags
+
+log = logging.getLogger(__name__)
 
 # Rows per script call when a refresh writes a version: ~130 kB of arguments at k=32.
 _WRITE_CHUNK_ROWS = 1000
@@ -111,6 +118,123 @@ def _item_sums(
     return mask.tobytes(), rows.astype(ROW_DTYPE).tobytes(), sums.tobytes()
 
 
+@dataclass(frozen=True)
+class _Split:
+    """Positions of a batch's users, items and pairs (by their user) held by each shard."""
+
+    users: list[np.ndarray]
+    items: list[np.ndarray]
+    pairs: list[np.ndarray]
+
+    @classmethod
+    def of(cls, shards: int, users: Sequence[str], items: Sequence[str], pair_users: Sequence[str]) -> _Split:
+        def positions(ids: Sequence[str]) -> list[np.ndarray]:
+            held = shard_indices(ids, shards)
+            return [np.flatnonzero(held == s) for s in range(shards)]
+
+        return cls(positions(users), positions(items), positions(pair_users))
+
+    def merge(self, version: int, parts: list[BatchState], k: int) -> BatchState:
+        """The shards' states as one, in the order of the batch; stats from the first shard (each holds a
+        copy), Gramians summed (each holds the partial sum over its rows)."""
+        n_users, n_items, n_pairs = (
+            sum(len(at) for at in side) for side in (self.users, self.items, self.pairs)
+        )
+
+        def gather(side: list[np.ndarray], field: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+            out = np.zeros(shape, dtype=dtype)
+            for at, part in zip(side, parts, strict=True):
+                out[at] = getattr(part, field)
+            return out
+
+        def total(field: str) -> np.ndarray | None:
+            grams = [getattr(part, field) for part in parts]
+            return None if grams[0] is None else np.sum(grams, axis=0)
+
+        return BatchState(
+            version=version,
+            user_rows=gather(self.users, "user_rows", (n_users, k), np.float32),
+            user_bias=gather(self.users, "user_bias", (n_users,), np.float32),
+            user_present=gather(self.users, "user_present", (n_users,), bool),
+            user_counts=gather(self.users, "user_counts", (n_users,), np.int64),
+            item_rows=gather(self.items, "item_rows", (n_items, k), np.float32),
+            item_bias=gather(self.items, "item_bias", (n_items,), np.float32),
+            item_present=gather(self.items, "item_present", (n_items,), bool),
+            item_counts=gather(self.items, "item_counts", (n_items,), np.int64),
+            pair_values=gather(self.pairs, "pair_values", (n_pairs,), np.float64),
+            value_sum=parts[0].value_sum,
+            value_count=parts[0].value_count,
+            item_gramian=total("item_gramian"),
+            user_gramian=total("user_gramian"),
+        )
+
+
+def _shard_updates(update: BatchUpdate, shards: int, k: int) -> list[BatchUpdate]:
+    """Each shard's part of a batch: its users (rows, interactions), its items (rows, counts,
+    popularity), the batch's offsets and stats deltas (every shard keeps a copy of the stats), and the
+    change of the Gramian partial sums over its rows."""
+    split = _Split.of(shards, update.users, update.items, update.pair_users)
+    by_rows = update.user_rows_before is not None and update.item_rows_before is not None
+    user_after = np.asarray(update.user_rows, dtype=np.float64).reshape(len(update.users), k)
+    item_after = np.asarray(update.item_base, dtype=np.float64).reshape(len(update.items), k) + np.asarray(
+        update.item_delta, dtype=np.float64
+    ).reshape(len(update.items), k)
+
+    def partial(delta: np.ndarray | None, after: np.ndarray, before: np.ndarray | None, s: int) -> Any:
+        """Shard s's change: by its rows when the rows before are known (so each partial sum stays the
+        Gramian of the shard's rows, also when a torn batch is recomputed); else all on shard 0."""
+        if delta is None:
+            return None
+        if not by_rows:
+            return delta if s == 0 else None
+        at = (split.users if after is user_after else split.items)[s]
+        start = np.asarray(before, dtype=np.float64).reshape(after.shape)[at]
+        return after[at].T @ after[at] - start.T @ start
+
+    parts = []
+    for s in range(shards):
+        u, i, p = split.users[s], split.items[s], split.pairs[s]
+        parts.append(
+            BatchUpdate(
+                version=update.version,
+                offsets=update.offsets,
+                users=[update.users[r] for r in u],
+                user_rows=np.asarray(update.user_rows)[u],
+                user_bias=np.asarray(update.user_bias)[u],
+                items=[update.items[r] for r in i],
+                item_base=np.asarray(update.item_base)[i],
+                item_delta=np.asarray(update.item_delta)[i],
+                item_bias_delta=np.asarray(update.item_bias_delta)[i],
+                item_count_delta=np.asarray(update.item_count_delta)[i],
+                pair_users=[update.pair_users[r] for r in p],
+                pair_items=[update.pair_items[r] for r in p],
+                pair_values=np.asarray(update.pair_values)[p],
+                value_sum_delta=update.value_sum_delta,
+                value_count_delta=update.value_count_delta,
+                events_applied=update.events_applied,
+                item_gramian_delta=partial(update.item_gramian_delta, item_after, update.item_rows_before, s),
+                user_gramian_delta=partial(update.user_gramian_delta, user_after, update.user_rows_before, s),
+                max_abs_factor=update.max_abs_factor,
+                item_popularity=None
+                if update.item_popularity is None
+                else np.asarray(update.item_popularity)[i],
+                popularity_half_life=update.popularity_half_life,
+            )
+        )
+    return parts
+
+
+# A server away, restarting, full, or (Redis Cluster) a slot whose primary is down or moving.
+_UNAVAILABLE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
+)
+
+
 def _translating_errors(cls: type[RedisStore]) -> type[RedisStore]:
     """Every public method raises `StoreUnavailableError` where redis-py raised a connection, timeout,
     loading or out-of-memory error (the store's callers catch the store's errors, not redis-py's)."""
@@ -126,7 +250,7 @@ def _translated(method: Callable[..., Any]) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
             return method(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError) as exc:
+        except _UNAVAILABLE as exc:
             raise StoreUnavailableError(f"Redis: {type(exc).__name__}: {exc}") from exc
 
     return call
@@ -134,64 +258,102 @@ def _translated(method: Callable[..., Any]) -> Callable[..., Any]:
 
 @_translating_errors
 class RedisStore:
-    """`RefreshableStore` on Redis. Thread-safe as far as the redis client is (redis.Redis is)."""
+    """`RefreshableStore` on Redis, or on a Redis Cluster (a model of S shards spreads over its primaries).
+    Thread-safe as far as the redis client is (redis.Redis and RedisCluster are).
+
+    With S > 1 every batch is applied as one script per shard, each fencing the batch's offsets on its own
+    shard: a crash between two shards' scripts leaves the batch applied on some of them, and the partition
+    resumes from the smallest offset the shards hold (`applied_offsets`), its first batch ending where the
+    furthest shard stands (`offsets_ahead`), so each shard takes each event once. Readers switch versions
+    on the control `current`; each shard's own `current` fences its writers and follows the control one.
+    """
 
     def __init__(self, client: redis.Redis, keys: ModelKeys, model: StoredModel) -> None:
         require_binary_client(client)
         self._client = client
         self.keys = keys
         self._model = model
+        self.shards = shard_keys(keys, model)
         self._read_script = scripts.READ_STATE.register(client)
         self._apply_script = scripts.APPLY.register(client)
         self._forget_script = scripts.FORGET_USER.register(client)
+        self._forget_counts_script = scripts.FORGET_COUNTS.register(client)
         self._write_rows_script = scripts.WRITE_ROWS.register(client)
         self._delete_rows_script = scripts.DELETE_ROWS.register(client)
         self._write_string_script = scripts.WRITE_STRING.register(client)
         self._publish_script = scripts.PUBLISH.register(client)
+        self._switch_script = scripts.SWITCH.register(client)
         self._discard_script = scripts.DISCARD.register(client)
         self._handover_script = scripts.HANDOVER.register(client)
         self._lease_script = scripts.LEASE.register(client)
         self._release_lease_script = scripts.RELEASE_LEASE.register(client)
         self._scan_rows_script = scripts.SCAN_ROWS.register(client)
-        self._last_read: _LastRead | None = None
+        self._last_read: dict[int, _LastRead] = {}  # shard -> its part of the last batch read
 
     @classmethod
     def open(
-        cls, client: redis.Redis, name: str, mode: Mode, k: int, hyper: dict[str, float] | None = None
+        cls,
+        client: redis.Redis,
+        name: str,
+        mode: Mode,
+        k: int,
+        hyper: dict[str, float] | None = None,
+        shards: int = 1,
     ) -> RedisStore:
-        """Create the model (meta, version 1, current pointer) unless it exists; then check mode and k.
+        """Create the model (every shard's keys, then the meta, version 1, current pointer) unless it
+        exists; then check mode, k and the number of shards.
 
         The stored hyperparameters stay those of the creator: they document version 1, not the caller.
         """
         require_binary_client(client)
         keys = ModelKeys(name)
-        zero_gramian = np.zeros((k, k), dtype=GRAMIAN_DTYPE).tobytes() if mode == "implicit" else b""
-        scripts.OPEN.register(client)(
-            keys=scripts.OPEN.key_list(
-                meta=keys.meta,
-                current=keys.current,
-                next_version=keys.next_version,
-                stats=keys.stats,
-                v1_meta=keys.version_meta(1),
-                v1_gram_items=keys.gramian(1, "items"),
-                v1_gram_users=keys.gramian(1, "users"),
-            ),
-            args=scripts.OPEN.arg_list(
-                mode=mode, k=k, hyper=json.dumps(hyper or {}, sort_keys=True), zero_gramian=zero_gramian
-            ),
-        )
-        return cls.attach(client, name, (mode, k))
+        if not client.exists(keys.meta):
+            tags = shard_tags(name, shards)
+            zero_gramian = np.zeros((k, k), dtype=GRAMIAN_DTYPE).tobytes() if mode == "implicit" else b""
+            open_shard = scripts.OPEN_SHARD.register(client)
+            for shard in [keys.shard(tag) for tag in tags] if shards > 1 else [keys]:
+                open_shard(
+                    keys=scripts.OPEN_SHARD.key_list(
+                        current=shard.current,
+                        stats=shard.stats,
+                        v1_meta=shard.version_meta(1),
+                        v1_gram_items=shard.gramian(1, "items"),
+                        v1_gram_users=shard.gramian(1, "users"),
+                    ),
+                    args=scripts.OPEN_SHARD.arg_list(zero_gramian=zero_gramian),
+                )
+            scripts.OPEN.register(client)(
+                keys=scripts.OPEN.key_list(
+                    meta=keys.meta, current=keys.current, next_version=keys.next_version
+                ),
+                args=scripts.OPEN.arg_list(
+                    mode=mode,
+                    k=k,
+                    hyper=json.dumps(hyper or {}, sort_keys=True),
+                    shards=shards,
+                    shard_tags=json.dumps(tags),
+                ),
+            )
+        return cls.attach(client, name, (mode, k), shards=shards)
 
     @classmethod
-    def attach(cls, client: redis.Redis, name: str, expect: tuple[Mode, int] | None = None) -> RedisStore:
+    def attach(
+        cls, client: redis.Redis, name: str, expect: tuple[Mode, int] | None = None, shards: int | None = None
+    ) -> RedisStore:
         """An existing model (readers, the refresh); `StoreError` if there is none, `ModelMismatchError`
-        if it is not of the `expect`ed (mode, k)."""
+        if it is not of the `expect`ed (mode, k), or (when given) of `shards` shards."""
         keys = ModelKeys(name)
         store = cls(client, keys, read_model_meta(client, keys))
-        if expect is not None and (store._model.mode, store._model.k) != expect:
+        model = store._model
+        if expect is not None and (model.mode, model.k) != expect:
             raise ModelMismatchError(
-                f"model {name!r} exists with mode={store._model.mode} k={store._model.k}, "
+                f"model {name!r} exists with mode={model.mode} k={model.k}, "
                 f"asked for mode={expect[0]} k={expect[1]}; pick another model name or delete it"
+            )
+        if shards is not None and model.shards != shards:
+            raise ModelMismatchError(
+                f"model {name!r} exists with {model.shards} shard(s), asked for {shards} "
+                "(STREAMMF_REDIS__SHARDS); a model keeps the number it was created with"
             )
         return store
 
@@ -212,19 +374,60 @@ class RedisStore:
     def read_batch_state(
         self, users: list[str], items: list[str], pairs: list[tuple[str, str]]
     ) -> BatchState:
-        """One atomic read (a Lua script) of the version `current` named just before; read again if it
-        moved in between."""
+        """One atomic read (a Lua script per shard) of the version `current` named just before; read
+        again if it moved in between."""
         for _ in range(_SNAPSHOT_ATTEMPTS):
             version = self.current_version()
-            state = self._read_snapshot(version, users, items, pairs)
+            if len(self.shards) == 1:
+                state = self._read_snapshot(0, version, users, items, pairs)
+            else:
+                state = self._read_sharded(version, users, items, pairs)
             if state is not None:
                 return state
         raise StoreError(f"{self.keys.current} moved on each of {_SNAPSHOT_ATTEMPTS} snapshot attempts")
 
-    def _read_snapshot(
+    def _read_sharded(
         self, version: int, users: list[str], items: list[str], pairs: list[tuple[str, str]]
     ) -> BatchState | None:
-        keys, k = self.keys, self._model.k
+        """Each shard's part, merged in the order asked; None when a shard is not at `version` (rolled
+        forward first if it lags behind a publish)."""
+        split = _Split.of(len(self.shards), users, items, [user for user, _ in pairs])
+        parts: list[BatchState] = []
+        for s in range(len(self.shards)):
+            part = self._read_snapshot(
+                s,
+                version,
+                [users[i] for i in split.users[s]],
+                [items[i] for i in split.items[s]],
+                [pairs[i] for i in split.pairs[s]],
+            )
+            if part is None:
+                self._roll_forward(s, version)
+                return None
+            parts.append(part)
+        return split.merge(version, parts, self._model.k)
+
+    def _roll_forward(self, s: int, version: int) -> None:
+        """Publish `version` on shard `s` if the shard lags behind it: the control `current` moved there,
+        so the version is complete on every shard (a refresh died between the control switch and this
+        shard's)."""
+        shard = self.shards[s]
+        behind = parse_int(self._client.get(shard.current), shard.current, "value", default=-1)
+        if behind < 1:
+            raise StoreLostStateError(f"{shard.current} is missing or not a version number")
+        if behind >= version or shard.current == self.keys.current:
+            return
+        if self._publish_shard(s, version, behind, "force"):
+            log.warning(
+                "shard %s was behind the published version: rolled forward",
+                shard.prefix,
+                extra={"from_version": behind, "to_version": version},
+            )
+
+    def _read_snapshot(
+        self, s: int, version: int, users: list[str], items: list[str], pairs: list[tuple[str, str]]
+    ) -> BatchState | None:
+        keys, k = self.shards[s], self._model.k
         implicit = self._model.mode == "implicit"
         # KEYS[NK + u] is the u-th batch user's inter hash (for HLEN), so batch users are listed as given.
         batch_users = set(users)
@@ -268,7 +471,7 @@ class RedisStore:
          value_count, item_gramian, user_gramian) = reply  # fmt: skip
         user_rows, user_present = rows_from_blob(user_blob, user_mask, len(users), k)
         item_rows, item_present = rows_from_blob(item_blob, item_mask, len(items), k)
-        self._last_read = _LastRead(
+        self._last_read[s] = _LastRead(
             version=version,
             item_index={item: r for r, item in enumerate(items)},
             item_rows=item_rows,
@@ -308,12 +511,27 @@ class RedisStore:
         )
 
     def apply(self, update: BatchUpdate) -> ApplyOutcome:
-        keys, k = self.keys, self._model.k
+        """One script per shard, in shard order; the first outcome other than applied or duplicate is
+        returned at once (the caller retries: shards that took the batch answer duplicate then)."""
+        if len(self.shards) == 1:
+            return self._apply_shard(0, update)
+        applied = False
+        for s, part in enumerate(_shard_updates(update, len(self.shards), self._model.k)):
+            outcome = self._apply_shard(s, part)
+            if outcome is ApplyOutcome.APPLIED:
+                applied = True
+            elif outcome is not ApplyOutcome.DUPLICATE:
+                return outcome
+        return ApplyOutcome.APPLIED if applied else ApplyOutcome.DUPLICATE
+
+    def _apply_shard(self, s: int, update: BatchUpdate) -> ApplyOutcome:
+        keys, k = self.shards[s], self._model.k
         implicit = self._model.mode == "implicit"
         pair_users = list(dict.fromkeys(update.pair_users))
         inter_index = _tail_positions(scripts.APPLY, pair_users)
 
-        last = self._last_read if self._last_read and self._last_read.version == update.version else None
+        last = self._last_read.get(s)
+        last = last if last is not None and last.version == update.version else None
 
         def gramian_delta(delta: np.ndarray | None) -> bytes:
             # Explicit models keep no Gramians: a delta is ignored, as in the in-memory twin.
@@ -402,71 +620,164 @@ class RedisStore:
         return ApplyOutcome(outcome.decode())
 
     def forget_user(self, user: str, offsets: dict[int, tuple[int, int]] | None = None) -> ApplyOutcome:
-        keys = self.keys
+        """One shard: one script. Several: the user's item counts (and stats copies) on the other shards
+        first, each fenced on its own offsets, then the user's shard, which deletes the interactions last:
+        a crash in between leaves them there for the replay, which the shards already done answer as a
+        duplicate."""
+        home = shard_of(user, len(self.shards))
         for _ in range(_SNAPSHOT_ATTEMPTS):
-            versions = self._versions_with_rows()
-            per_version = [
-                key
-                for version in versions
-                for key in (
-                    keys.version_meta(version),
-                    keys.rows(version, "users"),
-                    keys.gramian(version, "users"),
-                    keys.changed(version, "users"),
-                )
-            ]
-            script_keys = scripts.FORGET_USER.key_list(
-                per_version,
-                current=keys.current,
-                offsets=keys.offsets,
-                inter=keys.inter(user),
-                item_counts=keys.item_counts,
-                stats=keys.stats,
-            )
-            args = scripts.FORGET_USER.arg_list(
-                [*versions, *_offset_triples(offsets or {})],
-                user=user,
-                k=self._model.k,
-                implicit=int(self._model.mode == "implicit"),
-                n_versions=len(versions),
-            )
-            try:
-                outcome = ApplyOutcome(self._forget_script(keys=script_keys, args=args).decode())
-            except redis.ResponseError as exc:
-                raise store_error_from(exc) or exc from None
+            version = self.current_version()
+            own_items: list[str] | None = None
+            if len(self.shards) > 1:
+                for s in range(len(self.shards)):
+                    self._roll_forward(s, version)
+                outcome, own_items = self._forget_elsewhere(user, home, version, offsets or {})
+                if outcome is not ApplyOutcome.APPLIED:
+                    if outcome is ApplyOutcome.STALE_VERSION:
+                        continue
+                    return outcome
+            outcome = self._forget_home(home, user, own_items, offsets or {})
             if outcome is not ApplyOutcome.STALE_VERSION:
                 return outcome
-        raise StoreError(f"{keys.current} moved on each of {_SNAPSHOT_ATTEMPTS} attempts to forget a user")
+        raise StoreError(
+            f"{self.keys.current} moved on each of {_SNAPSHOT_ATTEMPTS} attempts to forget a user"
+        )
 
-    def _versions_with_rows(self) -> list[int]:
-        """Every version that may still hold rows: the live one, those being built after it, and those
-        retired but not yet collected (readers may still use them)."""
-        current = self.current_version()
+    def _forget_elsewhere(
+        self, user: str, home: int, version: int, offsets: dict[int, tuple[int, int]]
+    ) -> tuple[ApplyOutcome, list[str]]:
+        """The forget's part on every shard but the user's; returns (outcome, the user's items whose
+        counts the user's own shard holds)."""
+        inter_key = self.shards[home].inter(user)
+        interactions = self._client.hgetall(inter_key)  # in the order the home shard's script sums them
+        value_sum = 0.0
+        for item, raw in interactions.items():
+            value_sum += parse_float(raw, inter_key, f"field {item!r}")
+        items = [text(item) for item in interactions]
+        by_shard = shard_indices(items, len(self.shards))
+        for s, shard in enumerate(self.shards):
+            if s == home:
+                continue
+            here = [items[i] for i in np.flatnonzero(by_shard == s)]
+            try:
+                reply = self._forget_counts_script(
+                    keys=scripts.FORGET_COUNTS.key_list(
+                        current=shard.current,
+                        meta=shard.version_meta(version),
+                        offsets=shard.offsets,
+                        item_counts=shard.item_counts,
+                        stats=shard.stats,
+                    ),
+                    args=scripts.FORGET_COUNTS.arg_list(
+                        _offset_triples(offsets),
+                        version=version,
+                        implicit=int(self._model.mode == "implicit"),
+                        n_items=len(here),
+                        items=join_ids(here),
+                        value_sum=repr(value_sum),
+                        value_count=len(items),
+                    ),
+                )
+            except redis.ResponseError as exc:
+                raise store_error_from(exc) or exc from None
+            outcome = ApplyOutcome(reply.decode())
+            if outcome not in (ApplyOutcome.APPLIED, ApplyOutcome.DUPLICATE):
+                return outcome, []
+        return ApplyOutcome.APPLIED, [items[i] for i in np.flatnonzero(by_shard == home)]
+
+    def _forget_home(
+        self, s: int, user: str, own_items: list[str] | None, offsets: dict[int, tuple[int, int]]
+    ) -> ApplyOutcome:
+        keys = self.shards[s]
+        versions = self._versions_with_rows(s)
+        per_version = [
+            key
+            for version in versions
+            for key in (
+                keys.version_meta(version),
+                keys.rows(version, "users"),
+                keys.gramian(version, "users"),
+                keys.changed(version, "users"),
+            )
+        ]
+        script_keys = scripts.FORGET_USER.key_list(
+            per_version,
+            current=keys.current,
+            offsets=keys.offsets,
+            inter=keys.inter(user),
+            item_counts=keys.item_counts,
+            stats=keys.stats,
+        )
+        args = scripts.FORGET_USER.arg_list(
+            [*versions, *_offset_triples(offsets)],
+            user=user,
+            k=self._model.k,
+            implicit=int(self._model.mode == "implicit"),
+            own_items="*" if own_items is None else join_ids(own_items),
+            n_own=0 if own_items is None else len(own_items),
+            n_versions=len(versions),
+        )
+        try:
+            return ApplyOutcome(self._forget_script(keys=script_keys, args=args).decode())
+        except redis.ResponseError as exc:
+            raise store_error_from(exc) or exc from None
+
+    def _versions_with_rows(self, s: int) -> list[int]:
+        """Every version that may still hold rows on shard `s`: the live one, those being built after it,
+        and those retired but not yet collected (readers may still use them)."""
+        shard = self.shards[s]
+        current = parse_int(self._client.get(shard.current), shard.current, "value", default=-1)
+        if current < 1:
+            raise StoreLostStateError(f"{shard.current} is missing or not a version number")
         last = parse_int(self._client.get(self.keys.next_version), self.keys.next_version, "value", current)
-        retired = set(self._version_numbers(self._client.zrange(self.keys.retired, 0, -1)))
+        retired = set(self._version_numbers(shard, self._client.zrange(shard.retired, 0, -1)))
         return sorted(retired | set(range(current, max(current, last) + 1)))
 
     def check_eviction_policy(self, allow_eviction: bool) -> str:
         """`StoreUnsafeError` if the server may evict our keys (see `require_no_eviction`)."""
         return require_no_eviction(self._client, allow_eviction)
 
-    def _version_numbers(self, members: object) -> list[int]:
-        """Members of the `retired` sorted set (a plain ZRANGE reply: bytes) as version numbers."""
-        return [parse_int(m, self.keys.retired, "member") for m in cast(list[bytes], members)]
+    def _version_numbers(self, shard: ModelKeys, members: object) -> list[int]:
+        """Members of a `retired` sorted set (a plain ZRANGE reply: bytes) as version numbers."""
+        return [parse_int(m, shard.retired, "member") for m in cast(list[bytes], members)]
+
+    def _shard_offsets(self) -> list[dict[int, int]]:
+        return [
+            {
+                parse_int(p, shard.offsets, "field"): parse_int(o, shard.offsets, f"field {p!r}")
+                for p, o in self._client.hgetall(shard.offsets).items()
+            }
+            for shard in self.shards
+        ]
 
     def applied_offsets(self) -> dict[int, int]:
-        raw = self._client.hgetall(self.keys.offsets)
-        return {
-            parse_int(p, self.keys.offsets, "field"): parse_int(o, self.keys.offsets, f"field {p!r}")
-            for p, o in raw.items()
-        }
+        """Partition -> next offset to consume: the smallest any shard holds (a partition some shard has
+        no offset for is left out: that shard has taken none of its events)."""
+        per_shard = self._shard_offsets()
+        common = set.intersection(*(set(offsets) for offsets in per_shard))
+        return {p: min(offsets[p] for offsets in per_shard) for p in sorted(common)}
+
+    def offsets_ahead(self) -> dict[int, int]:
+        """Partition -> the largest next offset a shard holds, where the shards disagree (a crash fell
+        between the shard writes of a batch): the first batch consumed from `applied_offsets` must end
+        there, so each shard either takes the whole of it or has it already."""
+        per_shard = self._shard_offsets()
+        partitions = set().union(*(set(offsets) for offsets in per_shard))
+        ahead = {}
+        for p in sorted(partitions):
+            held = [offsets.get(p) for offsets in per_shard]
+            furthest = max(h for h in held if h is not None)
+            if any(h != furthest for h in held):
+                ahead[p] = furthest
+        return ahead
 
     def popular_items(self, n: int, exclude: Sequence[str] = ()) -> list[tuple[str, float]]:
-        return read_popular_items(self._client, self.keys, n, exclude)
+        return read_popular_items(self._client, self.shards, n, exclude)
 
     def events_applied(self) -> int:
-        raw = self._client.hget(self.keys.stats, "events_applied")
-        return parse_int(raw, self.keys.stats, "field 'events_applied'")
+        """Events applied (every shard counts every batch; the first shard's count is the model's)."""
+        stats = self.shards[0].stats
+        return parse_int(self._client.hget(stats, "events_applied"), stats, "field 'events_applied'")
 
     # ------------------------------------------------------------------------ refresh support
 
@@ -474,30 +785,40 @@ class RedisStore:
         """(ids, (n, k) factors, (n,) biases) of every row of one side of the live version."""
         k = self._model.k
         for _ in range(_SNAPSHOT_ATTEMPTS):
-            scanned = scan_version_rows(self._scan_rows_script, self.keys, self.current_version(), side, k)
-            if scanned is not None:
-                ids, rows = scanned
+            version = self.current_version()
+            ids: list[str] = []
+            blocks: list[np.ndarray] = []
+            for shard in self.shards:
+                scanned = scan_version_rows(self._scan_rows_script, shard, version, side, k)
+                if scanned is None:
+                    break
+                ids += scanned[0]
+                blocks.append(scanned[1])
+            else:
+                rows = np.concatenate(blocks) if blocks else np.zeros((0, k + 1), dtype=np.float32)
                 return ids, rows[:, :k].copy(), rows[:, k].copy()
         raise StoreError(f"{self.keys.current}: each version it named was deleted while being read")
 
     def global_mean(self) -> float:
         """Mean of all event values applied (explicit mode's μ); 0 before any event."""
-        value_sum, value_count = self._client.hmget(self.keys.stats, ["value_sum", "value_count"])
-        count = parse_int(value_count, self.keys.stats, "field 'value_count'")
-        return parse_float(value_sum, self.keys.stats, "field 'value_sum'") / count if count else 0.0
+        stats = self.shards[0].stats
+        value_sum, value_count = self._client.hmget(stats, ["value_sum", "value_count"])
+        count = parse_int(value_count, stats, "field 'value_count'")
+        return parse_float(value_sum, stats, "field 'value_sum'") / count if count else 0.0
 
     def iter_interactions(self, batch: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """SCAN the interaction hashes: chunks of about `batch` users. Not a snapshot (events keep coming);
-        a user is never split across chunks."""
-        prefix = self.keys.inter_prefix.encode()
-        pending: list[bytes] = []
-        for key in self._client.scan_iter(match=self.keys.inter_prefix + "*", count=batch):
-            pending.append(key)
-            if len(pending) >= batch:
+        """SCAN the interaction hashes, shard by shard: chunks of about `batch` users. Not a snapshot
+        (events keep coming); a user is never split across chunks."""
+        for shard in self.shards:
+            prefix = shard.inter_prefix.encode()
+            pending: list[bytes] = []
+            for key in scan_keys(self._client, shard.inter_prefix, count=batch):
+                pending.append(key)
+                if len(pending) >= batch:
+                    yield self._read_interactions(pending, prefix)
+                    pending = []
+            if pending:
                 yield self._read_interactions(pending, prefix)
-                pending = []
-        if pending:
-            yield self._read_interactions(pending, prefix)
 
     def _read_interactions(
         self, inter_keys: list[bytes], prefix: bytes
@@ -521,21 +842,30 @@ class RedisStore:
         )
 
     def begin_version(self, source: str = "wals") -> int:
-        """A new version number (never reused), in state 'building', with zero Gramians if implicit."""
+        """A new version number (never reused), in state 'building' on every shard, with zero Gramians if
+        implicit."""
         version = int(self._client.incr(self.keys.next_version))
         server_time = self._client.time()
         now = f"{server_time[0]}.{server_time[1]:06d}"
-        pipe = self._client.pipeline(transaction=True)
-        pipe.hset(
-            self.keys.version_meta(version),
-            mapping={"created_at": now, "source": source, "state": "building"},
-        )
-        if self._model.mode == "implicit":
-            zero = np.zeros((self._model.k, self._model.k), dtype=GRAMIAN_DTYPE).tobytes()
-            for side in SIDES:
-                pipe.set(self.keys.gramian(version, side), zero)
-        pipe.execute()
+        for shard in self.shards:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hset(
+                shard.version_meta(version),
+                mapping={"created_at": now, "source": source, "state": "building"},
+            )
+            if self._model.mode == "implicit":
+                zero = np.zeros((self._model.k, self._model.k), dtype=GRAMIAN_DTYPE).tobytes()
+                for side in SIDES:
+                    pipe.set(shard.gramian(version, side), zero)
+            pipe.execute()
         return version
+
+    def _by_shard(self, ids: Sequence[str]) -> list[np.ndarray]:
+        """Positions of `ids` held by each shard."""
+        if len(self.shards) == 1:
+            return [np.arange(len(ids))]
+        held = shard_indices(ids, len(self.shards))
+        return [np.flatnonzero(held == s) for s in range(len(self.shards))]
 
     def write_rows(
         self, version: int, side: Side, ids: Sequence[str], rows: np.ndarray, biases: np.ndarray | None = None
@@ -545,45 +875,54 @@ class RedisStore:
         n = len(ids)
         bias = np.zeros(n) if biases is None else np.asarray(biases).reshape(n)
         blobs = np.column_stack([np.asarray(rows).reshape(n, k), bias]).astype(ROW_DTYPE)
-        script_keys = scripts.WRITE_ROWS.key_list(
-            meta=self.keys.version_meta(version), rows=self.keys.rows(version, side)
-        )
-        pipe = self._client.pipeline(transaction=False)
-        for start in range(0, n, _WRITE_CHUNK_ROWS):
-            stop = min(start + _WRITE_CHUNK_ROWS, n)
-            args = scripts.WRITE_ROWS.arg_list(
-                n=stop - start,
-                ids=join_ids(ids[start:stop]),
-                rows=blobs[start:stop].tobytes(),
-                row_bytes=blobs.shape[1] * 4,
+        for shard, at in zip(self.shards, self._by_shard(ids), strict=True):
+            script_keys = scripts.WRITE_ROWS.key_list(
+                meta=shard.version_meta(version), rows=shard.rows(version, side)
             )
-            self._write_rows_script(keys=script_keys, args=args, client=pipe)
-        self._check_written(version, pipe.execute())
+            # Pipelined on one Redis; redis-py's cluster pipeline refuses scripts, so one call at a time.
+            pipe = (
+                None if isinstance(self._client, RedisCluster) else self._client.pipeline(transaction=False)
+            )
+            written = []
+            for start in range(0, len(at), _WRITE_CHUNK_ROWS):
+                chunk = at[start : start + _WRITE_CHUNK_ROWS]
+                args = scripts.WRITE_ROWS.arg_list(
+                    n=len(chunk),
+                    ids=join_ids([ids[i] for i in chunk]),
+                    rows=blobs[chunk].tobytes(),
+                    row_bytes=blobs.shape[1] * 4,
+                )
+                written.append(self._write_rows_script(keys=script_keys, args=args, client=pipe))
+            self._check_written(version, written if pipe is None else pipe.execute())
 
     def delete_rows(self, version: int, side: Side, ids: Sequence[str]) -> None:
         """Remove rows from a version being built (users forgotten while a refresh ran)."""
-        if not ids:
-            return
-        written = self._delete_rows_script(
-            keys=scripts.DELETE_ROWS.key_list(
-                meta=self.keys.version_meta(version), rows=self.keys.rows(version, side)
-            ),
-            args=scripts.DELETE_ROWS.arg_list(n=len(ids), ids=join_ids(ids)),
-        )
-        self._check_written(version, [written])
+        for shard, at in zip(self.shards, self._by_shard(ids), strict=True):
+            if not len(at):
+                continue
+            written = self._delete_rows_script(
+                keys=scripts.DELETE_ROWS.key_list(
+                    meta=shard.version_meta(version), rows=shard.rows(version, side)
+                ),
+                args=scripts.DELETE_ROWS.arg_list(n=len(at), ids=join_ids([ids[i] for i in at])),
+            )
+            self._check_written(version, [written])
 
-    def write_gramian(self, version: int, side: Side, gramian: np.ndarray) -> None:
+    def write_gramian(self, version: int, side: Side, ids: Sequence[str], rows: np.ndarray) -> None:
+        """The Gramian of `rows` (every row of the side, (n, k)), as each shard's partial sum over its own."""
         if self._model.mode != "implicit":
             raise ValueError("explicit models keep no Gramians")
         k = self._model.k
-        blob = np.asarray(gramian, dtype=GRAMIAN_DTYPE).reshape(k, k).tobytes()
-        written = self._write_string_script(
-            keys=scripts.WRITE_STRING.key_list(
-                meta=self.keys.version_meta(version), target=self.keys.gramian(version, side)
-            ),
-            args=scripts.WRITE_STRING.arg_list(value=blob),
-        )
-        self._check_written(version, [written])
+        wide = np.asarray(rows, dtype=np.float64).reshape(len(ids), k)
+        for shard, at in zip(self.shards, self._by_shard(ids), strict=True):
+            part = wide if len(self.shards) == 1 else wide[at]
+            written = self._write_string_script(
+                keys=scripts.WRITE_STRING.key_list(
+                    meta=shard.version_meta(version), target=shard.gramian(version, side)
+                ),
+                args=scripts.WRITE_STRING.arg_list(value=(part.T @ part).astype(GRAMIAN_DTYPE).tobytes()),
+            )
+            self._check_written(version, [written])
 
     def _check_written(self, version: int, results: list[int]) -> None:
         if not all(results):
@@ -591,18 +930,39 @@ class RedisStore:
 
     def publish(self, version: int, expected_current: int) -> bool:
         """Make `version` current iff `current` is still `expected_current` and `version` is newer and being
-        built. The old version (and abandoned builds below `version`) are retired, not yet deleted."""
-        retiring = [self.keys.version_meta(v) for v in range(expected_current, version)]
-        published = self._publish_script(
-            keys=scripts.PUBLISH.key_list(
-                retiring,
-                current=self.keys.current,
-                retired=self.keys.retired,
-                new_meta=self.keys.version_meta(version),
-            ),
-            args=scripts.PUBLISH.arg_list(version=version, expected=expected_current),
+        built. The old version (and abandoned builds below `version`) are retired, not yet deleted.
+
+        Several shards: every shard is checked (being built, its pause not run out), then the control
+        `current` switches, which is the moment readers see the new version, then each shard's."""
+        if len(self.shards) == 1:
+            return self._publish_shard(0, version, expected_current, "flip")
+        if not all(
+            self._publish_shard(s, version, expected_current, "check") for s in range(len(self.shards))
+        ):
+            return False
+        switched = self._switch_script(
+            keys=scripts.SWITCH.key_list(current=self.keys.current),
+            args=scripts.SWITCH.arg_list(version=version, expected=expected_current),
         )
-        return bool(published)
+        if not switched:
+            return False
+        for s in range(len(self.shards)):
+            self._publish_shard(s, version, expected_current, "force")
+        return True
+
+    def _publish_shard(self, s: int, version: int, expected: int, mode: str) -> bool:
+        shard = self.shards[s]
+        return bool(
+            self._publish_script(
+                keys=scripts.PUBLISH.key_list(
+                    [shard.version_meta(v) for v in range(expected, version)],
+                    current=shard.current,
+                    retired=shard.retired,
+                    new_meta=shard.version_meta(version),
+                ),
+                args=scripts.PUBLISH.arg_list(version=version, expected=expected, mode=mode),
+            )
+        )
 
     def hold_refresh_lease(self, owner: str, ttl_s: float) -> bool:
         """Take or extend the lease that lets one replica run the periodic refresh (True if held)."""
@@ -628,70 +988,91 @@ class RedisStore:
 
     def discard_version(self, version: int) -> bool:
         """Give up a version being built (e.g. its publish was refused); `collect_garbage` deletes it."""
-        return bool(
-            self._discard_script(
-                keys=scripts.DISCARD.key_list(
-                    meta=self.keys.version_meta(version), retired=self.keys.retired
-                ),
-                args=scripts.DISCARD.arg_list(version=version),
+        discarded = [
+            bool(
+                self._discard_script(
+                    keys=scripts.DISCARD.key_list(meta=shard.version_meta(version), retired=shard.retired),
+                    args=scripts.DISCARD.arg_list(version=version),
+                )
             )
-        )
+            for shard in self.shards
+        ]
+        return any(discarded)
 
     def track_changes(self, version: int) -> bool:
         """From now on, updates applied to `version` record their users and items (see `take_changes`)."""
-        return bool(self._handover(version, "tracking", 0.0))
+        return self._handover(version, "tracking", 0.0)
 
     def stop_tracking(self, version: int) -> None:
         """Undo `track_changes`: the mark and what was recorded under it go."""
-        pipe = self._client.pipeline(transaction=True)
-        pipe.hdel(self.keys.version_meta(version), "tracking")
-        pipe.delete(*(self.keys.changed(version, side) for side in SIDES))
-        pipe.execute()
+        for shard in self.shards:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hdel(shard.version_meta(version), "tracking")
+            pipe.delete(*(shard.changed(version, side) for side in SIDES))
+            pipe.execute()
 
     def take_changes(self, version: int) -> tuple[list[str], list[str]]:
         """The users and items updated in `version` since tracking began or the last take; forgets them."""
-        keys = [self.keys.changed(version, side) for side in SIDES]
-        pipe = self._client.pipeline(transaction=True)
-        for key in keys:
-            pipe.smembers(key)
-        pipe.delete(*keys)
-        *members, _ = pipe.execute()
-        users, items = (sorted(raw.decode() for raw in side) for side in members)
-        return users, items
+        users: set[str] = set()
+        items: set[str] = set()
+        for shard in self.shards:
+            keys = [shard.changed(version, side) for side in SIDES]
+            pipe = self._client.pipeline(transaction=True)
+            for key in keys:
+                pipe.smembers(key)
+            pipe.delete(*keys)
+            changed_users, changed_items, _ = pipe.execute()
+            users.update(raw.decode() for raw in changed_users)
+            items.update(raw.decode() for raw in changed_items)
+        return sorted(users), sorted(items)
 
     def read_interactions(self, users: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The given users' interactions as they are now (one pipelined HGETALL per user)."""
-        prefix = self.keys.inter_prefix.encode()
-        return self._read_interactions([self.keys.inter(user).encode() for user in users], prefix)
+        """The given users' interactions as they are now (one pipelined HGETALL per user and shard)."""
+        parts = [
+            self._read_interactions([shard.inter(users[i]).encode() for i in at], shard.inter_prefix.encode())
+            for shard, at in zip(self.shards, self._by_shard(users), strict=True)
+        ]
+        return (
+            np.concatenate([part[0] for part in parts]),
+            np.concatenate([part[1] for part in parts]),
+            np.concatenate([part[2] for part in parts]),
+        )
 
     def pause_writes(self, version: int, ttl_s: float) -> bool:
         """Updates to `version` get PAUSED until `resume_writes`, a publish, or `ttl_s` (server clock)."""
-        return bool(self._handover(version, "paused_until", ttl_s))
+        return self._handover(version, "paused_until", ttl_s)
 
     def resume_writes(self, version: int) -> None:
-        self._client.hdel(self.keys.version_meta(version), "paused_until")
+        for shard in self.shards:
+            self._client.hdel(shard.version_meta(version), "paused_until")
 
-    def _handover(self, version: int, mark: str, ttl_s: float) -> int:
-        return int(
-            self._handover_script(
-                keys=scripts.HANDOVER.key_list(
-                    current=self.keys.current, meta=self.keys.version_meta(version)
-                ),
-                args=scripts.HANDOVER.arg_list(version=version, mark=mark, ttl_s=repr(ttl_s)),
+    def _handover(self, version: int, mark: str, ttl_s: float) -> bool:
+        """`mark` on every shard's meta of `version`; False if some shard's `current` is another one."""
+        marked = [
+            int(
+                self._handover_script(
+                    keys=scripts.HANDOVER.key_list(current=shard.current, meta=shard.version_meta(version)),
+                    args=scripts.HANDOVER.arg_list(version=version, mark=mark, ttl_s=repr(ttl_s)),
+                )
             )
-        )
+            for shard in self.shards
+        ]
+        return all(marked)
 
     def collect_garbage(self, grace_s: float) -> list[int]:
         """UNLINK (memory freed off the main thread) every version retired more than `grace_s` seconds ago
         by the server's clock, so readers still holding its number get to finish. Returns those versions."""
         seconds, micros = self._client.time()
         cutoff = seconds + micros / 1e6 - grace_s
-        due = self._version_numbers(self._client.zrangebyscore(self.keys.retired, "-inf", cutoff))
-        for version in due:
-            # One UNLINK per version removes its meta together with its rows: a reader that sees the meta
-            # after reading rows knows the rows were whole.
-            pipe = self._client.pipeline(transaction=False)
-            pipe.unlink(*self.keys.version_keys(version))
-            pipe.zrem(self.keys.retired, version)
-            pipe.execute()
-        return due
+        collected: set[int] = set()
+        for shard in self.shards:
+            due = self._version_numbers(shard, self._client.zrangebyscore(shard.retired, "-inf", cutoff))
+            for version in due:
+                # One UNLINK per version removes its meta together with its rows: a reader that sees the
+                # meta after reading rows knows the rows were whole.
+                pipe = self._client.pipeline(transaction=False)
+                pipe.unlink(*shard.version_keys(version))
+                pipe.zrem(shard.retired, version)
+                pipe.execute()
+            collected.update(due)
+        return sorted(collected)

@@ -69,12 +69,10 @@ def _script(name: str, keys: str, args: str, prelude: bool = True) -> LuaScript:
 LEASE = _script("lease", "lease", "owner ttl_ms", prelude=False)
 RELEASE_LEASE = _script("release_lease", "lease", "owner", prelude=False)
 SCAN_ROWS = _script("scan_rows", "meta rows", "cursor count row_bytes")
-OPEN = _script(
-    "open",
-    "meta current next_version stats v1_meta v1_gram_items v1_gram_users",
-    "mode k hyper zero_gramian",
-    prelude=False,
+OPEN_SHARD = _script(
+    "open_shard", "current stats v1_meta v1_gram_items v1_gram_users", "zero_gramian", prelude=False
 )
+OPEN = _script("open", "meta current next_version", "mode k hyper shards shard_tags", prelude=False)
 # Tail: KEYS inter:<user> of each batch user, then of each other pair user.
 READ_STATE = _script(
     "read_state",
@@ -94,12 +92,22 @@ APPLY = _script(
 )
 # Tails: KEYS per version (v:meta, v:users, v:gram:users, v:changed:users); ARGV the version numbers, then
 # (partition, first, next) triples.
-FORGET_USER = _script("forget_user", "current offsets inter item_counts stats", "user k implicit n_versions")
+# own_items: '*' (every item of the user: one shard) or the NUL-joined items whose counts this shard holds.
+FORGET_USER = _script(
+    "forget_user", "current offsets inter item_counts stats", "user k implicit own_items n_own n_versions"
+)
+# Tail: ARGV (partition, first, next) triples.
+FORGET_COUNTS = _script(
+    "forget_counts",
+    "current meta offsets item_counts stats",
+    "version implicit n_items items value_sum value_count",
+)
 WRITE_ROWS = _script("write_rows", "meta rows", "n ids rows row_bytes")
 DELETE_ROWS = _script("delete_rows", "meta rows", "n ids")
 WRITE_STRING = _script("write_string", "meta target", "value")
 # Tail: KEYS v:meta of every version from the old current one up to (not including) the new one.
-PUBLISH = _script("publish", "current retired new_meta", "version expected", prelude=False)
+PUBLISH = _script("publish", "current retired new_meta", "version expected mode", prelude=False)
+SWITCH = _script("switch", "current", "version expected", prelude=False)
 HANDOVER = _script("handover", "current meta", "version mark ttl_s", prelude=False)
 DISCARD = _script("discard", "meta retired", "version", prelude=False)
 
@@ -108,6 +116,6 @@ READ_USER = _script("read_user", "current users inter stats", "version user k wi
 READ_ITEMS = _script("read_items", "current items", "version k n items")
 
 ALL = (
-    LEASE, RELEASE_LEASE, SCAN_ROWS, OPEN, READ_STATE, APPLY, FORGET_USER, WRITE_ROWS, DELETE_ROWS,
-    WRITE_STRING, PUBLISH, HANDOVER, DISCARD, READ_USER, READ_ITEMS,
+    LEASE, RELEASE_LEASE, SCAN_ROWS, OPEN_SHARD, OPEN, READ_STATE, APPLY, FORGET_USER, FORGET_COUNTS,
+    WRITE_ROWS, DELETE_ROWS, WRITE_STRING, PUBLISH, SWITCH, HANDOVER, DISCARD, READ_USER, READ_ITEMS,
 )  # fmt: skip

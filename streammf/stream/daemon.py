@@ -14,6 +14,7 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from streammf.config import Settings
+from streammf.store.connect import redis_client
 from streammf.store.contract import StoreLostStateError
 from streammf.store.layout import delete_model, model_exists, require_no_eviction
 from streammf.store.redis_store import RedisStore
@@ -27,28 +28,17 @@ from streammf.stream.refresh import PeriodicRefresh
 log = logging.getLogger(__name__)
 
 
-def redis_client(settings: Settings) -> redis.Redis:
-    password = settings.redis.password.get_secret_value() if settings.redis.password else None
-    return redis.Redis.from_url(
-        settings.redis.url,
-        password=password,
-        socket_timeout=settings.redis.socket_timeout_s,
-        socket_connect_timeout=settings.redis.socket_timeout_s,
-        health_check_interval=30,
-    )
-
-
 def open_store(settings: Settings, client: redis.Redis) -> RedisStore:
     """The configured model, created if absent (the daemon: a first run starts an empty model)."""
     model = settings.model
     hyper = model.model_dump(exclude={"name", "mode", "factors"})
-    return RedisStore.open(client, model.name, model.mode, model.factors, hyper)
+    return RedisStore.open(client, model.name, model.mode, model.factors, hyper, shards=settings.redis.shards)
 
 
 def attach_store(settings: Settings, client: redis.Redis) -> RedisStore:
     """The configured model, which must exist (tools that read or refresh it never create one)."""
     model = settings.model
-    return RedisStore.attach(client, model.name, (model.mode, model.factors))
+    return RedisStore.attach(client, model.name, (model.mode, model.factors), shards=settings.redis.shards)
 
 
 def run_daemon(

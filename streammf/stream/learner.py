@@ -229,6 +229,9 @@ class Learner:
         user_rows = _with_initial_rows(state.user_rows, user_ok, plan.users, self.params, "user")
         item_base = _with_initial_rows(state.item_rows, item_ok, plan.items, self.params, "item")
         item_rows = item_base.copy()
+        # What the Gramians hold of these rows before the batch (absent or damaged rows: nothing).
+        user_rows_before = np.where(user_ok[:, None], user_rows, 0).astype(DTYPE) if implicit else None
+        item_rows_before = np.where(item_ok[:, None], item_base, 0).astype(DTYPE) if implicit else None
         # A damaged row restarts from its initial row with a zero bias, as if it had never been written
         # (the store treats a damaged stored item row as absent too, so the item delta applies to the base).
         user_bias = np.where(user_ok, state.user_bias, 0).astype(DTYPE)
@@ -292,6 +295,8 @@ class Learner:
                 plan.event_item, len(plan.items), self.params.popularity_half_life
             ),
             popularity_half_life=self.params.popularity_half_life,
+            user_rows_before=user_rows_before,
+            item_rows_before=item_rows_before,
         )
         return update, predictions
 

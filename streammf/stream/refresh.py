@@ -429,9 +429,9 @@ def _write(
     ):
         store.write_rows(version, side, [ids[r] for r in at], rows[at], bias[at])  # type: ignore[arg-type]
     if params.mode == "implicit":
-        users = f.user[has_entries].astype(np.float64)
-        store.write_gramian(version, "users", users.T @ users)
-        store.write_gramian(version, "items", f.item.astype(np.float64).T @ f.item.astype(np.float64))
+        kept_users = [user for user, kept in zip(fitted.users, has_entries, strict=True) if kept]
+        store.write_gramian(version, "users", kept_users, f.user[has_entries])
+        store.write_gramian(version, "items", fitted.items, f.item)
 
 
 class RefreshLeaseHeldError(RuntimeError):

@@ -21,13 +21,26 @@ K = 3
 MakeStore = Callable[[Mode], RefreshableStore]
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.integration)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.integration),
+        # Three shards in one Redis, and in the local stack's three-primary Redis Cluster.
+        pytest.param("redis-3-shards", marks=pytest.mark.integration),
+        pytest.param("cluster-3-shards", marks=pytest.mark.integration),
+    ]
+)
 def make_store(request: pytest.FixtureRequest) -> MakeStore:
     if request.param == "memory":
         return lambda mode: MemoryStore("contract", mode, K, {"reg": 0.05})
+    if request.param == "cluster-3-shards":
+        cluster: redis.Redis = request.getfixturevalue("redis_cluster_client")
+        cluster_name: str = request.getfixturevalue("cluster_model_name")
+        return lambda mode: RedisStore.open(cluster, cluster_name, mode, K, {"reg": 0.05}, shards=3)
     client: redis.Redis = request.getfixturevalue("redis_client")
     name: str = request.getfixturevalue("model_name")
-    return lambda mode: RedisStore.open(client, name, mode, K, {"reg": 0.05})
+    shards = 3 if request.param == "redis-3-shards" else 1
+    return lambda mode: RedisStore.open(client, name, mode, K, {"reg": 0.05}, shards=shards)
 
 
 def make_update(
@@ -149,8 +162,8 @@ def test_stale_version_after_publish(make_store: MakeStore) -> None:
     assert version > 1
     store.write_rows(version, "users", ["bob"], np.float32([[2, 2, 2]]))
     store.write_rows(version, "items", ["x"], np.float32([[3, 3, 3]]))
-    gramian = np.arange(K * K, dtype=np.float64).reshape(K, K)
-    store.write_gramian(version, "items", gramian)
+    store.write_gramian(version, "items", ["x", "z"], np.float32([[3, 3, 3], [1, 2, 4]]))
+    gramian = np.float64([[3, 3, 3], [1, 2, 4]]).T @ np.float64([[3, 3, 3], [1, 2, 4]])
     assert store.meta().version == 1  # a version being built is invisible
     assert store.publish(version, expected_current=1)
     assert store.meta().version == version
@@ -271,19 +284,42 @@ def test_interactions_add_in_implicit_and_set_in_explicit(
     assert state.user_counts.tolist() == [1]
 
 
-def test_implicit_gramians_add_deltas(make_store: MakeStore) -> None:
+def test_implicit_gramians_follow_the_rows(make_store: MakeStore) -> None:
+    """Each update carries the Gramian deltas of its rows (Σ after·afterᵀ − before·beforeᵀ, as the learner
+    computes them) and the rows before; however a store keeps the Gramians (one sum, or a partial sum per
+    shard), they read back as the Gramians of the rows."""
     store = make_store("implicit")
     rng = np.random.default_rng(7)
-    deltas = [(rng.normal(size=(K, K)), rng.normal(size=(K, K))) for _ in range(3)]
-    for offset, pair in enumerate(deltas):
-        store.apply(make_update(offsets={0: (offset, offset + 1)}, gramian_deltas=pair))
+    users, items = ["alice", "bob", "carol", "dan"], ["x", "y", "z", "w", "v"]
+    user_rows = {u: np.zeros(K, dtype=np.float32) for u in users}
+    item_rows = {i: np.zeros(K, dtype=np.float32) for i in items}
+    for offset in range(3):
+        batch_users, batch_items = users[offset : offset + 2], items[offset : offset + 3]
+        before_u = np.array([user_rows[u] for u in batch_users])
+        before_i = np.array([item_rows[i] for i in batch_items])
+        after_u = rng.normal(size=before_u.shape).astype(np.float32)
+        delta_i = rng.normal(size=(len(batch_items), K))
+        after_i = (before_i.astype(np.float64) + delta_i).astype(np.float32)
+        wide = {name: rows.astype(np.float64) for name, rows in (("bu", before_u), ("au", after_u))}
+        user_delta = wide["au"].T @ wide["au"] - wide["bu"].T @ wide["bu"]
+        item_delta = after_i.astype(np.float64).T @ after_i - before_i.astype(np.float64).T @ before_i
+        update = make_update(
+            offsets={0: (offset, offset + 1)},
+            users={u: [*row, 0.0] for u, row in zip(batch_users, after_u, strict=True)},
+            items={
+                i: (list(b), [*(a.astype(np.float64) - b), 0.0], 1)
+                for i, b, a in zip(batch_items, before_i, after_i, strict=True)
+            },
+            gramian_deltas=(item_delta, user_delta),
+        )
+        store.apply(replace(update, user_rows_before=before_u, item_rows_before=before_i))
+        user_rows.update(zip(batch_users, after_u, strict=True))
+        item_rows.update(zip(batch_items, after_i, strict=True))
     state = read_all(store)
-    item_sum, user_sum = np.zeros((K, K)), np.zeros((K, K))
-    for item_delta, user_delta in deltas:
-        item_sum += item_delta
-        user_sum += user_delta
-    np.testing.assert_array_equal(state.item_gramian, item_sum)
-    np.testing.assert_array_equal(state.user_gramian, user_sum)
+    all_users = np.array(list(user_rows.values()), dtype=np.float64)
+    all_items = np.array(list(item_rows.values()), dtype=np.float64)
+    np.testing.assert_allclose(state.item_gramian, all_items.T @ all_items, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(state.user_gramian, all_users.T @ all_users, rtol=1e-9, atol=1e-9)
 
 
 def test_read_all_rows_and_global_mean(make_store: MakeStore) -> None:

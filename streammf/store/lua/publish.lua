@@ -1,3 +1,5 @@
+-- ARGV mode: 'check' answers whether the publish may go ahead; 'flip' checks and publishes; 'force'
+-- publishes without looking at a pause (a shard of a model whose control `current` already moved on).
 local current = redis.call('GET', KEYS[K.current])
 if current ~= ARGV[A.expected] then return 0 end
 local version, old = tonumber(ARGV[A.version]), tonumber(current)
@@ -7,7 +9,8 @@ local t = redis.call('TIME')
 local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
 -- A refresh that paused writers to the old version must publish before the pause runs out.
 local paused_until = redis.call('HGET', KEYS[NK + 1], 'paused_until')
-if paused_until and tonumber(now) >= tonumber(paused_until) then return 0 end
+if ARGV[A.mode] ~= 'force' and paused_until and tonumber(now) >= tonumber(paused_until) then return 0 end
+if ARGV[A.mode] == 'check' then return 1 end
 redis.call('HSET', KEYS[K.new_meta], 'state', 'live', 'published_at', now)
 redis.call('SET', KEYS[K.current], ARGV[A.version])
 for v = old, version - 1 do

@@ -144,6 +144,12 @@ class FactorStore(Protocol):
         """Partition -> next offset to consume (what has been applied)."""
         ...
 
+    def offsets_ahead(self) -> dict[int, int]:
+        """Partition -> where the store holds it further than `applied_offsets` says: a store made of
+        shards that took a batch on some of them only. The batch consumed from `applied_offsets` must end
+        there. Empty for a store that applies a batch in one step."""
+        ...
+
     def events_applied(self) -> int: ...
 
     def popular_items(self, n: int, exclude: Sequence[str] = ()) -> list[tuple[str, float]]:

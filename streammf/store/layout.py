@@ -24,6 +24,7 @@ counts, popularity and offsets, and a full copy of `stats`.
                                         popularity_origin, popularity_half_life (0: no decay)
     popularity                  zset    item -> forward-decay score S_j (cold start; see README)
     offsets                     hash    Kafka partition -> next offset to consume
+    item_offsets                hash    the same, for the item part of batches (models of S > 1 shards)
 
 Floats stored as text are written with 17 significant digits, so they read back as the exact float64.
 """
@@ -114,6 +115,10 @@ class ModelKeys:
     @property
     def offsets(self) -> str:
         return self.prefix + "offsets"
+
+    @property
+    def item_offsets(self) -> str:
+        return self.prefix + "item_offsets"
 
     @property
     def inter_prefix(self) -> str:

@@ -132,6 +132,9 @@ class MemoryStore:
         now = forward_weight(self._events_applied, self.popularity_origin, self.popularity_half_life)
         return [(item, score / now) for item, score in ranked]
 
+    def offsets_ahead(self) -> dict[int, int]:
+        return {}  # one step per batch: never torn
+
     def applied_offsets(self) -> dict[int, int]:
         return dict(self.offsets)
 

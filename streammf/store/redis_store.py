@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import numpy as np
@@ -169,10 +169,10 @@ class _Split:
         )
 
 
-def _shard_updates(update: BatchUpdate, shards: int, k: int) -> list[BatchUpdate]:
-    """Each shard's part of a batch: its users (rows, interactions), its items (rows, counts,
-    popularity), the batch's offsets and stats deltas (every shard keeps a copy of the stats), and the
-    change of the Gramian partial sums over its rows."""
+def _shard_updates(update: BatchUpdate, shards: int, k: int) -> tuple[list[BatchUpdate], list[BatchUpdate]]:
+    """Each shard's parts of a batch, both with the batch's offsets: the item part (its items' rows,
+    counts and popularity, the stats deltas: every shard keeps a copy of the stats, the change of its item
+    Gramian partial sum) and the user part (its users' rows and interactions, its user Gramian's change)."""
     split = _Split.of(shards, update.users, update.items, update.pair_users)
     by_rows = update.user_rows_before is not None and update.item_rows_before is not None
     user_after = np.asarray(update.user_rows, dtype=np.float64).reshape(len(update.users), k)
@@ -191,37 +191,58 @@ def _shard_updates(update: BatchUpdate, shards: int, k: int) -> list[BatchUpdate
         start = np.asarray(before, dtype=np.float64).reshape(after.shape)[at]
         return after[at].T @ after[at] - start.T @ start
 
-    parts = []
+    no_rows = np.zeros((0, k), dtype=np.float32)
+    item_parts, user_parts = [], []
     for s in range(shards):
         u, i, p = split.users[s], split.items[s], split.pairs[s]
-        parts.append(
-            BatchUpdate(
-                version=update.version,
-                offsets=update.offsets,
-                users=[update.users[r] for r in u],
-                user_rows=np.asarray(update.user_rows)[u],
-                user_bias=np.asarray(update.user_bias)[u],
+        item_parts.append(
+            replace(
+                update,
+                users=[],
+                user_rows=no_rows,
+                user_bias=np.zeros(0, dtype=np.float32),
                 items=[update.items[r] for r in i],
                 item_base=np.asarray(update.item_base)[i],
                 item_delta=np.asarray(update.item_delta)[i],
                 item_bias_delta=np.asarray(update.item_bias_delta)[i],
                 item_count_delta=np.asarray(update.item_count_delta)[i],
-                pair_users=[update.pair_users[r] for r in p],
-                pair_items=[update.pair_items[r] for r in p],
-                pair_values=np.asarray(update.pair_values)[p],
-                value_sum_delta=update.value_sum_delta,
-                value_count_delta=update.value_count_delta,
-                events_applied=update.events_applied,
+                pair_users=[],
+                pair_items=[],
+                pair_values=np.zeros(0),
                 item_gramian_delta=partial(update.item_gramian_delta, item_after, update.item_rows_before, s),
-                user_gramian_delta=partial(update.user_gramian_delta, user_after, update.user_rows_before, s),
-                max_abs_factor=update.max_abs_factor,
+                user_gramian_delta=None,
                 item_popularity=None
                 if update.item_popularity is None
                 else np.asarray(update.item_popularity)[i],
-                popularity_half_life=update.popularity_half_life,
+                user_rows_before=None,
+                item_rows_before=None,
             )
         )
-    return parts
+        user_parts.append(
+            replace(
+                update,
+                users=[update.users[r] for r in u],
+                user_rows=np.asarray(update.user_rows)[u],
+                user_bias=np.asarray(update.user_bias)[u],
+                items=[],
+                item_base=no_rows,
+                item_delta=np.zeros((0, k)),
+                item_bias_delta=np.zeros(0),
+                item_count_delta=np.zeros(0, dtype=np.int64),
+                pair_users=[update.pair_users[r] for r in p],
+                pair_items=[update.pair_items[r] for r in p],
+                pair_values=np.asarray(update.pair_values)[p],
+                value_sum_delta=0.0,
+                value_count_delta=0,
+                events_applied=0,
+                item_gramian_delta=None,
+                user_gramian_delta=partial(update.user_gramian_delta, user_after, update.user_rows_before, s),
+                item_popularity=None,
+                user_rows_before=None,
+                item_rows_before=None,
+            )
+        )
+    return item_parts, user_parts
 
 
 # A server away, restarting, full, or (Redis Cluster) a slot whose primary is down or moving.
@@ -511,20 +532,27 @@ class RedisStore:
         )
 
     def apply(self, update: BatchUpdate) -> ApplyOutcome:
-        """One script per shard, in shard order; the first outcome other than applied or duplicate is
-        returned at once (the caller retries: shards that took the batch answer duplicate then)."""
+        """One shard: one script. Several: the item part of the batch on every shard (item rows, counts,
+        popularity, the stats copies), then the user part on every shard (user rows, interactions), each
+        a script fenced on its own offsets hash. A crash in between is completed by the replay (shards and
+        parts that took the batch answer duplicate); because no interaction is written before every item
+        count is, the replay finds the same pairs new and counts stay exact. The first outcome other than
+        applied or duplicate is returned at once (the caller retries, or re-reads and recomputes)."""
         if len(self.shards) == 1:
-            return self._apply_shard(0, update)
+            return self._apply_shard(0, update, self.shards[0].offsets)
         applied = False
-        for s, part in enumerate(_shard_updates(update, len(self.shards), self._model.k)):
-            outcome = self._apply_shard(s, part)
+        item_parts, user_parts = _shard_updates(update, len(self.shards), self._model.k)
+        steps = [(s, part, self.shards[s].item_offsets) for s, part in enumerate(item_parts)]
+        steps += [(s, part, self.shards[s].offsets) for s, part in enumerate(user_parts)]
+        for s, part, offsets_key in steps:
+            outcome = self._apply_shard(s, part, offsets_key)
             if outcome is ApplyOutcome.APPLIED:
                 applied = True
             elif outcome is not ApplyOutcome.DUPLICATE:
                 return outcome
         return ApplyOutcome.APPLIED if applied else ApplyOutcome.DUPLICATE
 
-    def _apply_shard(self, s: int, update: BatchUpdate) -> ApplyOutcome:
+    def _apply_shard(self, s: int, update: BatchUpdate, offsets_key: str) -> ApplyOutcome:
         keys, k = self.shards[s], self._model.k
         implicit = self._model.mode == "implicit"
         pair_users = list(dict.fromkeys(update.pair_users))
@@ -601,7 +629,7 @@ class RedisStore:
         script_keys = scripts.APPLY.key_list(
             [keys.inter(user) for user in pair_users],
             current=keys.current,
-            offsets=keys.offsets,
+            offsets=offsets_key,
             meta=keys.version_meta(update.version),
             users=keys.rows(update.version, "users"),
             items=keys.rows(update.version, "items"),
@@ -742,12 +770,16 @@ class RedisStore:
         return [parse_int(m, shard.retired, "member") for m in cast(list[bytes], members)]
 
     def _shard_offsets(self) -> list[dict[int, int]]:
+        """The offsets each fenced part holds: per shard, its user part's and (several shards) item part's."""
+        hashes = [shard.offsets for shard in self.shards]
+        if len(self.shards) > 1:
+            hashes += [shard.item_offsets for shard in self.shards]
         return [
             {
-                parse_int(p, shard.offsets, "field"): parse_int(o, shard.offsets, f"field {p!r}")
-                for p, o in self._client.hgetall(shard.offsets).items()
+                parse_int(p, key, "field"): parse_int(o, key, f"field {p!r}")
+                for p, o in self._client.hgetall(key).items()
             }
-            for shard in self.shards
+            for key in hashes
         ]
 
     def applied_offsets(self) -> dict[int, int]:
@@ -987,7 +1019,11 @@ class RedisStore:
         return None if holder is None else text(holder)
 
     def discard_version(self, version: int) -> bool:
-        """Give up a version being built (e.g. its publish was refused); `collect_garbage` deletes it."""
+        """Give up a version being built (e.g. its publish was refused); `collect_garbage` deletes it.
+        Not once the control `current` names it (several shards: a publish that switched readers and then
+        failed on a shard is finished by rolling that shard forward, never undone)."""
+        if len(self.shards) > 1 and self.current_version() >= version:
+            return False
         discarded = [
             bool(
                 self._discard_script(
@@ -1070,9 +1106,7 @@ class RedisStore:
             for version in due:
                 # One UNLINK per version removes its meta together with its rows: a reader that sees the
                 # meta after reading rows knows the rows were whole.
-                pipe = self._client.pipeline(transaction=False)
-                pipe.unlink(*shard.version_keys(version))
-                pipe.zrem(shard.retired, version)
-                pipe.execute()
+                self._client.unlink(*shard.version_keys(version))
+                self._client.zrem(shard.retired, version)
             collected.update(due)
         return sorted(collected)

@@ -51,6 +51,9 @@ class TimedStore:
         finally:
             self._offsets.observe(time.perf_counter() - started)
 
+    def offsets_ahead(self) -> dict[int, int]:
+        return self.inner.offsets_ahead()
+
     def events_applied(self) -> int:
         return self.inner.events_applied()
 

@@ -147,6 +147,7 @@ class ConsumeLoop:
         self._worker: ThreadPoolExecutor | None = None  # set while run() runs
         self._in_flight: _InFlight | None = None
         self._last_fetch = monotonic()
+        self._store_outage = False  # a write met an unreachable store: positions are learnt again
 
     def run(self, stop: threading.Event) -> None:
         self.consumer.subscribe([self.settings.topic], listener=_ResumeFromStore(self))
@@ -169,6 +170,11 @@ class ConsumeLoop:
                 self._made_contact("kafka")
                 self._last_fetch = self.monotonic()
             repositioned: set[TopicPartition] = set()
+            if self._store_outage:
+                if not self.finish_in_flight(newer=polled):
+                    polled = {}  # rewound with the batch in flight
+                self._store_outage = False
+                self.positions.resync(self.consumer.assignment())
             if self.positions.needs_sync:
                 self.finish_in_flight()
                 synced = self._sync_offsets(stop)
@@ -195,9 +201,9 @@ class ConsumeLoop:
         if self.positions.needs_sync:  # it hit an offset conflict: nothing goes on before the resync
             self._rewind(polled)
             return
-        fresh = self.positions.drop_applied(polled)
-        # drop_applied keeps a suffix of each partition's records (offsets ascend within a poll).
-        decoded = {tp: decoded[tp][len(decoded[tp]) - len(records) :] for tp, records in fresh.items()}
+        fresh = self._drop_applied(polled)
+        # drop_applied keeps a run of each partition's records (offsets ascend within a poll).
+        decoded = {tp: _same_run(decoded[tp], records) for tp, records in fresh.items()}
         if not fresh:
             return
         if self._worker is None or any(
@@ -223,15 +229,23 @@ class ConsumeLoop:
         self._commit(in_flight.polled)
         return True
 
+    def _drop_applied(self, polled: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, list[Any]]:
+        """`Positions.drop_applied`, then the seeks for records it held back."""
+        fresh = self.positions.drop_applied(polled)
+        for tp, offset in self.positions.take_reseeks().items():
+            self.consumer.seek(tp, offset)
+        return fresh
+
     def _sync_offsets(self, stop: threading.Event) -> set[TopicPartition] | None:
         """Seek newly assigned partitions to the offsets applied in the store; returns those it moved, or
         None when the store or Kafka cannot answer now (tried again after the next poll)."""
         try:
             stored = self._with_retry(self.learner.applied_offsets, stop)
+            ahead = self._with_retry(self.learner.offsets_ahead, stop)
         except _Abandoned:
             return None
         try:
-            return self.positions.sync(self.consumer, stored, self.settings.rebuild)
+            return self.positions.sync(self.consumer, stored, self.settings.rebuild, ahead)
         except KafkaError as exc:  # a committed offset could not be read
             self.metrics.retries.labels("kafka").inc()
             log.warning("cannot read committed offsets: %s", exc)
@@ -242,7 +256,7 @@ class ConsumeLoop:
         abandoned (to be re-polled) or held nothing new."""
         received = time.perf_counter()
         self.finish_in_flight()
-        polled = self.positions.drop_applied(polled)
+        polled = self._drop_applied(polled)
         if not polled:
             return None
         return self._process_now(polled, self._decode(polled), stop, received)
@@ -309,7 +323,9 @@ class ConsumeLoop:
 
         if dead:
             self._with_retry(lambda: self._dead_letter(dead), stop, dependency="kafka")
-        result = self._with_retry(lambda: self.learner.learn(events, offsets, dead_letter_diverged), stop)
+        result = self._with_retry(
+            lambda: self.learner.learn(events, offsets, dead_letter_diverged), stop, writes=True
+        )
         diverged = set(result.diverged)
         self._observe(
             result, [(sources[t], e) for t, e in enumerate(events) if t not in diverged], offsets, received
@@ -318,7 +334,9 @@ class ConsumeLoop:
 
     def _forget(self, record: Any, forget: ForgetUser, stop: threading.Event) -> None:
         offsets = {record.partition: (record.offset, record.offset + 1)}
-        outcome = self._with_retry(lambda: self.learner.forget_user(forget.user_id, offsets), stop)
+        outcome = self._with_retry(
+            lambda: self.learner.forget_user(forget.user_id, offsets), stop, writes=True
+        )
         if outcome is ApplyOutcome.CONFLICT:
             log.warning("offset conflict at a forget: resyncing", extra={"offsets": offsets})
             self.positions.resync([TopicPartition(self.settings.topic, record.partition)])
@@ -438,7 +456,15 @@ class ConsumeLoop:
             cause,
         )
 
-    def _with_retry(self, call: Callable[[], Any], stop: threading.Event, dependency: str = "redis") -> Any:
+    def _with_retry(
+        self, call: Callable[[], Any], stop: threading.Event, dependency: str = "redis", writes: bool = False
+    ) -> Any:
+        """`call()` again on transient errors, with backoff, for at most `retry_budget_s`; then _Abandoned.
+
+        A call that `writes` to a store that became unreachable is not retried: the store may come back
+        with less than it acknowledged (a Redis killed between two AOF fsyncs, a primary that lost
+        writes), so the batch is abandoned and the loop learns again from the store where each partition
+        stands before going on (`_store_outage`)."""
         deadline = self.monotonic() + self.settings.retry_budget_s
         delay = self.settings.backoff_initial_s
         while True:
@@ -448,6 +474,11 @@ class ConsumeLoop:
                 if isinstance(exc, KafkaError) and not _transient_kafka_error(exc):
                     raise
                 self.metrics.retries.labels(dependency).inc()
+                if writes and isinstance(exc, StoreUnavailableError):
+                    log.warning("store unreachable: %s; resuming from its offsets once it answers", exc)
+                    self._store_outage = True
+                    self.sleep(delay)
+                    raise _Abandoned from exc
                 if stop.is_set() or self.monotonic() + delay > deadline:
                     log.warning("giving up on this batch for now: %s", exc, extra={"dependency": dependency})
                     raise _Abandoned from exc
@@ -555,6 +586,14 @@ class ConsumeLoop:
 def _log_failed_commit(offsets: dict[TopicPartition, OffsetAndMetadata], response: object) -> None:
     if isinstance(response, Exception):
         log.warning("kafka offset commit failed (lag tooling only; the next one catches up): %s", response)
+
+
+def _same_run(decoded: list[tuple[Any, Any]], records: list[Any]) -> list[tuple[Any, Any]]:
+    """The decoded pairs of `records`, a contiguous run of the polled records `decoded` was made from."""
+    if not records:
+        return []
+    start = next(i for i, (record, _) in enumerate(decoded) if record is records[0])
+    return decoded[start : start + len(records)]
 
 
 def _split_at_forgets(pairs: list[tuple[Any, Any]]) -> list[list[tuple[Any, Any]]]:

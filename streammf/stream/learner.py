@@ -198,6 +198,10 @@ class Learner:
         """partition -> next offset the store holds (where a newly assigned partition resumes)."""
         return self.store.applied_offsets()
 
+    def offsets_ahead(self) -> dict[int, int]:
+        """partition -> where the first batch resumed from `applied_offsets` must end (see the store's)."""
+        return self.store.offsets_ahead()
+
     def forget_user(self, user: str, offsets: dict[int, tuple[int, int]] | None = None) -> ApplyOutcome:
         """Delete the user from the model (see `FactorStore.forget_user`), waiting out a refresh's pause."""
         return self._waiting_out_pauses(lambda: self.store.forget_user(user, offsets))

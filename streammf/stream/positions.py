@@ -5,6 +5,11 @@ far behind each partition is.
 The store is the truth about what is applied (each batch writes its offsets with its effect); this object
 is the process's view of it: `next offset applied` per partition, learnt from the store on assignment
 (`sync`) and advanced by every batch this process applies.
+
+A store split in shards may hold a partition's batch on some shards only (a crash fell between their
+writes): it resumes from the smallest offset, and the first batch must end where the furthest shard stands
+(`ahead`), so every shard sees either all of that batch or none of it. Records past such a cap are held
+back and fetched again from the cap (`take_reseeks`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ class Positions:
     def __init__(self) -> None:
         self._unsynced: set[TopicPartition] = set()  # assigned, not yet moved to the store's offset
         self._next: dict[int, int] = {}  # partition -> next offset applied (store's, or this process's)
+        self._cap: dict[int, int] = {}  # partition -> the offset its next batch must end at (torn batch)
+        self._reseek: dict[TopicPartition, int] = {}  # held back records: fetch again from here
 
     # --------------------------------------------------------------------------------- rebalances
 
@@ -34,6 +41,8 @@ class Positions:
         for tp in partitions:
             self._unsynced.discard(tp)
             self._next.pop(tp.partition, None)
+            self._cap.pop(tp.partition, None)
+            self._reseek.pop(tp, None)
 
     def resync(self, partitions: Iterable[TopicPartition]) -> None:
         """Someone else applied part of these partitions' offsets: learn them from the store again."""
@@ -43,8 +52,11 @@ class Positions:
     def needs_sync(self) -> bool:
         return bool(self._unsynced)
 
-    def sync(self, consumer: Any, stored: dict[int, int], rebuild: bool) -> set[TopicPartition]:
+    def sync(
+        self, consumer: Any, stored: dict[int, int], rebuild: bool, ahead: dict[int, int] | None = None
+    ) -> set[TopicPartition]:
         """Seek the partitions waiting for it to the offsets `stored` (the store's); returns those moved.
+        `ahead`: where some shard of the store stands further on (the first batch must end there).
 
         A partition the store has no offset for is new (it keeps Kafka's position, the earliest offset), or
         one whose state the store lost: the group committed offsets for it, which happens only after an
@@ -52,6 +64,19 @@ class Positions:
         errors (reading a committed offset) propagate; partitions not yet handled stay waiting."""
         moved = set()
         for tp in sorted(self._unsynced, key=lambda tp: tp.partition):
+            self._reseek.pop(tp, None)
+            if ahead and tp.partition in ahead:
+                self._cap[tp.partition] = ahead[tp.partition]
+                log.warning(
+                    "a batch was applied on some shards only: consuming up to the furthest first",
+                    extra={
+                        "partition": tp.partition,
+                        "from": stored.get(tp.partition),
+                        "to": ahead[tp.partition],
+                    },
+                )
+            else:
+                self._cap.pop(tp.partition, None)
             if tp.partition in stored:
                 consumer.seek(tp, stored[tp.partition])
                 self._next[tp.partition] = stored[tp.partition]
@@ -83,6 +108,10 @@ class Positions:
         for tp, records in polled.items():
             applied_below = self._next.get(tp.partition)
             kept = records if applied_below is None else [r for r in records if r.offset >= applied_below]
+            cap = self._cap.get(tp.partition)
+            if cap is not None and kept and kept[-1].offset >= cap:
+                kept = [r for r in kept if r.offset < cap]
+                self._reseek[tp] = cap
             if len(kept) < len(records):
                 log.info(
                     "dropped %d redelivered records already applied",
@@ -93,8 +122,15 @@ class Positions:
                 fresh[tp] = kept
         return fresh
 
+    def take_reseeks(self) -> dict[TopicPartition, int]:
+        """Partitions whose records past a cap were held back by `drop_applied`: seek them there."""
+        reseeks, self._reseek = self._reseek, {}
+        return reseeks
+
     def applied(self, partition: int, next_offset: int) -> None:
         self._next[partition] = next_offset
+        if self._cap.get(partition, next_offset + 1) <= next_offset:
+            del self._cap[partition]
 
     def next_offset(self, partition: int) -> int | None:
         return self._next.get(partition)

@@ -1,0 +1,266 @@
+"""A model split in shards (STREAMMF_REDIS__SHARDS), on one Redis and on the local stack's three-primary
+Redis Cluster: what holds when a crash falls between the shard writes of a batch or of a publish, that S=1
+and S=3 stores fed the same events answer the same, and that the shards spread over the primaries."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from click.testing import CliRunner
+
+from streammf.cli import cli
+from streammf.client import StreamMFClient, VersionUnavailableError
+from streammf.model.factors import LossParams, Mode
+from streammf.model.sgd import SgdParams
+from streammf.store.contract import ApplyOutcome, RefreshableStore
+from streammf.store.layout import ModelKeys, delete_model, read_model_meta
+from streammf.store.memory import MemoryStore
+from streammf.store.redis_store import RedisStore
+from streammf.store.shards import shard_of, shard_tags
+from streammf.stream.events import Event
+from streammf.stream.learner import Learner, LearnerParams, _BatchPlan
+from streammf.stream.refresh import refresh
+
+K = 4
+Where = tuple[redis.Redis, str]  # a client and a model name
+
+
+class _Crash(Exception):
+    """Stands for the process dying at that point."""
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def where(request: pytest.FixtureRequest) -> Where:
+    if request.param == "cluster":
+        return request.getfixturevalue("redis_cluster_client"), request.getfixturevalue("cluster_model_name")
+    return request.getfixturevalue("redis_client"), request.getfixturevalue("model_name")
+
+
+def _params(mode: Mode) -> LearnerParams:
+    return LearnerParams(SgdParams(LossParams(mode, w0=0.1)), init_std=0.1, seed=3)
+
+
+def _events(n: int, seed: int = 1) -> list[Event]:
+    rng = np.random.default_rng(seed)
+    return [
+        Event(user_id=f"u{rng.integers(40)}", item_id=f"i{rng.integers(60)}", value=float(rng.integers(1, 6)))
+        for _ in range(n)
+    ]
+
+
+def _interactions(store: RefreshableStore) -> dict[tuple[str, str], float]:
+    found: dict[tuple[str, str], float] = {}
+    for users, items, values in store.iter_interactions():
+        found.update(((u, i), v) for u, i, v in zip(users, items, values, strict=True))
+    return found
+
+
+def _crash_after_shards(store: RedisStore, n: int) -> Callable[[], None]:
+    """From now on the store's process 'dies' after `n` shard writes of a batch; returns the undo."""
+    real = store._apply_shard
+    done = [0]
+
+    def apply_shard(s: int, update: Any, offsets_key: str) -> ApplyOutcome:
+        if done[0] >= n:
+            raise _Crash
+        done[0] += 1
+        return real(s, update, offsets_key)
+
+    store._apply_shard = apply_shard  # type: ignore[method-assign]
+    return lambda: setattr(store, "_apply_shard", real)
+
+
+def test_shard_tags_fall_in_equal_slot_ranges_and_ids_hash_by_crc32() -> None:
+    from redis.crc import key_slot
+
+    tags = shard_tags("default", 3)
+    assert [key_slot(f"streammf:{{{tag}}}:current".encode()) * 3 // 16384 for tag in tags] == [0, 1, 2]
+    assert shard_tags("default", 1) == ["default"]
+    # The README's worked example.
+    assert (shard_of("user-42", 3), shard_of("item-8", 3), shard_of("alice", 3)) == (1, 0, 2)
+
+
+# A batch on three shards is six scripts: the item part on shards 0-2, then the user part on shards 0-2.
+@pytest.mark.parametrize(
+    ("mode", "crash_after"), [("explicit", 1), ("implicit", 2), ("explicit", 4), ("implicit", 5)]
+)
+def test_a_crash_between_the_shard_writes_of_a_batch_is_completed_by_the_replay(
+    where: Where, mode: Mode, crash_after: int
+) -> None:
+    client, name = where
+    store = RedisStore.open(client, name, mode, K, shards=3)
+    twin = MemoryStore("twin", mode, K)
+    events = _events(600)
+    Learner(store, _params(mode)).learn(events[:300], {0: (0, 300)})
+    Learner(twin, _params(mode)).learn(events, {0: (0, 600)})
+
+    undo = _crash_after_shards(store, crash_after)
+    with pytest.raises(_Crash):
+        Learner(store, _params(mode)).learn(events[300:], {0: (300, 600)})
+    undo()
+
+    restarted = RedisStore.attach(client, name)  # a new process: it knows only what the store holds
+    assert restarted.applied_offsets() == {0: 300}, "resume from the shard furthest behind"
+    assert restarted.offsets_ahead() == {0: 600}, "and end the first batch where the furthest one stands"
+    replay = Learner(restarted, _params(mode)).learn(events[300:], {0: (300, 600)})
+    assert replay.outcome is ApplyOutcome.APPLIED
+    assert restarted.applied_offsets() == {0: 600} and restarted.offsets_ahead() == {}
+    again = Learner(restarted, _params(mode)).learn(events[300:], {0: (300, 600)})
+    assert again.outcome is ApplyOutcome.DUPLICATE
+
+    # Every event once on every shard: interactions, counts, the stats copies, the clock.
+    assert _interactions(restarted) == pytest.approx(_interactions(twin))
+    items = sorted({e.item_id for e in events})
+    state, twin_state = (s.read_batch_state([], items, []) for s in (restarted, twin))
+    assert state.item_counts.tolist() == twin_state.item_counts.tolist()
+    assert (state.value_sum, state.value_count) == pytest.approx(
+        (twin_state.value_sum, twin_state.value_count)
+    )
+    for shard in restarted.shards:
+        assert int(client.hget(shard.stats, "events_applied")) == 600
+    # Factors: every row there and finite; their values are those of a valid SGD order (the replayed part
+    # was computed from the rows the first shard had already updated), not bit-equal to an uncrashed run.
+    users = sorted({e.user_id for e in events})
+    full = restarted.read_batch_state(users, items, [])
+    assert full.user_present.all() and full.item_present.all()
+    assert np.isfinite(full.user_rows).all() and np.isfinite(full.item_rows).all()
+    if mode == "implicit":  # each shard's partial Gramian is still the Gramian of its own rows
+        for side, rows in (("users", full.user_rows), ("items", full.item_rows)):
+            gramian = getattr(full, f"{side[:-1]}_gramian")
+            wide = rows.astype(np.float64)
+            np.testing.assert_allclose(gramian, wide.T @ wide, rtol=1e-6, atol=1e-6)
+
+
+def test_a_crash_between_the_control_switch_and_a_shard_is_rolled_forward_by_the_next_writer(
+    where: Where,
+) -> None:
+    client, name = where
+    params = _params("implicit")
+    store = RedisStore.open(client, name, "implicit", K, shards=3)
+    events = _events(900)
+    Learner(store, params).learn(events[:300], {0: (0, 300)})
+    real = store._publish_shard
+
+    def publish_shard(s: int, version: int, expected: int, mode: str) -> bool:
+        if mode == "force" and s == 2:
+            raise _Crash
+        return real(s, version, expected, mode)
+
+    store._publish_shard = publish_shard  # type: ignore[method-assign]
+    with pytest.raises(_Crash):
+        refresh(store, params, 2)
+    store._publish_shard = real  # type: ignore[method-assign]
+    assert store.current_version() == 2
+    assert [int(client.get(shard.current)) for shard in store.shards] == [2, 2, 1]
+
+    reader = StreamMFClient(client, name, max_attempts=2)
+    with pytest.raises(VersionUnavailableError):  # never shard 0 at v2 and shard 2 at v1 in one answer
+        reader.recommend("u1")
+    stale = RedisStore.attach(client, name)
+    assert Learner(stale, params).learn(events[300:600], {0: (300, 600)}).outcome is ApplyOutcome.APPLIED
+    assert [int(client.get(shard.current)) for shard in store.shards] == [2, 2, 2]
+    assert reader.recommend("u1"), "readers see version 2 on every shard"
+    assert store.events_applied() == 600
+
+
+def test_a_refresh_publishes_on_every_shard_refuses_stale_writers_everywhere_and_collects_everywhere(
+    where: Where,
+) -> None:
+    client, name = where
+    params = _params("implicit")
+    store = RedisStore.open(client, name, "implicit", K, shards=3)
+    events = _events(900)
+    learner = Learner(store, params)
+    learner.learn(events[:300], {0: (0, 300)})
+    plan = _BatchPlan.of(events[300:310])
+    state = store.read_batch_state(plan.users, plan.items, plan.pairs)  # a writer reads version 1
+    report = refresh(store, params, 2)
+    assert report.published and report.version == 2
+    assert [int(client.get(shard.current)) for shard in store.shards] == [2, 2, 2]
+    # Its update, computed against version 1, is refused on every shard (the first one it reaches
+    # refuses it, and nothing of it lands anywhere).
+    stale_update, _ = Learner(store, params).compute(plan, state, {0: (300, 310)})
+    assert state.version == 1
+    assert store.apply(stale_update) is ApplyOutcome.STALE_VERSION
+    assert store.applied_offsets() == {0: 300}
+    assert learner.learn(events[300:], {0: (300, 900)}).outcome is ApplyOutcome.APPLIED
+    # Gramians stay exact: the partial sums add up to the Gramian of all rows.
+    users, items = sorted({e.user_id for e in events}), sorted({e.item_id for e in events})
+    full = store.read_batch_state(users, items, [])
+    for gramian, rows in ((full.user_gramian, full.user_rows), (full.item_gramian, full.item_rows)):
+        wide = rows.astype(np.float64)
+        np.testing.assert_allclose(gramian, wide.T @ wide, rtol=1e-5, atol=1e-5)
+    assert store.collect_garbage(grace_s=0.0) == [1]
+    for shard in store.shards:
+        assert not client.exists(*shard.version_keys(1))
+        assert client.exists(shard.rows(2, "users"))
+
+
+def _fed(client: redis.Redis, name: str, mode: Mode, shards: int, events: list[Event]) -> StreamMFClient:
+    store = RedisStore.open(client, name, mode, K, shards=shards)
+    learner = Learner(store, _params(mode))
+    for first in range(0, len(events), 250):
+        learner.learn(events[first : first + 250], {0: (first, first + 250)})
+    assert refresh(store, _params(mode), 2).published
+    learner.learn(_events(200, seed=9), {0: (len(events), len(events) + 200)})
+    return StreamMFClient(client, name)
+
+
+@pytest.mark.parametrize("mode", ["explicit", "implicit"])
+def test_one_shard_and_three_shards_fed_the_same_events_answer_the_same(
+    where: Where, redis_client: redis.Redis, model_name: str, mode: Mode
+) -> None:
+    client, name = where
+    events = _events(1000)
+    one = _fed(redis_client, model_name + "-one", mode, 1, events)
+    three = _fed(client, name, mode, 3, events)
+    try:
+        assert read_model_meta(client, ModelKeys(name)).shards == 3
+        for user in ["u0", "u7", "u13", "nobody"]:
+            a, b = one.recommend(user, k=10), three.recommend(user, k=10)
+            _same_answer(a, b, exact=mode == "explicit")
+        for item in ["i0", "i5", "i42"]:
+            _same_answer(one.similar_items(item, k=10), three.similar_items(item, k=10), mode == "explicit")
+        vectors = one.item_vectors(["i1", "i2", "zzz"]), three.item_vectors(["i1", "i2", "zzz"])
+        assert vectors[0].keys() == vectors[1].keys() == {"i1", "i2"}
+        for item in vectors[0]:
+            np.testing.assert_allclose(vectors[0][item], vectors[1][item], rtol=1e-4, atol=1e-6)
+    finally:
+        delete_model(redis_client, model_name + "-one")
+
+
+def _same_answer(a: list[tuple[str, float]], b: list[tuple[str, float]], exact: bool) -> None:
+    """Explicit models are bit-equal across S (same arithmetic); implicit ones sum their Gramians from
+    partial sums, so scores agree to float rounding and ids may swap only where scores tie that closely."""
+    if exact:
+        assert a == b
+        return
+    assert len(a) == len(b)
+    np.testing.assert_allclose([s for _, s in a], [s for _, s in b], rtol=1e-4, atol=1e-6)
+    for (item_a, score_a), (item_b, _) in zip(a, b, strict=True):
+        if item_a != item_b:
+            assert any(abs(score_a - s) < 1e-4 for i, s in a if i == item_b), (a, b)
+
+
+def test_the_cli_reads_a_sharded_model_on_the_cluster(
+    redis_cluster_url: str,
+    redis_cluster_client: redis.Redis,
+    cluster_model_name: str,
+    redis_client: redis.Redis,
+    model_name: str,
+) -> None:
+    events = _events(800)
+    one = _fed(redis_client, model_name, "explicit", 1, events)
+    _fed(redis_cluster_client, cluster_model_name, "explicit", 3, events)
+    env = {"STREAMMF_REDIS__URL": redis_cluster_url, "STREAMMF_MODEL__NAME": cluster_model_name}
+    for command, ident, expected in (
+        ("recommend", "u3", one.recommend("u3", k=5)),
+        ("similar", "i7", one.similar_items("i7", k=5)),
+    ):
+        result = CliRunner().invoke(cli, [command, ident, "-k", "5"], env=env)
+        assert result.exit_code == 0, result.output
+        assert result.output == "".join(f"{item}\t{score:.4f}\n" for item, score in expected)

@@ -299,6 +299,7 @@ class RedisStore:
         self._apply_script = scripts.APPLY.register(client)
         self._forget_script = scripts.FORGET_USER.register(client)
         self._forget_counts_script = scripts.FORGET_COUNTS.register(client)
+        self._advance_offsets_script = scripts.ADVANCE_OFFSETS.register(client)
         self._write_rows_script = scripts.WRITE_ROWS.register(client)
         self._delete_rows_script = scripts.DELETE_ROWS.register(client)
         self._write_string_script = scripts.WRITE_STRING.register(client)
@@ -665,6 +666,14 @@ class RedisStore:
                         continue
                     return outcome
             outcome = self._forget_home(home, user, own_items, offsets or {})
+            if outcome in (ApplyOutcome.APPLIED, ApplyOutcome.DUPLICATE) and len(self.shards) > 1:
+                # A forget has no item part: the item part's offsets move past it, so a resume does not
+                # start before it again.
+                for shard in self.shards:
+                    self._advance_offsets_script(
+                        keys=scripts.ADVANCE_OFFSETS.key_list(offsets=shard.item_offsets),
+                        args=scripts.ADVANCE_OFFSETS.arg_list(_offset_triples(offsets or {})),
+                    )
             if outcome is not ApplyOutcome.STALE_VERSION:
                 return outcome
         raise StoreError(

@@ -102,6 +102,8 @@ FORGET_COUNTS = _script(
     "current meta offsets item_counts stats",
     "version implicit n_items items value_sum value_count",
 )
+# ARGV: (partition, first, next) triples.
+ADVANCE_OFFSETS = _script("advance_offsets", "offsets", "", prelude=False)
 WRITE_ROWS = _script("write_rows", "meta rows", "n ids rows row_bytes")
 DELETE_ROWS = _script("delete_rows", "meta rows", "n ids")
 WRITE_STRING = _script("write_string", "meta target", "value")
@@ -116,6 +118,6 @@ READ_USER = _script("read_user", "current users inter stats", "version user k wi
 READ_ITEMS = _script("read_items", "current items", "version k n items")
 
 ALL = (
-    LEASE, RELEASE_LEASE, SCAN_ROWS, OPEN_SHARD, OPEN, READ_STATE, APPLY, FORGET_USER, FORGET_COUNTS,
+    LEASE, RELEASE_LEASE, SCAN_ROWS, ADVANCE_OFFSETS, OPEN_SHARD, OPEN, READ_STATE, APPLY, FORGET_USER, FORGET_COUNTS,
     WRITE_ROWS, DELETE_ROWS, WRITE_STRING, PUBLISH, SWITCH, HANDOVER, DISCARD, READ_USER, READ_ITEMS,
 )  # fmt: skip

@@ -264,3 +264,50 @@ def test_the_cli_reads_a_sharded_model_on_the_cluster(
         result = CliRunner().invoke(cli, [command, ident, "-k", "5"], env=env)
         assert result.exit_code == 0, result.output
         assert result.output == "".join(f"{item}\t{score:.4f}\n" for item, score in expected)
+
+
+@pytest.mark.parametrize("mode", ["explicit", "implicit"])
+def test_forgetting_a_user_on_three_shards_matches_the_twin_and_survives_a_crash_between_shards(
+    where: Where, mode: Mode
+) -> None:
+    client, name = where
+    store = RedisStore.open(client, name, mode, K, shards=3)
+    twin = MemoryStore("twin", mode, K)
+    events = _events(500)
+    for target in (store, twin):
+        Learner(target, _params(mode)).learn(events, {0: (0, 500)})
+    old = store.current_version()
+    assert refresh(store, _params(mode), 1).published and refresh(twin, _params(mode), 1).published
+    user = "u3"
+    home = store.shards[shard_of(user, 3)]
+    assert client.hexists(home.rows(old, "users"), user)
+
+    # The other shards' part done, then the process dies before the user's own shard.
+    real = store._forget_home
+
+    def die(*args: Any) -> ApplyOutcome:
+        raise _Crash
+
+    store._forget_home = die  # type: ignore[method-assign]
+    with pytest.raises(_Crash):
+        store.forget_user(user, {0: (500, 501)})
+    store._forget_home = real  # type: ignore[method-assign]
+    assert store.applied_offsets() == {0: 500} and store.offsets_ahead() == {0: 501}
+    assert store.forget_user(user, {0: (500, 501)}) is ApplyOutcome.APPLIED  # the replay completes it
+    assert twin.forget_user(user, {0: (500, 501)}) is ApplyOutcome.APPLIED
+    assert store.forget_user(user, {0: (500, 501)}) is ApplyOutcome.DUPLICATE
+    assert store.applied_offsets() == {0: 501} and store.offsets_ahead() == {}
+
+    live = store.current_version()
+    for version in (old, live):
+        assert not client.hexists(home.rows(version, "users"), user), version
+    assert not client.exists(home.inter(user))
+    users, items = sorted({e.user_id for e in events}), sorted({e.item_id for e in events})
+    state, expected = store.read_batch_state(users, items, []), twin.read_batch_state(users, items, [])
+    assert state.user_present.tolist() == expected.user_present.tolist()
+    assert state.item_counts.tolist() == expected.item_counts.tolist()
+    assert (state.value_count, state.value_sum) == (expected.value_count, pytest.approx(expected.value_sum))
+    for shard in store.shards:  # every copy of the stats
+        assert int(client.hget(shard.stats, "value_count")) == expected.value_count
+    if mode == "implicit":
+        np.testing.assert_allclose(state.user_gramian, expected.user_gramian, atol=1e-5)

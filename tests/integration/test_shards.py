@@ -19,7 +19,7 @@ from streammf.model.sgd import SgdParams
 from streammf.store.contract import ApplyOutcome, RefreshableStore
 from streammf.store.layout import ModelKeys, delete_model, read_model_meta
 from streammf.store.memory import MemoryStore
-from streammf.store.redis_store import RedisStore
+from streammf.store.redis_store import ModelMismatchError, RedisStore
 from streammf.store.shards import shard_of, shard_tags
 from streammf.stream.events import Event
 from streammf.stream.learner import Learner, LearnerParams, _BatchPlan
@@ -311,3 +311,31 @@ def test_forgetting_a_user_on_three_shards_matches_the_twin_and_survives_a_crash
         assert int(client.hget(shard.stats, "value_count")) == expected.value_count
     if mode == "implicit":
         np.testing.assert_allclose(state.user_gramian, expected.user_gramian, atol=1e-5)
+
+
+def test_the_configured_url_may_name_a_cluster_and_every_primary_is_checked_for_eviction(
+    redis_cluster_url: str, redis_cluster_client: redis.Redis, cluster_model_name: str
+) -> None:
+    from redis.cluster import RedisCluster
+
+    from streammf.config import RedisSettings, Settings
+    from streammf.store.connect import redis_client
+    from streammf.store.contract import StoreUnsafeError
+
+    settings = Settings(redis=RedisSettings(url=redis_cluster_url, shards=3))
+    client = redis_client(settings)
+    try:
+        assert isinstance(client, RedisCluster)
+        store = RedisStore.open(client, cluster_model_name, "explicit", K, shards=3)
+        assert store.check_eviction_policy(allow_eviction=False) == "noeviction"
+        last = client.get_primaries()[-1]  # type: ignore[attr-defined]
+        client.config_set("maxmemory-policy", "allkeys-lru", target_nodes=last)  # type: ignore[call-arg]
+        try:
+            with pytest.raises(StoreUnsafeError, match="allkeys-lru"):
+                store.check_eviction_policy(allow_eviction=False)
+        finally:
+            client.config_set("maxmemory-policy", "noeviction", target_nodes=last)  # type: ignore[call-arg]
+        with pytest.raises(ModelMismatchError, match=r"3 shard\(s\), asked for 1"):
+            RedisStore.open(client, cluster_model_name, "explicit", K, shards=1)
+    finally:
+        client.close()

@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
@@ -540,20 +541,22 @@ class RedisStore:
         count is, the replay finds the same pairs new and counts stay exact. The first outcome other than
         applied or duplicate is returned at once (the caller retries, or re-reads and recomputes)."""
         if len(self.shards) == 1:
-            return self._apply_shard(0, update, self.shards[0].offsets)
+            return self._apply_shard(0, update, "all")
         applied = False
         item_parts, user_parts = _shard_updates(update, len(self.shards), self._model.k)
-        steps = [(s, part, self.shards[s].item_offsets) for s, part in enumerate(item_parts)]
-        steps += [(s, part, self.shards[s].offsets) for s, part in enumerate(user_parts)]
-        for s, part, offsets_key in steps:
-            outcome = self._apply_shard(s, part, offsets_key)
+        steps = [(s, part, "items") for s, part in enumerate(item_parts)]
+        steps += [(s, part, "users") for s, part in enumerate(user_parts)]
+        for s, part, which in steps:
+            outcome = self._apply_shard(s, part, which)
             if outcome is ApplyOutcome.APPLIED:
                 applied = True
             elif outcome is not ApplyOutcome.DUPLICATE:
                 return outcome
         return ApplyOutcome.APPLIED if applied else ApplyOutcome.DUPLICATE
 
-    def _apply_shard(self, s: int, update: BatchUpdate, offsets_key: str) -> ApplyOutcome:
+    def _apply_shard(self, s: int, update: BatchUpdate, part: str) -> ApplyOutcome:
+        """One script: `part` 'all' (the whole batch, one shard), or the batch's 'items' or 'users' part
+        on shard `s`, fenced on `item_offsets` or `offsets`."""
         keys, k = self.shards[s], self._model.k
         implicit = self._model.mode == "implicit"
         pair_users = list(dict.fromkeys(update.pair_users))
@@ -592,6 +595,7 @@ class RedisStore:
         )
         args = scripts.APPLY.arg_list(
             _offset_triples(update.offsets),
+            part=part,
             version=update.version,
             k=k,
             additive=int(implicit),
@@ -630,7 +634,8 @@ class RedisStore:
         script_keys = scripts.APPLY.key_list(
             [keys.inter(user) for user in pair_users],
             current=keys.current,
-            offsets=offsets_key,
+            offsets=keys.item_offsets if part == "items" else keys.offsets,
+            item_offsets=keys.item_offsets,
             meta=keys.version_meta(update.version),
             users=keys.rows(update.version, "users"),
             items=keys.rows(update.version, "items"),
@@ -1084,8 +1089,33 @@ class RedisStore:
         )
 
     def pause_writes(self, version: int, ttl_s: float) -> bool:
-        """Updates to `version` get PAUSED until `resume_writes`, a publish, or `ttl_s` (server clock)."""
-        return self._handover(version, "paused_until", ttl_s)
+        """Updates to `version` get PAUSED until `resume_writes`, a publish, or `ttl_s` (server clock).
+
+        Several shards: a batch whose item part is in finishes its user part through the pause, and this
+        waits for every such batch (at most a tenth of `ttl_s`), so the changes taken next are whole.
+        False if some shard is at another version, or a batch stays half applied (its writer died: the
+        partition's next owner completes it; the refresh publishes another time)."""
+        if not self._handover(version, "paused_until", ttl_s):
+            return False
+        if len(self.shards) == 1:
+            return True
+        deadline = time.monotonic() + ttl_s / 10
+        while self._half_applied():
+            if time.monotonic() > deadline:
+                log.warning("a batch stays half applied across the shards: not handing over now")
+                return False
+            time.sleep(0.005)
+        return True
+
+    def _half_applied(self) -> bool:
+        """Some batch has its item part further on some shard than its user part on some shard."""
+        per_shard = self._shard_offsets()
+        users, items = per_shard[: len(self.shards)], per_shard[len(self.shards) :]
+        partitions = set().union(*(set(offsets) for offsets in items))
+        return any(
+            max(offsets.get(p, -1) for offsets in items) > min(offsets.get(p, -1) for offsets in users)
+            for p in partitions
+        )
 
     def resume_writes(self, version: int) -> None:
         for shard in self.shards:

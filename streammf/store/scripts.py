@@ -79,12 +79,13 @@ READ_STATE = _script(
     "current meta users items item_counts stats gram_items gram_users",
     "version implicit k n_users n_items n_pairs users items pair_items pair_inter_keys",
 )
-# Tails: KEYS inter:<user> of each distinct pair user; ARGV (partition, first, next) triples.
+# Tails: KEYS inter:<user> of each distinct pair user; ARGV (partition, first, next) triples. part: 'all'
+# (one shard), 'items' or 'users' (a batch's parts on a model of several shards).
 APPLY = _script(
     "apply",
-    """current offsets meta users items item_counts stats gram_items gram_users changed_users changed_items
-    popularity""",
-    """version k additive n_users n_items n_pairs value_sum_delta value_count_delta events_applied users
+    """current offsets item_offsets meta users items item_counts stats gram_items gram_users changed_users
+    changed_items popularity""",
+    """part version k additive n_users n_items n_pairs value_sum_delta value_count_delta events_applied users
     user_rows items item_base item_deltas item_expected_mask item_expected_rows item_new_rows
     item_count_deltas pair_items pair_inter_keys pair_values item_gramian_delta user_gramian_delta
     item_gramian_expected item_gramian_sum user_gramian_expected user_gramian_sum max_abs_factor
@@ -118,6 +119,7 @@ READ_USER = _script("read_user", "current users inter stats", "version user k wi
 READ_ITEMS = _script("read_items", "current items", "version k n items")
 
 ALL = (
-    LEASE, RELEASE_LEASE, SCAN_ROWS, ADVANCE_OFFSETS, OPEN_SHARD, OPEN, READ_STATE, APPLY, FORGET_USER, FORGET_COUNTS,
-    WRITE_ROWS, DELETE_ROWS, WRITE_STRING, PUBLISH, SWITCH, HANDOVER, DISCARD, READ_USER, READ_ITEMS,
+    LEASE, RELEASE_LEASE, SCAN_ROWS, ADVANCE_OFFSETS, OPEN_SHARD, OPEN, READ_STATE, APPLY, FORGET_USER,
+    FORGET_COUNTS, WRITE_ROWS, DELETE_ROWS, WRITE_STRING, PUBLISH, SWITCH, HANDOVER, DISCARD, READ_USER,
+    READ_ITEMS,
 )  # fmt: skip

@@ -64,11 +64,11 @@ def _crash_after_shards(store: RedisStore, n: int) -> Callable[[], None]:
     real = store._apply_shard
     done = [0]
 
-    def apply_shard(s: int, update: Any, offsets_key: str) -> ApplyOutcome:
+    def apply_shard(s: int, update: Any, part: str) -> ApplyOutcome:
         if done[0] >= n:
             raise _Crash
         done[0] += 1
-        return real(s, update, offsets_key)
+        return real(s, update, part)
 
     store._apply_shard = apply_shard  # type: ignore[method-assign]
     return lambda: setattr(store, "_apply_shard", real)
@@ -339,3 +339,36 @@ def test_the_configured_url_may_name_a_cluster_and_every_primary_is_checked_for_
             RedisStore.open(client, cluster_model_name, "explicit", K, shards=1)
     finally:
         client.close()
+
+
+def test_a_refresh_pause_lets_a_half_applied_batch_finish_and_waits_for_it(where: Where) -> None:
+    # The item part of a batch is in on every shard when the refresh pauses writers: its user part must
+    # still land in the live version before the refresh takes the changes, or the new version would miss
+    # it (and new items of it would have no interactions yet).
+    import threading
+
+    client, name = where
+    params = _params("implicit")
+    store = RedisStore.open(client, name, "implicit", K, shards=3)
+    events = _events(600)
+    Learner(store, params).learn(events[:300], {0: (0, 300)})
+    undo = _crash_after_shards(store, 3)  # the item part on the three shards, no user part
+    with pytest.raises(_Crash):
+        Learner(store, params).learn(events[300:], {0: (300, 600)})
+    undo()
+    assert store.track_changes(1)
+    store.take_changes(1)
+    paused: list[bool] = []
+    pausing = threading.Thread(target=lambda: paused.append(store.pause_writes(1, ttl_s=30.0)))
+    pausing.start()
+    pausing.join(0.5)
+    assert pausing.is_alive(), "the pause waits for the half-applied batch"
+    replay = Learner(RedisStore.attach(client, name), params).learn(events[300:], {0: (300, 600)})
+    assert replay.outcome is ApplyOutcome.APPLIED, "its user part goes through the pause"
+    pausing.join(10)
+    assert paused == [True]
+    users, _ = store.take_changes(1)
+    assert set(users) == {e.user_id for e in events[300:]}
+    late = Learner(RedisStore.attach(client, name), params)
+    store.resume_writes(1)
+    assert late.learn(_events(10, seed=4), {0: (600, 610)}).outcome is ApplyOutcome.APPLIED

@@ -131,7 +131,8 @@ class StreamMFClient:
             return {}
         k, keys = self.model.k, self.keys
         held = shard_indices(items, len(self.shards))
-        for _ in range(self._max_attempts):
+        for attempt in range(self._max_attempts):
+            _wait_before_retry(attempt)
             version = self.current_version()
             found: dict[str, np.ndarray] = {}
             for s, shard in enumerate(self.shards):
@@ -218,7 +219,8 @@ class StreamMFClient:
         """The user's row, from the version `current` names (read again if it moves in between)."""
         k = self.model.k
         keys = self.shards[shard_of(user, len(self.shards))]
-        for _ in range(self._max_attempts):
+        for attempt in range(self._max_attempts):
+            _wait_before_retry(attempt)
             version = self.current_version()
             reply = self._call(
                 self._read_user_script,
@@ -298,6 +300,13 @@ class StreamMFClient:
             f"model {self.keys.name!r}: versions {tried} were deleted before they could be read "
             f"({self._max_attempts} attempts); is the garbage-collection grace period shorter than a read?"
         )
+
+
+def _wait_before_retry(attempt: int) -> None:
+    """Before reading again after `current` moved: a publish switches a sharded model's shards one after
+    the other (about a millisecond), so waiting 1, 2, 4, … ms lets the reader find them all switched."""
+    if attempt:
+        time.sleep(0.001 * 2 ** (attempt - 1))
 
 
 def _top(scores: np.ndarray, ids: list[str], k: int, excluded: list[int]) -> list[tuple[str, float]]:

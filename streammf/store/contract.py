@@ -129,6 +129,9 @@ class BatchUpdate:
     # and changes each by the rows it holds: Σ after·afterᵀ − before·beforeᵀ.
     user_rows_before: np.ndarray | None = None
     item_rows_before: np.ndarray | None = None
+    # (n_pairs,) bool: the pair was not stored before the batch (it adds 1 to its item's count). A store
+    # split in shards counts a pair on its user's shard, where its newness is known.
+    pair_new: np.ndarray | None = None
 
 
 class FactorStore(Protocol):

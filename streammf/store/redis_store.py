@@ -137,7 +137,7 @@ class _Split:
 
     def merge(self, version: int, parts: list[BatchState], k: int) -> BatchState:
         """The shards' states as one, in the order of the batch; stats from the first shard (each holds a
-        copy), Gramians summed (each holds the partial sum over its rows)."""
+        copy), Gramians and item counts summed (each holds the partial sum over its rows, its users)."""
         n_users, n_items, n_pairs = (
             sum(len(at) for at in side) for side in (self.users, self.items, self.pairs)
         )
@@ -161,7 +161,7 @@ class _Split:
             item_rows=gather(self.items, "item_rows", (n_items, k), np.float32),
             item_bias=gather(self.items, "item_bias", (n_items,), np.float32),
             item_present=gather(self.items, "item_present", (n_items,), bool),
-            item_counts=gather(self.items, "item_counts", (n_items,), np.int64),
+            item_counts=np.sum([part.item_counts for part in parts], axis=0, dtype=np.int64).reshape(n_items),
             pair_values=gather(self.pairs, "pair_values", (n_pairs,), np.float64),
             value_sum=parts[0].value_sum,
             value_count=parts[0].value_count,
@@ -170,10 +170,17 @@ class _Split:
         )
 
 
-def _shard_updates(update: BatchUpdate, shards: int, k: int) -> tuple[list[BatchUpdate], list[BatchUpdate]]:
-    """Each shard's parts of a batch, both with the batch's offsets: the item part (its items' rows,
-    counts and popularity, the stats deltas: every shard keeps a copy of the stats, the change of its item
-    Gramian partial sum) and the user part (its users' rows and interactions, its user Gramian's change)."""
+_Counts = tuple[list[str], np.ndarray]  # items and the increments of their counts
+
+
+def _shard_updates(
+    update: BatchUpdate, shards: int, k: int
+) -> tuple[list[BatchUpdate], list[BatchUpdate], list[_Counts]]:
+    """Each shard's parts of a batch, both with the batch's offsets: the item part (its items' rows and
+    popularity, the stats deltas: every shard keeps a copy of the stats, the change of its item Gramian
+    partial sum), the user part (its users' rows and interactions, its user Gramian's change), and the
+    user part's item counts: each shard counts the new pairs of its own users, whose newness it holds, so
+    a replay after a crash or after a shard lost writes finds the same pairs new where they are counted."""
     split = _Split.of(shards, update.users, update.items, update.pair_users)
     by_rows = update.user_rows_before is not None and update.item_rows_before is not None
     user_after = np.asarray(update.user_rows, dtype=np.float64).reshape(len(update.users), k)
@@ -243,7 +250,25 @@ def _shard_updates(update: BatchUpdate, shards: int, k: int) -> tuple[list[Batch
                 item_rows_before=None,
             )
         )
-    return item_parts, user_parts
+    return item_parts, user_parts, _shard_counts(update, split)
+
+
+def _shard_counts(update: BatchUpdate, split: _Split) -> list[_Counts]:
+    """Per shard, the count increments of the items of its users' new pairs; without `pair_new`, each
+    item's increment goes to its own shard (the sums are right, a torn replay may miss a count)."""
+    if update.pair_new is None:
+        deltas = np.asarray(update.item_count_delta)
+        return [([update.items[r] for r in at], deltas[at]) for at in split.items]
+    new = np.asarray(update.pair_new, dtype=bool)
+    counted = []
+    for at in split.pairs:
+        items = [update.pair_items[r] for r in at[new[at]]]
+        unique = list(dict.fromkeys(items))
+        index = {item: i for i, item in enumerate(unique)}
+        counted.append(
+            (unique, np.bincount([index[i] for i in items], minlength=len(unique)).astype(np.int64))
+        )
+    return counted
 
 
 # A server away, restarting, full, or (Redis Cluster) a slot whose primary is down or moving.
@@ -299,7 +324,7 @@ class RedisStore:
         self._read_script = scripts.READ_STATE.register(client)
         self._apply_script = scripts.APPLY.register(client)
         self._forget_script = scripts.FORGET_USER.register(client)
-        self._forget_counts_script = scripts.FORGET_COUNTS.register(client)
+        self._forget_stats_script = scripts.FORGET_STATS.register(client)
         self._advance_offsets_script = scripts.ADVANCE_OFFSETS.register(client)
         self._write_rows_script = scripts.WRITE_ROWS.register(client)
         self._delete_rows_script = scripts.DELETE_ROWS.register(client)
@@ -423,6 +448,7 @@ class RedisStore:
                 [users[i] for i in split.users[s]],
                 [items[i] for i in split.items[s]],
                 [pairs[i] for i in split.pairs[s]],
+                count_items=items,  # every shard holds a partial count of every item
             )
             if part is None:
                 self._roll_forward(s, version)
@@ -448,8 +474,16 @@ class RedisStore:
             )
 
     def _read_snapshot(
-        self, s: int, version: int, users: list[str], items: list[str], pairs: list[tuple[str, str]]
+        self,
+        s: int,
+        version: int,
+        users: list[str],
+        items: list[str],
+        pairs: list[tuple[str, str]],
+        count_items: list[str] | None = None,
     ) -> BatchState | None:
+        """Shard `s`'s part of a batch state; item counts are of `count_items` (default `items`)."""
+        count_items = items if count_items is None else count_items
         keys, k = self.shards[s], self._model.k
         implicit = self._model.mode == "implicit"
         # KEYS[NK + u] is the u-th batch user's inter hash (for HLEN), so batch users are listed as given.
@@ -480,6 +514,8 @@ class RedisStore:
                     items=join_ids(items),
                     pair_items=join_ids([item for _, item in pairs]),
                     pair_inter_keys=np.array([inter_index[user] for user, _ in pairs], dtype="<u4").tobytes(),
+                    n_count_items=len(count_items),
+                    count_items=join_ids(count_items),
                 ),
             )
         except redis.ResponseError as exc:
@@ -519,7 +555,7 @@ class RedisStore:
             item_rows=item_rows[:, :k].copy(),
             item_bias=item_rows[:, k].copy(),
             item_present=item_present,
-            item_counts=np.array(split_numbers(item_counts, len(items)), dtype=np.int64),
+            item_counts=np.array(split_numbers(item_counts, len(count_items)), dtype=np.int64),
             pair_values=np.array(
                 [
                     parse_float(raw or None, keys.inter(user), f"field {item!r}", default=np.nan)
@@ -541,22 +577,24 @@ class RedisStore:
         count is, the replay finds the same pairs new and counts stay exact. The first outcome other than
         applied or duplicate is returned at once (the caller retries, or re-reads and recomputes)."""
         if len(self.shards) == 1:
-            return self._apply_shard(0, update, "all")
+            return self._apply_shard(0, update, "all", (update.items, np.asarray(update.item_count_delta)))
         applied = False
-        item_parts, user_parts = _shard_updates(update, len(self.shards), self._model.k)
-        steps = [(s, part, "items") for s, part in enumerate(item_parts)]
-        steps += [(s, part, "users") for s, part in enumerate(user_parts)]
-        for s, part, which in steps:
-            outcome = self._apply_shard(s, part, which)
+        item_parts, user_parts, counts = _shard_updates(update, len(self.shards), self._model.k)
+        no_counts: _Counts = ([], np.zeros(0, dtype=np.int64))
+        steps = [(s, part, "items", no_counts) for s, part in enumerate(item_parts)]
+        steps += [(s, part, "users", counts[s]) for s, part in enumerate(user_parts)]
+        for s, part, which, shard_counts in steps:
+            outcome = self._apply_shard(s, part, which, shard_counts)
             if outcome is ApplyOutcome.APPLIED:
                 applied = True
             elif outcome is not ApplyOutcome.DUPLICATE:
                 return outcome
         return ApplyOutcome.APPLIED if applied else ApplyOutcome.DUPLICATE
 
-    def _apply_shard(self, s: int, update: BatchUpdate, part: str) -> ApplyOutcome:
+    def _apply_shard(self, s: int, update: BatchUpdate, part: str, counts: _Counts) -> ApplyOutcome:
         """One script: `part` 'all' (the whole batch, one shard), or the batch's 'items' or 'users' part
-        on shard `s`, fenced on `item_offsets` or `offsets`."""
+        on shard `s`, fenced on `item_offsets` or `offsets`; `counts`: (items, increments) of the shard's
+        item counts."""
         keys, k = self.shards[s], self._model.k
         implicit = self._model.mode == "implicit"
         pair_users = list(dict.fromkeys(update.pair_users))
@@ -613,7 +651,9 @@ class RedisStore:
             item_expected_mask=expected_mask,
             item_expected_rows=expected_rows,
             item_new_rows=new_rows,
-            item_count_deltas=np.asarray(update.item_count_delta).astype("<i8").tobytes(),
+            n_count_items=len(counts[0]),
+            count_items=join_ids(counts[0]),
+            count_deltas=np.asarray(counts[1]).astype("<i8").tobytes(),
             pair_items=join_ids(update.pair_items),
             pair_inter_keys=np.array([inter_index[u] for u in update.pair_users], dtype="<u4").tobytes(),
             pair_values=np.asarray(update.pair_values, dtype="<f8").tobytes(),
@@ -654,23 +694,22 @@ class RedisStore:
         return ApplyOutcome(outcome.decode())
 
     def forget_user(self, user: str, offsets: dict[int, tuple[int, int]] | None = None) -> ApplyOutcome:
-        """One shard: one script. Several: the user's item counts (and stats copies) on the other shards
-        first, each fenced on its own offsets, then the user's shard, which deletes the interactions last:
-        a crash in between leaves them there for the replay, which the shards already done answer as a
-        duplicate."""
+        """One shard: one script. Several: the stats copies of the other shards first, each fenced on its
+        own offsets, then the user's shard (rows, interactions, the item counts of the user's pairs, which
+        that shard holds), which deletes the interactions last: a crash in between leaves them there for
+        the replay, which the shards already done answer as a duplicate."""
         home = shard_of(user, len(self.shards))
         for _ in range(_SNAPSHOT_ATTEMPTS):
             version = self.current_version()
-            own_items: list[str] | None = None
             if len(self.shards) > 1:
                 for s in range(len(self.shards)):
                     self._roll_forward(s, version)
-                outcome, own_items = self._forget_elsewhere(user, home, version, offsets or {})
+                outcome = self._forget_elsewhere(user, home, version, offsets or {})
                 if outcome is not ApplyOutcome.APPLIED:
                     if outcome is ApplyOutcome.STALE_VERSION:
                         continue
                     return outcome
-            outcome = self._forget_home(home, user, own_items, offsets or {})
+            outcome = self._forget_home(home, user, offsets or {})
             if outcome in (ApplyOutcome.APPLIED, ApplyOutcome.DUPLICATE) and len(self.shards) > 1:
                 # A forget has no item part: the item part's offsets move past it, so a resume does not
                 # start before it again.
@@ -687,49 +726,40 @@ class RedisStore:
 
     def _forget_elsewhere(
         self, user: str, home: int, version: int, offsets: dict[int, tuple[int, int]]
-    ) -> tuple[ApplyOutcome, list[str]]:
-        """The forget's part on every shard but the user's; returns (outcome, the user's items whose
-        counts the user's own shard holds)."""
+    ) -> ApplyOutcome:
+        """The forget's part on every shard but the user's: their copy of the stats."""
         inter_key = self.shards[home].inter(user)
         interactions = self._client.hgetall(inter_key)  # in the order the home shard's script sums them
         value_sum = 0.0
         for item, raw in interactions.items():
             value_sum += parse_float(raw, inter_key, f"field {item!r}")
-        items = [text(item) for item in interactions]
-        by_shard = shard_indices(items, len(self.shards))
         for s, shard in enumerate(self.shards):
             if s == home:
                 continue
-            here = [items[i] for i in np.flatnonzero(by_shard == s)]
             try:
-                reply = self._forget_counts_script(
-                    keys=scripts.FORGET_COUNTS.key_list(
+                reply = self._forget_stats_script(
+                    keys=scripts.FORGET_STATS.key_list(
                         current=shard.current,
                         meta=shard.version_meta(version),
                         offsets=shard.offsets,
-                        item_counts=shard.item_counts,
                         stats=shard.stats,
                     ),
-                    args=scripts.FORGET_COUNTS.arg_list(
+                    args=scripts.FORGET_STATS.arg_list(
                         _offset_triples(offsets),
                         version=version,
                         implicit=int(self._model.mode == "implicit"),
-                        n_items=len(here),
-                        items=join_ids(here),
                         value_sum=repr(value_sum),
-                        value_count=len(items),
+                        value_count=len(interactions),
                     ),
                 )
             except redis.ResponseError as exc:
                 raise store_error_from(exc) or exc from None
             outcome = ApplyOutcome(reply.decode())
             if outcome not in (ApplyOutcome.APPLIED, ApplyOutcome.DUPLICATE):
-                return outcome, []
-        return ApplyOutcome.APPLIED, [items[i] for i in np.flatnonzero(by_shard == home)]
+                return outcome
+        return ApplyOutcome.APPLIED
 
-    def _forget_home(
-        self, s: int, user: str, own_items: list[str] | None, offsets: dict[int, tuple[int, int]]
-    ) -> ApplyOutcome:
+    def _forget_home(self, s: int, user: str, offsets: dict[int, tuple[int, int]]) -> ApplyOutcome:
         keys = self.shards[s]
         versions = self._versions_with_rows(s)
         per_version = [
@@ -755,8 +785,6 @@ class RedisStore:
             user=user,
             k=self._model.k,
             implicit=int(self._model.mode == "implicit"),
-            own_items="*" if own_items is None else join_ids(own_items),
-            n_own=0 if own_items is None else len(own_items),
             n_versions=len(versions),
         )
         try:

@@ -77,7 +77,8 @@ OPEN = _script("open", "meta current next_version", "mode k hyper shards shard_t
 READ_STATE = _script(
     "read_state",
     "current meta users items item_counts stats gram_items gram_users",
-    "version implicit k n_users n_items n_pairs users items pair_items pair_inter_keys",
+    """version implicit k n_users n_items n_pairs users items pair_items pair_inter_keys n_count_items
+    count_items""",
 )
 # Tails: KEYS inter:<user> of each distinct pair user; ARGV (partition, first, next) triples. part: 'all'
 # (one shard), 'items' or 'users' (a batch's parts on a model of several shards).
@@ -87,22 +88,15 @@ APPLY = _script(
     changed_items popularity""",
     """part version k additive n_users n_items n_pairs value_sum_delta value_count_delta events_applied users
     user_rows items item_base item_deltas item_expected_mask item_expected_rows item_new_rows
-    item_count_deltas pair_items pair_inter_keys pair_values item_gramian_delta user_gramian_delta
-    item_gramian_expected item_gramian_sum user_gramian_expected user_gramian_sum max_abs_factor
-    item_popularity popularity_half_life""",
+    n_count_items count_items count_deltas pair_items pair_inter_keys pair_values item_gramian_delta
+    user_gramian_delta item_gramian_expected item_gramian_sum user_gramian_expected user_gramian_sum
+    max_abs_factor item_popularity popularity_half_life""",
 )
 # Tails: KEYS per version (v:meta, v:users, v:gram:users, v:changed:users); ARGV the version numbers, then
 # (partition, first, next) triples.
-# own_items: '*' (every item of the user: one shard) or the NUL-joined items whose counts this shard holds.
-FORGET_USER = _script(
-    "forget_user", "current offsets inter item_counts stats", "user k implicit own_items n_own n_versions"
-)
+FORGET_USER = _script("forget_user", "current offsets inter item_counts stats", "user k implicit n_versions")
 # Tail: ARGV (partition, first, next) triples.
-FORGET_COUNTS = _script(
-    "forget_counts",
-    "current meta offsets item_counts stats",
-    "version implicit n_items items value_sum value_count",
-)
+FORGET_STATS = _script("forget_stats", "current meta offsets stats", "version implicit value_sum value_count")
 # ARGV: (partition, first, next) triples.
 ADVANCE_OFFSETS = _script("advance_offsets", "offsets", "", prelude=False)
 WRITE_ROWS = _script("write_rows", "meta rows", "n ids rows row_bytes")
@@ -120,6 +114,6 @@ READ_ITEMS = _script("read_items", "current items", "version k n items")
 
 ALL = (
     LEASE, RELEASE_LEASE, SCAN_ROWS, ADVANCE_OFFSETS, OPEN_SHARD, OPEN, READ_STATE, APPLY, FORGET_USER,
-    FORGET_COUNTS, WRITE_ROWS, DELETE_ROWS, WRITE_STRING, PUBLISH, SWITCH, HANDOVER, DISCARD, READ_USER,
+    FORGET_STATS, WRITE_ROWS, DELETE_ROWS, WRITE_STRING, PUBLISH, SWITCH, HANDOVER, DISCARD, READ_USER,
     READ_ITEMS,
 )  # fmt: skip

@@ -8,8 +8,9 @@ is the process's view of it: `next offset applied` per partition, learnt from th
 
 A store split in shards may hold a partition's batch on some shards only (a crash fell between their
 writes): it resumes from the smallest offset, and the first batch must end where the furthest shard stands
-(`ahead`), so every shard sees either all of that batch or none of it. Records past such a cap are held
-back and fetched again from the cap (`take_reseeks`).
+(`ahead`), so every shard sees either all of that batch or none of it. Records past such a cap, and the
+other partitions' records while a capped batch is pending, are held back and fetched again
+(`take_reseeks`).
 """
 
 from __future__ import annotations
@@ -120,6 +121,12 @@ class Positions:
                 )
             if kept:
                 fresh[tp] = kept
+        capped = sorted((tp for tp in fresh if tp.partition in self._cap), key=lambda tp: tp.partition)
+        if capped:
+            # A torn batch is completed alone: with records of another partition in it, a shard that has
+            # the torn part would see one partition applied and one not, and refuse the whole (conflict).
+            for tp in [tp for tp in fresh if tp != capped[0]]:
+                self._reseek[tp] = fresh.pop(tp)[0].offset
         return fresh
 
     def take_reseeks(self) -> dict[TopicPartition, int]:

@@ -467,3 +467,19 @@ def test_a_torn_partition_resumes_with_a_batch_that_ends_where_the_furthest_shar
     positions.applied(0, 8)
     assert [r.offset for r in positions.drop_applied({TP: _records(8, 4)})[TP]] == [8, 9, 10, 11]
     assert positions.take_reseeks() == {}
+
+
+def test_a_torn_partition_is_completed_in_a_batch_of_its_own() -> None:
+    # A shard that holds the torn part would see partition 0 applied and partition 1 not in one batch, and
+    # refuse it whole: so partition 1 waits (fetched again) until partition 0 is level.
+    from streammf.stream.positions import Positions
+
+    positions, consumer = Positions(), SeekingConsumer()
+    positions.assigned([TP, TP1])
+    positions.sync(consumer, {0: 5, 1: 7}, rebuild=False, ahead={0: 8})
+    fresh = positions.drop_applied({TP: _records_of(TP, 5, 10), TP1: _records_of(TP1, 7, 3)})
+    assert list(fresh) == [TP] and [r.offset for r in fresh[TP]] == [5, 6, 7]
+    assert positions.take_reseeks() == {TP: 8, TP1: 7}
+    positions.applied(0, 8)
+    fresh = positions.drop_applied({TP: _records_of(TP, 8, 2), TP1: _records_of(TP1, 7, 3)})
+    assert sorted(fresh) == [TP, TP1] and positions.take_reseeks() == {}

@@ -42,7 +42,7 @@ end
 -- case: no other writer touched the item since the read), the sum is taken as is, which saves the Lua
 -- arithmetic; otherwise (another replica wrote the item, or the writer did not read it) the sum is made
 -- here from what is stored. Both ways give the same bytes.
-local item_rows, item_order, count_deltas = {}, {}, {}
+local item_rows, item_order = {}, {}
 local stored_rows = hmget_many(KEYS[K.items], items)
 local expected_mask = ARGV[A.item_expected_mask]
 for r = 1, n_items do
@@ -56,7 +56,6 @@ for r = 1, n_items do
                  ' (k float32 factors + bias)')
     end
     item_order[#item_order + 1] = item
-    count_deltas[item] = 0
   end
   local expect = string.sub(expected_mask, r, r)
   local slice = (r - 1) * row_bytes
@@ -75,17 +74,28 @@ for r = 1, n_items do
     for c = 1, k + 1 do row[c] = row[c] + delta[c] end
     item_rows[item] = struct.pack(row_f, unpack(row, 1, k + 1))
   end
-  count_deltas[item] = count_deltas[item] + struct.unpack('<i8', ARGV[A.item_count_deltas], (r - 1) * 8 + 1)
 end
-local counts = hmget_many(KEYS[K.item_counts], item_order)
-local new_counts, new_rows = {}, {}
-for i, item in ipairs(item_order) do
+local new_rows = {}
+for i, item in ipairs(item_order) do new_rows[i] = item_rows[item] end
+
+-- Item counts m_j. One shard: the batch's items. Several: each shard counts the pairs of its own users
+-- (where a pair's newness is known), so the count of j is the sum over the shards.
+local count_items, count_order, count_add = split(ARGV[A.count_items], tonumber(ARGV[A.n_count_items])), {}, {}
+for r, item in ipairs(count_items) do
+  if count_add[item] == nil then
+    count_order[#count_order + 1] = item
+    count_add[item] = 0
+  end
+  count_add[item] = count_add[item] + struct.unpack('<i8', ARGV[A.count_deltas], (r - 1) * 8 + 1)
+end
+local counts = hmget_many(KEYS[K.item_counts], count_order)
+local new_counts = {}
+for i, item in ipairs(count_order) do
   local count = counts[i]
   if count and not is_int(count) then
     return bad(KEYS[K.item_counts], 'field ' .. item .. ': not an integer: ' .. count)
   end
-  new_counts[i] = string.format('%d', (tonumber(count) or 0) + count_deltas[item])
-  new_rows[i] = item_rows[item]
+  new_counts[i] = string.format('%d', (tonumber(count) or 0) + count_add[item])
 end
 
 -- Interactions: implicit strengths add, explicit ratings replace; a pair repeated in one update
@@ -192,7 +202,7 @@ local user_rows = {}
 for u = 1, n_users do user_rows[u] = string.sub(ARGV[A.user_rows], (u - 1) * row_bytes + 1, u * row_bytes) end
 hset_many(KEYS[K.users], users, user_rows)
 hset_many(KEYS[K.items], item_order, new_rows)
-hset_many(KEYS[K.item_counts], item_order, new_counts)
+hset_many(KEYS[K.item_counts], count_order, new_counts)
 for _, key in ipairs(inter_order) do
   local group, texts = pair_groups[key], {}
   for i, item in ipairs(group.order) do texts[i] = string.format('%.17g', group.values[item]) end

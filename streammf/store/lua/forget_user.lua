@@ -44,15 +44,10 @@ for v = 1, n do
   end
   if redis.call('HGET', KEYS[base + 1], 'tracking') then redis.call('SADD', KEYS[base + 4], user) end
 end
--- The counts of the user's items held here: all of them ('*'), or those listed (a sharded model).
-local counted = {}
-if ARGV[A.own_items] == '*' then
-  for f = 1, #interactions, 2 do counted[#counted + 1] = interactions[f] end
-else
-  counted = split(ARGV[A.own_items], tonumber(ARGV[A.n_own]))
-end
-for _, item in ipairs(counted) do
-  if redis.call('HINCRBY', KEYS[K.item_counts], item, -1) <= 0 then redis.call('HDEL', KEYS[K.item_counts], item) end
+for f = 1, #interactions, 2 do
+  if redis.call('HINCRBY', KEYS[K.item_counts], interactions[f], -1) <= 0 then
+    redis.call('HDEL', KEYS[K.item_counts], interactions[f])
+  end
 end
 redis.call('DEL', KEYS[K.inter])
 if not implicit and #interactions > 0 then

@@ -10,8 +10,9 @@ local item_rows, item_mask, err2 = gather_rows(KEYS[K.items], items, row_bytes)
 if err2 then return err2 end
 local user_counts, item_counts, pair_values = {}, {}, {}
 for u = 1, n_users do user_counts[u] = redis.call('HLEN', KEYS[NK + u]) end
-local counts = hmget_many(KEYS[K.item_counts], items)
-for i, item in ipairs(items) do
+local count_items = split(ARGV[A.count_items], tonumber(ARGV[A.n_count_items]))
+local counts = hmget_many(KEYS[K.item_counts], count_items)
+for i, item in ipairs(count_items) do
   local count = counts[i]
   if count and not is_int(count) then
     return bad(KEYS[K.item_counts], 'field ' .. item .. ': not an integer: ' .. count)

@@ -1,8 +1,9 @@
 """Issue #11's acceptance: the daemon keeps one model spread over the local stack's three-primary Redis
 Cluster (S = 3 shards, one per primary). The same guarantees as on one Redis (tests/integration/
 test_daemon.py): the same factors as `evaluate`, exactly-once under SIGKILL restarts, two replicas sharing
-partitions, refreshes during the stream; and one of the cluster's own: a primary killed mid-stream and
-started again, the daemon resuming by itself with nothing lost or applied twice.
+partitions, refreshes during the stream; and the cluster's own: a primary killed mid-stream and started
+again, the daemon resuming by itself with nothing lost or applied twice, also when the primary comes back
+without writes it had acknowledged.
 
 Everything is read back through the store's API (`RedisStore.attach`), which knows the shards."""
 
@@ -27,6 +28,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from streammf.config import ModelSettings, RefreshSettings, Settings
+from streammf.store.contract import Side
 from streammf.store.layout import ModelKeys, scan_keys
 from streammf.store.memory import MemoryStore
 from streammf.store.redis_store import RedisStore
@@ -90,15 +92,15 @@ def _spawn(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def _as_redis(client: RedisCluster) -> redis.Redis:
+    """The store takes a cluster client typed as `redis.Redis` (see streammf.store.connect)."""
+    return cast(redis.Redis, client)
+
+
 def _store(client: RedisCluster, name: str) -> RedisStore:
     store = RedisStore.attach(_as_redis(client), name)
     assert len(store.shards) == SHARDS, f"model {name} has {len(store.shards)} shard(s), expected {SHARDS}"
     return store
-
-
-def _as_redis(client: RedisCluster) -> redis.Redis:
-    """The store takes a cluster client typed as `redis.Redis` (see streammf.store.connect)."""
-    return cast(redis.Redis, client)
 
 
 def _applied(client: RedisCluster, name: str) -> int:
@@ -117,9 +119,9 @@ def _assert_spread_over_every_primary(client: RedisCluster, store: RedisStore) -
     assert owners == primaries, f"shards on {owners}, primaries {primaries}"
 
 
-def _rows(store: Store, side: str) -> dict[str, np.ndarray]:
+def _rows(store: Store, side: Side) -> dict[str, np.ndarray]:
     """id -> factors then bias (k + 1 floats), as the in-memory store keeps them."""
-    ids, factors, biases = store.read_all_rows(side)  # type: ignore[arg-type]
+    ids, factors, biases = store.read_all_rows(side)
     assert len(set(ids)) == len(ids), f"{side}: a row listed twice"
     return {ident: np.append(factors[r], biases[r]) for r, ident in enumerate(ids)}
 
@@ -201,7 +203,8 @@ def _assert_every_event_exactly_once(client: RedisCluster, store: RedisStore, ra
 
 
 def _assert_rows_finite_and_complete(store: RedisStore, ratings: RatingsLog) -> None:
-    for side, ids in (("users", ratings.users), ("items", ratings.items)):
+    sides: tuple[tuple[Side, np.ndarray], ...] = (("users", ratings.users), ("items", ratings.items))
+    for side, ids in sides:
         rows = _rows(store, side)
         assert rows.keys() == {str(i) for i in ids}, f"{side}: rows missing or extra"
         assert np.isfinite(np.array(list(rows.values()))).all(), f"{side}: a row is not finite"

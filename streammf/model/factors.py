@@ -106,13 +106,39 @@ def init_rows(ids: list[str] | np.ndarray, k: int, std: float, seed: int, side: 
     """Deterministic initial rows, one per id, independent of arrival order and of which process asks.
 
     Seeded from (seed, side, id) so the daemon, `evaluate` and every replica create the same row for the
-    same new user or item.
+    same new user or item: the id's 64-bit BLAKE2b key, counters 0, 1, … through SplitMix64 give uniform
+    numbers, Box-Muller turns them into normal ones. Vectorised over ids (a seeded generator per id cost
+    ~30 µs, a fifth of the daemon's time under a stream of new ids).
     """
     import hashlib
 
-    out = np.empty((len(ids), k), dtype=DTYPE)
-    for row, ident in enumerate(ids):
-        digest = hashlib.blake2b(f"{seed}:{side}:{ident}".encode(), digest_size=8).digest()
-        rng = np.random.default_rng(int.from_bytes(digest, "little"))
-        out[row] = rng.normal(0.0, std, size=k)
-    return out
+    n = len(ids)
+    keys = np.fromiter(
+        (
+            int.from_bytes(
+                hashlib.blake2b(f"{seed}:{side}:{ident}".encode(), digest_size=8).digest(), "little"
+            )
+            for ident in ids
+        ),
+        dtype=np.uint64,
+        count=n,
+    )
+    pairs = (k + 1) // 2
+    counters = np.arange(2 * pairs, dtype=np.uint64)
+    bits = _splitmix64(keys[:, None] + counters[None, :] * _GOLDEN)
+    uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # in (0, 1): log is finite
+    radius = np.sqrt(-2.0 * np.log(uniform[:, :pairs]))
+    angle = 2.0 * np.pi * uniform[:, pairs:]
+    normal = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)], axis=1)[:, :k]
+    return (std * normal).astype(DTYPE)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function on uint64 arrays (multiplications wrap modulo 2^64)."""
+    z = x + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))

@@ -538,3 +538,30 @@ def test_a_flush_that_leaves_records_behind_is_a_timeout() -> None:
     producer.close(timeout=0.01)  # undelivered: purged, not waited for
     assert fake.queued == []
 
+
+# ------------------------------------------------------------------------------------ the factory
+
+
+def test_the_daemon_builds_the_configured_client() -> None:
+    from streammf.stream.daemon import kafka_consumer, kafka_producer
+
+    settings = KafkaSettings(client="confluent")
+    consumer = kafka_consumer(settings, group_id="g")
+    producer = kafka_producer(settings)
+    try:
+        assert isinstance(consumer, ConfluentConsumer) and isinstance(producer, ConfluentProducer)
+    finally:
+        consumer.close()
+        producer.close(timeout=0)
+
+
+def test_a_missing_confluent_kafka_is_named_with_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from streammf.stream.daemon import KafkaClientMissingError, kafka_consumer
+
+    monkeypatch.delitem(sys.modules, "streammf.stream.confluent_client")
+    monkeypatch.delattr("streammf.stream.confluent_client")  # the package's attribute for it
+    monkeypatch.setitem(sys.modules, "confluent_kafka", None)  # import fails as if not installed
+    with pytest.raises(KafkaClientMissingError, match=r"pip install 'streammf\[confluent\]'"):
+        kafka_consumer(KafkaSettings(client="confluent"), group_id="g")

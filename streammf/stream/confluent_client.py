@@ -283,9 +283,11 @@ class ConfluentConsumer:
 
     def _on_assign(self, _consumer: Any, partitions: list[ConfluentPartition]) -> None:
         assigned = [TopicPartition(p.topic, p.partition) for p in partitions]
+        # Eager rebalancing: this is the whole new assignment, every partition starting from its committed
+        # offset, so nothing known of an earlier one holds.
         self._assigned = frozenset(assigned)
-        self._position = {tp: o for tp, o in self._position.items() if tp in self._assigned}
-        self._pending = {tp: o for tp, o in self._pending.items() if tp in self._assigned}
+        self._position.clear()
+        self._pending.clear()
         if self._listener is not None:
             self._listener.on_partitions_assigned(assigned)
         # confluent-kafka assigns `partitions` (from the committed offsets) once this returns.

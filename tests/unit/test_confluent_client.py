@@ -372,6 +372,19 @@ def test_a_seek_still_refused_stays_pending_its_records_are_dropped_and_it_is_re
     assert fake.seeks == [(0, 7)]
 
 
+def test_positions_of_an_earlier_assignment_are_forgotten_on_a_new_one() -> None:
+    fake = FakeConsumer()
+    consumer, _ = _subscribed(fake)
+    fake.batches = [[_message(1, 40), _message(1, 41)]]
+    consumer.poll(timeout_ms=0, max_records=10)
+    both = [CPartition(T, 0), CPartition(T, 1)]
+    fake.callbacks["on_revoke"](fake, both)
+    fake.callbacks["on_assign"](fake, both)  # starts again from the committed offsets
+    fake.refuse_seeks = 1
+    consumer.seek(P0, 7)
+    assert fake.assigns == [[(0, 7), (1, OFFSET_STORED)]]
+
+
 def test_a_refused_retry_reassigns_from_the_tracked_positions() -> None:
     fake = FakeConsumer()
     consumer, _ = _subscribed(fake)

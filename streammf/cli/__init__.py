@@ -126,10 +126,12 @@ def run(settings: Settings, rebuild: bool) -> None:
     Exits with status 3 when the store lost state (see --rebuild) or may evict the model's keys.
     """
     from streammf.store.contract import StoreLostStateError, StoreUnsafeError
-    from streammf.stream.daemon import run_daemon
+    from streammf.stream.daemon import KafkaClientMissingError, run_daemon
 
     try:
         run_daemon(settings, LearnerParams.from_settings(settings.model), rebuild=rebuild)
+    except KafkaClientMissingError as exc:
+        raise click.ClickException(str(exc)) from None
     except StoreLostStateError as exc:
         click.echo(
             f"Error: the store lost state: {exc}. Refusing to go on; to rebuild the model from the earliest "

@@ -8,12 +8,13 @@ import signal
 import socket
 import threading
 import uuid
+from types import ModuleType
 from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry
 
-from streammf.config import Settings
+from streammf.config import KafkaSettings, Settings
 from streammf.store.connect import redis_client
 from streammf.store.contract import StoreLostStateError
 from streammf.store.layout import delete_model, model_exists, require_no_eviction
@@ -47,8 +48,6 @@ def run_daemon(
     """Run until `stop` (or SIGTERM/SIGINT). Raises `StoreLostStateError` when the store lost state it had
     (unless `rebuild`: then the model is rebuilt from the earliest offsets Kafka retains) and
     `StoreUnsafeError` when Redis may evict our keys."""
-    from kafka import KafkaConsumer, KafkaProducer
-
     stop = stop or threading.Event()
     _stop_on_signals(stop)
     registry = CollectorRegistry()
@@ -56,16 +55,7 @@ def run_daemon(
     heartbeat = Heartbeat(max_silence_s=max(30.0, 5 * settings.kafka.poll_timeout_ms / 1000))
     server = serve_metrics(registry, heartbeat, settings.metrics.host, settings.metrics.port)
     log.info("metrics on http://%s:%d/metrics", *server.server_address[:2])
-    kafka_common: dict[str, Any] = client_kwargs(settings.kafka)
-    consumer = KafkaConsumer(
-        **kafka_common,
-        group_id=settings.kafka.group_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_poll_records=settings.kafka.max_poll_records,
-        session_timeout_ms=settings.kafka.session_timeout_ms,
-        heartbeat_interval_ms=settings.kafka.session_timeout_ms // 3,
-    )
+    consumer = kafka_consumer(settings.kafka, group_id=settings.kafka.group_id)
     producer = None
     try:
         if not wait_for_topic(consumer, settings.kafka.topic, stop):
@@ -80,7 +70,7 @@ def run_daemon(
             log.warning("rebuilding model %s: %s", settings.model.name, exc)
             deleted = delete_model(client, settings.model.name)
             log.warning("deleted %d remaining keys of model %s", deleted, settings.model.name)
-        producer = KafkaProducer(**kafka_common, linger_ms=5)
+        producer = kafka_producer(settings.kafka)
         _run_loop(settings, params, stop, rebuild, client, consumer, producer, metrics, heartbeat)
     except StoreLostStateError as exc:
         metrics.store_lost_state.set(1)
@@ -98,6 +88,54 @@ def run_daemon(
         server.shutdown()
         server.server_close()
     log.info("stopped cleanly")
+
+
+def kafka_consumer(kafka: KafkaSettings, group_id: str | None) -> Any:
+    """The configured client's consumer (`STREAMMF_KAFKA__CLIENT`) with the daemon's settings: a member of
+    `group_id` that never auto-commits and starts a partition without a committed offset at its earliest
+    one. Without a group (the bench's raw consume) it only reads what it is assigned."""
+    if kafka.client == "confluent":
+        confluent = _confluent_client()
+        return confluent.ConfluentConsumer(confluent.consumer_config(kafka, group_id))
+    from kafka import KafkaConsumer
+
+    group: dict[str, Any] = {}
+    if group_id is not None:
+        group = {
+            "group_id": group_id,
+            "auto_offset_reset": "earliest",
+            "session_timeout_ms": kafka.session_timeout_ms,
+            "heartbeat_interval_ms": kafka.session_timeout_ms // 3,
+        }
+    return KafkaConsumer(
+        **client_kwargs(kafka), enable_auto_commit=False, max_poll_records=kafka.max_poll_records, **group
+    )
+
+
+def kafka_producer(kafka: KafkaSettings) -> Any:
+    """The configured client's producer, for dead letters."""
+    if kafka.client == "confluent":
+        confluent = _confluent_client()
+        return confluent.ConfluentProducer(confluent.producer_config(kafka))
+    from kafka import KafkaProducer
+
+    return KafkaProducer(**client_kwargs(kafka), linger_ms=5)
+
+
+class KafkaClientMissingError(RuntimeError):
+    """The configured Kafka client is not installed."""
+
+
+def _confluent_client() -> ModuleType:
+    try:
+        from streammf.stream import confluent_client
+    except ModuleNotFoundError as exc:
+        if exc.name != "confluent_kafka":
+            raise
+        raise KafkaClientMissingError(
+            "STREAMMF_KAFKA__CLIENT=confluent needs confluent-kafka: pip install 'streammf[confluent]'"
+        ) from None
+    return confluent_client
 
 
 def _check_store_kept_state(client: redis.Redis, consumer: Any, settings: Settings) -> None:
@@ -157,12 +195,13 @@ def _run_loop(
     heartbeat.ready_when(lambda: _partitions_not_ready(consumer, loop))
     heartbeat.ready_when(lambda: _redis_not_ready(client))
     log.info(
-        "streammf run: model=%s mode=%s k=%d topic=%s group=%s",
+        "streammf run: model=%s mode=%s k=%d topic=%s group=%s client=%s",
         settings.model.name,
         settings.model.mode,
         settings.model.factors,
         settings.kafka.topic,
         settings.kafka.group_id,
+        settings.kafka.client,
     )
     refresher = PeriodicRefresh(
         store,
@@ -179,7 +218,8 @@ def _run_loop(
 
 def _partitions_not_ready(consumer: Any, loop: ConsumeLoop) -> str | None:
     """Readiness: this replica owns partitions and has moved them to the store's offsets."""
-    if not consumer.assignment():  # kafka-python guards the assignment with a lock: safe off-thread
+    # Safe off-thread with either client: kafka-python locks it, ConfluentConsumer keeps a frozenset.
+    if not consumer.assignment():
         return "no partitions assigned (more replicas than partitions, or the group is rebalancing)"
     if loop.positions.needs_sync:
         return "assigned partitions not yet moved to the store's offsets"

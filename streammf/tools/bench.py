@@ -102,7 +102,7 @@ def _run_mode(settings: Settings, plan: BenchPlan, mode: str, say: Callable[[str
             mode=mode,
             events=plan.events,
             partitions=plan.partitions,
-            kafka_client="kafka-python",
+            kafka_client=settings.kafka.client,
             raw_consume_events_per_s=raw_rate,
             daemon_events_per_s=applied_rate,
             ratio_to_raw=applied_rate / raw_rate if raw_rate else float("nan"),
@@ -154,15 +154,13 @@ def _replay(env: dict[str, str], n: int, rate: float | None, partitions: int | N
 
 
 def _raw_consume_rate(settings: Settings, topic: str, n: int) -> float:
-    """Records/s the daemon's Kafka client reads the backlog at, with the daemon's consumer settings."""
-    from kafka import KafkaConsumer
+    """Records/s the daemon's Kafka client (STREAMMF_KAFKA__CLIENT) reads the backlog at, with the daemon's
+    consumer settings (no group: it reads what it assigns itself)."""
     from kafka.structs import TopicPartition
 
-    consumer = KafkaConsumer(
-        **client_kwargs(settings.kafka),
-        enable_auto_commit=False,
-        max_poll_records=settings.kafka.max_poll_records,
-    )
+    from streammf.stream.daemon import kafka_consumer
+
+    consumer = kafka_consumer(settings.kafka, group_id=None)
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         consumer.assign(partitions)
@@ -170,7 +168,9 @@ def _raw_consume_rate(settings: Settings, topic: str, n: int) -> float:
         started, seen = time.perf_counter(), 0
         deadline = started + 600
         while seen < n and time.perf_counter() < deadline:
-            polled = consumer.poll(timeout_ms=settings.kafka.poll_timeout_ms)
+            polled = consumer.poll(
+                timeout_ms=settings.kafka.poll_timeout_ms, max_records=settings.kafka.max_poll_records
+            )
             seen += sum(len(records) for records in polled.values())
         elapsed = time.perf_counter() - started
     finally:

@@ -27,3 +27,16 @@ def model(redis_client: redis.Redis) -> Iterator[str]:
     keys = list(redis_client.scan_iter(match=ModelKeys(name).prefix + "*", count=1000))
     for start in range(0, len(keys), 1000):
         redis_client.unlink(*keys[start : start + 1000])
+
+
+@pytest.fixture(params=["kafka-python", "confluent"])
+def kafka_client(request: pytest.FixtureRequest) -> str:
+    """The daemon's Kafka client (STREAMMF_KAFKA__CLIENT): a test that asks for it runs against both. The
+    confluent one must be installed (the `confluent` extra, which deploy/local/test installs), never
+    skipped."""
+    if request.param == "confluent":
+        try:
+            import confluent_kafka  # noqa: F401
+        except ModuleNotFoundError:
+            pytest.fail("confluent-kafka is not installed: pip install -e '.[test,confluent]'")
+    return str(request.param)

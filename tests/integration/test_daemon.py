@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -53,10 +54,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _settings(kafka_bootstrap: str, redis_url: str, topic: str, model: str, port: int) -> Settings:
+def _settings(
+    kafka_bootstrap: str,
+    redis_url: str,
+    topic: str,
+    model: str,
+    port: int,
+    client: Literal["kafka-python", "confluent"] = "kafka-python",
+) -> Settings:
     return Settings(
         kafka=KafkaSettings(
-            bootstrap_servers=kafka_bootstrap, topic=topic, group_id=f"g-{model}", session_timeout_ms=6000
+            client=client,
+            bootstrap_servers=kafka_bootstrap,
+            topic=topic,
+            group_id=f"g-{model}",
+            session_timeout_ms=6000,
         ),
         redis=RedisSettings(url=redis_url, socket_timeout_s=2.0),
         model=ModelSettings(name=model),
@@ -67,6 +79,7 @@ def _settings(kafka_bootstrap: str, redis_url: str, topic: str, model: str, port
 def _env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
+        STREAMMF_KAFKA__CLIENT=settings.kafka.client,
         STREAMMF_KAFKA__BOOTSTRAP_SERVERS=settings.kafka.bootstrap_servers,
         STREAMMF_KAFKA__TOPIC=settings.kafka.topic,
         STREAMMF_KAFKA__GROUP_ID=settings.kafka.group_id,
@@ -209,12 +222,20 @@ def _assert_same_factors(redis_client: redis.Redis, name: str, reference: Memory
 
 
 def test_replay_through_kafka_matches_evaluate(
-    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens, evaluated
+    kafka_bootstrap,
+    redis_url,
+    redis_client,
+    make_topic,
+    topic_name,
+    model,
+    movielens,
+    evaluated,
+    kafka_client,
 ):
     topic = make_topic(topic_name, 1)
     _produce(kafka_bootstrap, topic, _ratings_payloads(movielens))
     port = _free_port()
-    settings = _settings(kafka_bootstrap, redis_url, topic, model, port)
+    settings = _settings(kafka_bootstrap, redis_url, topic, model, port, kafka_client)
     with _InProcessDaemon(settings):
         _wait_for(lambda: _applied(redis_client, model) >= len(movielens), 300, "all events applied")
         metrics = _scrape(port)
@@ -240,14 +261,16 @@ def _applied(redis_client: redis.Redis, name: str) -> int:
         return 0
 
 
-def test_metrics_expose_every_series(kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model):
+def test_metrics_expose_every_series(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, kafka_client
+):
     topic = make_topic(topic_name, 2)
     good = [
         (b"u1", json.dumps({"user_id": "u1", "item_id": f"i{i}", "value": 4}).encode()) for i in range(50)
     ]
     _produce(kafka_bootstrap, topic, [*good, (b"u2", b"{not json")])
     port = _free_port()
-    with _InProcessDaemon(_settings(kafka_bootstrap, redis_url, topic, model, port)):
+    with _InProcessDaemon(_settings(kafka_bootstrap, redis_url, topic, model, port, kafka_client)):
         _wait_for(lambda: _applied(redis_client, model) >= 50, 60, "events applied")
         _wait_for(
             lambda: any(name.startswith("streammf_consumer_lag_records") for name in _scrape(port)),
@@ -283,9 +306,9 @@ def test_metrics_expose_every_series(kafka_bootstrap, redis_url, redis_client, m
 
 
 def test_a_daemon_started_before_its_topic_exists_consumes_it_once_created(
-    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, kafka_client
 ):
-    settings = _settings(kafka_bootstrap, redis_url, topic_name, model, _free_port())
+    settings = _settings(kafka_bootstrap, redis_url, topic_name, model, _free_port(), kafka_client)
     with _InProcessDaemon(settings) as daemon:
         time.sleep(3)  # the daemon is waiting for the topic
         assert daemon.thread.is_alive()
@@ -300,7 +323,7 @@ def test_a_daemon_started_before_its_topic_exists_consumes_it_once_created(
 
 
 def test_poison_records_go_to_the_dead_letter_topic(
-    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens, kafka_client
 ):
     from kafka import KafkaConsumer
 
@@ -324,7 +347,7 @@ def test_poison_records_go_to_the_dead_letter_topic(
             mixed.append((key, poison[expected_poison % len(poison)]))
             expected_poison += 1
     _produce(kafka_bootstrap, topic, mixed)
-    with _InProcessDaemon(_settings(kafka_bootstrap, redis_url, topic, model, _free_port())):
+    with _InProcessDaemon(_settings(kafka_bootstrap, redis_url, topic, model, _free_port(), kafka_client)):
         _wait_for(lambda: _applied(redis_client, model) >= len(valid), 120, "valid events applied")
     assert _applied(redis_client, model) == len(valid)
     consumer = KafkaConsumer(
@@ -380,12 +403,20 @@ def test_periodic_refreshes_during_the_stream_lose_nothing(
 
 
 def test_redis_outage_recovers_without_loss_or_duplicates(
-    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens, evaluated
+    kafka_bootstrap,
+    redis_url,
+    redis_client,
+    make_topic,
+    topic_name,
+    model,
+    movielens,
+    evaluated,
+    kafka_client,
 ):
     topic = make_topic(topic_name, 1)
     payloads = _ratings_payloads(movielens)
     port = _free_port()
-    with _InProcessDaemon(_settings(kafka_bootstrap, redis_url, topic, model, port)):
+    with _InProcessDaemon(_settings(kafka_bootstrap, redis_url, topic, model, port, kafka_client)):
         producer = threading.Thread(target=_produce, args=(kafka_bootstrap, topic, payloads))
         producer.start()
         _wait_for(lambda: _applied(redis_client, model) >= 20_000, 120, "some events applied")
@@ -406,11 +437,20 @@ def _spawn(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
 
 
 def test_sigkill_restarts_apply_every_event_exactly_once(
-    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens, evaluated, tmp_path
+    kafka_bootstrap,
+    redis_url,
+    redis_client,
+    make_topic,
+    topic_name,
+    model,
+    movielens,
+    evaluated,
+    tmp_path,
+    kafka_client,
 ):
     topic = make_topic(topic_name, 1)
     _produce(kafka_bootstrap, topic, _ratings_payloads(movielens))
-    settings = _settings(kafka_bootstrap, redis_url, topic, model, 0)
+    settings = _settings(kafka_bootstrap, redis_url, topic, model, 0, kafka_client)
     rng = random.Random(11)
     log_path = tmp_path / "daemon.log"
     for kill in range(5):
@@ -437,10 +477,10 @@ def test_sigkill_restarts_apply_every_event_exactly_once(
 
 
 def test_two_daemons_share_partitions_and_lose_no_updates(
-    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens, tmp_path
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens, tmp_path, kafka_client
 ):
     topic = make_topic(topic_name, 4)
-    settings = _settings(kafka_bootstrap, redis_url, topic, model, 0)
+    settings = _settings(kafka_bootstrap, redis_url, topic, model, 0, kafka_client)
     envs = [_env(settings), _env(settings)]
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     processes = [

@@ -148,7 +148,7 @@ def RedisStoreOffsets(client: redis.Redis, name: str) -> dict[int, int]:
 
 
 def test_a_record_near_the_broker_size_limit_is_dead_lettered_truncated_and_later_records_apply(
-    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, kafka_client
 ):
     from kafka import KafkaProducer
 
@@ -163,7 +163,7 @@ def test_a_record_near_the_broker_size_limit_is_dead_lettered_truncated_and_late
         (b"u2", json.dumps({"user_id": "u2", "item_id": f"i{i}", "value": 3}).encode()) for i in range(100)
     ]
     _produce(kafka_bootstrap, topic, later)
-    with Daemon(_settings(kafka_bootstrap, redis_url, topic, model, _free_port())):
+    with Daemon(_settings(kafka_bootstrap, redis_url, topic, model, _free_port(), kafka_client)):
         _wait_for(lambda: _applied(redis_client, model) >= len(later), 60, "the records after it applied")
     dead = _dead_letters(kafka_bootstrap, topic)
     assert len(dead) == 2
@@ -200,12 +200,12 @@ def _group_committed(bootstrap: str, group: str, topic: str) -> bool:
 
 @pytest.mark.parametrize("mishap", ["restarted_empty", "flushall"])
 def test_a_store_that_lost_its_state_is_refused_until_an_operator_rebuilds_it(
-    mishap, kafka_bootstrap, make_topic, topic_name, model, movielens, private_redis
+    mishap, kafka_bootstrap, make_topic, topic_name, model, movielens, private_redis, kafka_client
 ):
     topic = make_topic(topic_name, 1)
     payloads = _ratings_payloads(movielens, 4000)
     _produce(kafka_bootstrap, topic, payloads[:3000])
-    settings = _settings(kafka_bootstrap, private_redis.url, topic, model, _free_port())
+    settings = _settings(kafka_bootstrap, private_redis.url, topic, model, _free_port(), kafka_client)
     client = private_redis.client()
     with Daemon(settings) as daemon:
         _wait_for(lambda: _applied(client, model) >= 3000, 120, "first events applied")
@@ -309,7 +309,7 @@ def _health(port: int) -> int:
 
 
 def test_a_broker_killed_for_15_s_shows_unhealthy_and_the_daemon_resumes_within_10_s(
-    redis_client, model, movielens, tmp_path
+    redis_client, model, movielens, tmp_path, kafka_client
 ):
     from kafka import KafkaAdminClient
 
@@ -329,6 +329,7 @@ def test_a_broker_killed_for_15_s_shows_unhealthy_and_the_daemon_resumes_within_
             "events",
             model,
             port,
+            kafka_client,
         )
         with Daemon(settings) as daemon:
             _wait_for(lambda: _applied(redis_client, model) >= 6000, 120, "first events applied")
@@ -400,7 +401,7 @@ def _hostile_mix(log: RatingsLog, n: int, seed: int) -> tuple[list[tuple[bytes, 
 
 
 def test_a_seeded_hostile_mix_is_applied_or_dead_lettered_exactly_once(
-    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens, kafka_client
 ):
     topic = make_topic(topic_name, 3)
     make_topic(f"{topic}.dlq", 1)
@@ -412,7 +413,7 @@ def test_a_seeded_hostile_mix_is_applied_or_dead_lettered_exactly_once(
         return sum(int(v) for v in redis_client.hgetall(keys.offsets).values())
 
     port = _free_port()
-    with Daemon(_settings(kafka_bootstrap, redis_url, topic, model, port)):
+    with Daemon(_settings(kafka_bootstrap, redis_url, topic, model, port, kafka_client)):
         _wait_for(lambda: consumed() >= len(records), 120, "every record consumed")
         metrics = _scrape(port)
     dead = _dead_letters(kafka_bootstrap, topic)

@@ -25,17 +25,23 @@ def _status(port: int, path: str) -> tuple[int, str]:
         return 0, str(exc)
 
 
-def test_readyz_needs_partitions_and_redis(kafka_bootstrap, make_topic, topic_name, model, tmp_path):
+def test_readyz_needs_partitions_and_redis(
+    kafka_bootstrap, make_topic, topic_name, model, tmp_path, kafka_client
+):
     private_redis = PrivateRedis(tmp_path / "redis").start()
     topic = make_topic(topic_name, 1)
     event = json.dumps({"user_id": "u1", "item_id": "i1", "value": 4}).encode()
     _produce(kafka_bootstrap, topic, [(b"u1", event)])
     first_port, second_port = _free_port(), _free_port()
     try:
-        with _InProcessDaemon(_settings(kafka_bootstrap, private_redis.url, topic, model, first_port)):
+        with _InProcessDaemon(
+            _settings(kafka_bootstrap, private_redis.url, topic, model, first_port, kafka_client)
+        ):
             _wait_for(lambda: _status(first_port, "/readyz")[0] == 200, 60, "the first daemon ready")
             # Same group, one partition: the second replica gets nothing, so it must not take traffic.
-            second_settings = _settings(kafka_bootstrap, private_redis.url, topic, model, second_port)
+            second_settings = _settings(
+                kafka_bootstrap, private_redis.url, topic, model, second_port, kafka_client
+            )
             with _InProcessDaemon(second_settings):
                 _wait_for(lambda: _status(second_port, "/healthz")[0] == 200, 60, "the second daemon alive")
                 _wait_for(

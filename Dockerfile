@@ -13,8 +13,9 @@ WORKDIR /src
 # README.md: pyproject.toml names it as the package readme, so the build needs it.
 COPY pyproject.toml README.md ./
 COPY streammf ./streammf
-# No extras: the test, bench and demo tools stay out of the image.
-RUN /opt/streammf/bin/pip install . \
+# Only the confluent extra (STREAMMF_KAFKA__CLIENT=confluent needs it; a manylinux wheel, no compiler):
+# the test, bench and demo tools stay out of the image.
+RUN /opt/streammf/bin/pip install ".[confluent]" \
     && find /opt/streammf -name '__pycache__' -type d -prune -exec rm -rf {} +
 
 # ---- runtime ----

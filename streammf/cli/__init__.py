@@ -216,6 +216,21 @@ def refresh(settings: Settings, iterations: int | None) -> None:
 )
 @click.option("--factors", "-k", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
+    "--shards",
+    type=click.IntRange(min=1, max=1024),
+    default=1,
+    show_default=True,
+    help="Split the model in this many shards (STREAMMF_REDIS__SHARDS of the daemon under test). Above 1, "
+    "each mode first runs with 1 shard on the same Redis as the reference (see --no-reference).",
+)
+@click.option(
+    "--reference/--no-reference",
+    default=True,
+    show_default=True,
+    help="With --shards above 1: also run each mode with 1 shard first, and give each server's Redis "
+    "time per event as a share of that run's total.",
+)
+@click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write JSON here."
 )
 @click.pass_obj
@@ -227,15 +242,23 @@ def bench(
     partitions: int,
     mode: str,
     factors: int,
+    shards: int,
+    reference: bool,
     json_path: Path | None,
 ) -> None:
     """Measure the pipeline on the configured Kafka and Redis (the local stack by default): raw consume
     rate of the daemon's Kafka client, the daemon's end-to-end rate from a backlog, Redis server time
-    per event, update latency and freshness at a fixed offered rate. Prints a table; --json writes it."""
+    per event, update latency and freshness at a fixed offered rate. Prints a table; --json writes it.
+
+    Redis server time is measured on each primary when STREAMMF_REDIS__URL names a Redis Cluster. With
+    --shards N (N > 1) each mode runs twice on that same Redis: with 1 shard (the whole model on one
+    primary: the single-node reference), then with N; a second table gives each primary's time per
+    event and, in brackets, its share of the 1-shard total. On a cluster of N primaries, shares near
+    1/N say the load splits evenly over them."""
     from streammf.tools.bench import BenchPlan, run_bench, table, write_json
 
     modes = ("explicit", "implicit") if mode == "both" else (mode,)
-    plan = BenchPlan(events, offered_rate, live_seconds, partitions, modes, factors)
+    plan = BenchPlan(events, offered_rate, live_seconds, partitions, modes, factors, shards, reference)
     runs = run_bench(settings, plan, say=lambda line: click.echo(f"bench: {line}", err=True))
     for line in table(runs):
         click.echo(line)

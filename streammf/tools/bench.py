@@ -12,6 +12,12 @@ Per mode (explicit, implicit), on a fresh topic and model:
    update latency p50/p99 and freshness p99 come from the daemon's own histograms, counting only the
    observations of this phase.
 
+Redis server time is taken on every server the model may use: each primary of a Redis Cluster
+(`redis_us_per_event_by_node`), their sum being `redis_us_per_event`. With `shards` > 1 the model is split
+in that many shards (STREAMMF_REDIS__SHARDS); each mode then also runs first with one shard on the same
+Redis, the reference: each server's time per event is also given as a share of the reference's total
+(`redis_share_of_single_by_node`), which shows whether the load splits over a cluster's primaries.
+
 Nothing is asserted: the figures are printed as a table and written as JSON (`--json FILE`).
 """
 
@@ -27,27 +33,34 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from streammf.config import Settings
-from streammf.store.layout import ModelKeys, delete_model, parse_int
+from streammf.store.connect import redis_client
+from streammf.store.layout import ModelKeys, delete_model, parse_int, scan_keys, unlink_all
+from streammf.store.shards import shard_tags
 from streammf.stream.kafka_config import client_kwargs
 
 
 @dataclass(frozen=True)
 class BenchRun:
     mode: str
+    shards: int
     events: int
     partitions: int
     kafka_client: str
     raw_consume_events_per_s: float
     daemon_events_per_s: float
     ratio_to_raw: float
-    redis_us_per_event: float
+    redis_us_per_event: float  # summed over the servers below
+    redis_us_per_event_by_node: dict[str, float]  # "host:port" of each server (a cluster: each primary)
+    # Each server's figure over the total of the same mode's one-shard run (None: no such run).
+    redis_share_of_single_by_node: dict[str, float] | None
     offered_events_per_s: float
     live_events: int
     update_latency_p50_ms: float
@@ -63,50 +76,101 @@ class BenchPlan:
     partitions: int = 1
     modes: tuple[str, ...] = ("explicit", "implicit")
     factors: int = 32
+    shards: int = 1
+    # With shards > 1, run each mode with one shard first, on the same Redis: the reference.
+    reference: bool = True
+
+    def shard_counts(self) -> tuple[int, ...]:
+        return (1, self.shards) if self.shards > 1 and self.reference else (self.shards,)
 
 
 def run_bench(settings: Settings, plan: BenchPlan, say: Callable[[str], None]) -> list[BenchRun]:
-    return [_run_mode(settings, plan, mode, say) for mode in plan.modes]
+    client = redis_client(settings)
+    try:
+        if isinstance(client, RedisCluster):
+            say(f"Redis Cluster: server time measured on each primary ({', '.join(_nodes(client))})")
+        runs = [
+            _run_mode(settings, client, plan, mode, shards, say)
+            for mode in plan.modes
+            for shards in plan.shard_counts()
+        ]
+    finally:
+        client.close()
+    return with_shares(runs)
 
 
-def _run_mode(settings: Settings, plan: BenchPlan, mode: str, say: Callable[[str], None]) -> BenchRun:
-    run_id = f"{mode}-{uuid.uuid4().hex[:8]}"
+def with_shares(runs: list[BenchRun]) -> list[BenchRun]:
+    """Each run's per-server figures as shares of the total of the same mode's one-shard run, for the
+    modes that ran with one shard and with several."""
+    single = {run.mode: run.redis_us_per_event for run in runs if run.shards == 1}
+    sharded = {run.mode for run in runs if run.shards > 1}
+    shared = []
+    for run in runs:
+        total = single.get(run.mode)
+        shares = None
+        if run.mode in sharded and total is not None and total > 0:
+            shares = {node: us / total for node, us in run.redis_us_per_event_by_node.items()}
+        shared.append(replace(run, redis_share_of_single_by_node=shares))
+    return shared
+
+
+def _run_mode(
+    settings: Settings,
+    client: redis.Redis,
+    plan: BenchPlan,
+    mode: str,
+    shards: int,
+    say: Callable[[str], None],
+) -> BenchRun:
+    run_id = f"{mode}-s{shards}-{uuid.uuid4().hex[:8]}"
     topic, model = f"streammf.bench.{run_id}", f"bench-{run_id}"
     port = _free_port()
     env = _env(
-        settings, topic=topic, model=model, group=f"bench-{run_id}", mode=mode, k=plan.factors, port=port
+        settings,
+        topic=topic,
+        model=model,
+        group=f"bench-{run_id}",
+        mode=mode,
+        k=plan.factors,
+        shards=shards,
+        port=port,
     )
-    client = redis.Redis.from_url(
-        settings.redis.url,
-        password=settings.redis.password.get_secret_value() if settings.redis.password else None,
-    )
+    stats = _stats_keys(model, shards)
+    name = f"{mode}, {shards} shard{'s' if shards > 1 else ''}"
     try:
-        say(f"{mode}: producing a backlog of {plan.events:,} events into {topic}")
+        say(f"{name}: producing a backlog of {plan.events:,} events into {topic}")
         _replay(env, plan.events, rate=None, partitions=plan.partitions)
-        say(f"{mode}: raw consume with the daemon's Kafka client and settings")
+        say(f"{name}: raw consume with the daemon's Kafka client and settings")
         raw_rate = _raw_consume_rate(settings, topic, plan.events)
-        say(f"{mode}: streammf run working off the backlog")
-        usec_before = _redis_usec(client)
+        say(f"{name}: streammf run working off the backlog")
+        usec_before = _redis_usec_by_node(client)
         with _Daemon(env) as daemon:
-            applied_rate = _backlog_rate(client, model, plan.events, daemon)
-            redis_us = (_redis_usec(client) - usec_before) / plan.events
+            applied_rate = _backlog_rate(client, stats, plan.events, daemon)
+            usec_after = _redis_usec_by_node(client)
+            by_node = {
+                node: (usec_after.get(node, 0.0) - usec_before.get(node, 0.0)) / plan.events
+                for node in sorted(usec_before.keys() | usec_after.keys())
+            }
             before = _scrape(port)
             live = int(plan.offered_rate * plan.live_seconds)
-            say(f"{mode}: live, {live:,} events offered at {plan.offered_rate:,.0f}/s")
+            say(f"{name}: live, {live:,} events offered at {plan.offered_rate:,.0f}/s")
             _replay(env, live, rate=plan.offered_rate, partitions=None)
-            _wait_applied(client, model, plan.events + live, daemon, timeout_s=plan.live_seconds * 10 + 120)
+            _wait_applied(client, stats, plan.events + live, daemon, timeout_s=plan.live_seconds * 10 + 120)
             after = _scrape(port)
         latency = _histogram_delta(before, after, "streammf_update_latency_seconds")
         freshness = _histogram_delta(before, after, "streammf_freshness_seconds")
         return BenchRun(
             mode=mode,
+            shards=shards,
             events=plan.events,
             partitions=plan.partitions,
             kafka_client=settings.kafka.client,
             raw_consume_events_per_s=raw_rate,
             daemon_events_per_s=applied_rate,
             ratio_to_raw=applied_rate / raw_rate if raw_rate else float("nan"),
-            redis_us_per_event=redis_us,
+            redis_us_per_event=sum(by_node.values()),
+            redis_us_per_event_by_node=by_node,
+            redis_share_of_single_by_node=None,  # filled in by with_shares
             offered_events_per_s=plan.offered_rate,
             live_events=live,
             update_latency_p50_ms=1000 * _quantile(latency, 0.5),
@@ -114,8 +178,7 @@ def _run_mode(settings: Settings, plan: BenchPlan, mode: str, say: Callable[[str
             freshness_p99_ms=1000 * _quantile(freshness, 0.99),
         )
     finally:
-        delete_model(client, model)
-        client.close()
+        _delete_bench_model(client, model, shards)
         _delete_topics(settings, [topic, f"{topic}.dlq"])
 
 
@@ -123,7 +186,7 @@ def _run_mode(settings: Settings, plan: BenchPlan, mode: str, say: Callable[[str
 
 
 def _env(
-    settings: Settings, *, topic: str, model: str, group: str, mode: str, k: int, port: int
+    settings: Settings, *, topic: str, model: str, group: str, mode: str, k: int, shards: int, port: int
 ) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -131,6 +194,7 @@ def _env(
         STREAMMF_KAFKA__TOPIC=topic,
         STREAMMF_KAFKA__GROUP_ID=group,
         STREAMMF_REDIS__URL=settings.redis.url,
+        STREAMMF_REDIS__SHARDS=str(shards),
         STREAMMF_MODEL__NAME=model,
         STREAMMF_MODEL__MODE=mode,
         STREAMMF_MODEL__FACTORS=str(k),
@@ -205,18 +269,40 @@ class _Daemon:
             self.process.kill()
 
 
-def _applied(client: redis.Redis, model: str) -> int:
+def _shard_keys(model: str, shards: int) -> list[ModelKeys]:
+    """The keys of each shard of the model the daemon creates (known before it exists: the tags depend on
+    the name and the number of shards only)."""
     keys = ModelKeys(model)
-    return parse_int(client.hget(keys.stats, "events_applied"), keys.stats, "field 'events_applied'")
+    return [keys.shard(tag) for tag in shard_tags(model, shards)] if shards > 1 else [keys]
 
 
-def _backlog_rate(client: redis.Redis, model: str, n: int, daemon: _Daemon) -> float:
+def _stats_keys(model: str, shards: int) -> list[str]:
+    return [keys.stats for keys in _shard_keys(model, shards)]
+
+
+def _applied(client: redis.Redis, stats: list[str]) -> int:
+    """Events applied on every shard (each shard's stats count every batch it took part in)."""
+    return min(parse_int(client.hget(key, "events_applied"), key, "field 'events_applied'") for key in stats)
+
+
+def _delete_bench_model(client: redis.Redis, model: str, shards: int) -> None:
+    """Every key of the model on every shard: `delete_model` finds the shards in the meta, and the
+    prefixes of the shards the daemon would have made are swept too (a daemon that died before writing
+    the meta leaves shard keys no meta names)."""
+    delete_model(client, model)
+    for keys in _shard_keys(model, shards):
+        leftover = list(scan_keys(client, keys.prefix))
+        for start in range(0, len(leftover), 1000):
+            unlink_all(client, leftover[start : start + 1000])
+
+
+def _backlog_rate(client: redis.Redis, stats: list[str], n: int, daemon: _Daemon) -> float:
     """Events/s from the first applied batch to the last event of the backlog."""
     deadline = time.monotonic() + 1800
     first: tuple[float, int] | None = None
     while time.monotonic() < deadline:
         daemon.check()
-        applied = _applied(client, model)
+        applied = _applied(client, stats)
         now = time.perf_counter()
         if applied > 0 and first is None:
             first = (now, applied)
@@ -224,22 +310,42 @@ def _backlog_rate(client: redis.Redis, model: str, n: int, daemon: _Daemon) -> f
             elapsed = now - first[0]
             return (applied - first[1]) / elapsed if elapsed > 0 else float("nan")
         time.sleep(0.05)
-    raise TimeoutError(f"the daemon applied {_applied(client, model)} of {n} events in 30 minutes")
+    raise TimeoutError(f"the daemon applied {_applied(client, stats)} of {n} events in 30 minutes")
 
 
-def _wait_applied(client: redis.Redis, model: str, n: int, daemon: _Daemon, timeout_s: float) -> None:
+def _wait_applied(client: redis.Redis, stats: list[str], n: int, daemon: _Daemon, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while _applied(client, model) < n:
+    while _applied(client, stats) < n:
         daemon.check()
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the daemon applied {_applied(client, model)} of {n} events")
+            raise TimeoutError(f"the daemon applied {_applied(client, stats)} of {n} events")
         time.sleep(0.1)
 
 
-def _redis_usec(client: redis.Redis) -> float:
-    """Server time spent in commands so far (all clients; the bench's own polling is a few HGETs)."""
-    stats = client.info("commandstats")
-    return float(sum(entry.get("usec", 0) for entry in stats.values() if isinstance(entry, dict)))
+def _nodes(client: RedisCluster) -> list[str]:
+    return sorted(node.name for node in client.get_primaries())
+
+
+def _redis_usec_by_node(client: redis.Redis) -> dict[str, float]:
+    """Server time spent in commands so far, per server: each primary of a Redis Cluster (replicas serve
+    no reads of ours), else the one server. All clients count; the bench's own polling is a few HGETs."""
+    if isinstance(client, RedisCluster):
+        return {
+            node.name: _usec(client.info("commandstats", target_nodes=node))  # one node: its own INFO
+            for node in client.get_primaries()
+        }
+    return {_server_name(client): _usec(client.info("commandstats"))}
+
+
+def _usec(commandstats: dict[str, Any]) -> float:
+    return float(sum(entry.get("usec", 0) for entry in commandstats.values() if isinstance(entry, dict)))
+
+
+def _server_name(client: redis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    if kwargs.get("path"):
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
 
 
 # --------------------------------------------------------------------------------- metrics, quantiles
@@ -323,6 +429,7 @@ def _delete_topics(settings: Settings, topics: list[str]) -> None:
 
 COLUMNS = (
     ("mode", "mode", "{}"),
+    ("shards", "shards", "{}"),
     ("events", "events", "{:,}"),
     ("raw consume/s", "raw_consume_events_per_s", "{:,.0f}"),
     ("daemon/s", "daemon_events_per_s", "{:,.0f}"),
@@ -336,10 +443,41 @@ COLUMNS = (
 
 
 def table(runs: list[BenchRun]) -> list[str]:
+    """The figures of each run; then, when the model was sharded or Redis has several primaries, the
+    Redis server time per event of each server (and its share of the one-shard total, if measured)."""
     cells = [[fmt.format(getattr(run, field)) for _, field, fmt in COLUMNS] for run in runs]
-    widths = [max(len(header), *(len(row[i]) for row in cells)) for i, (header, _, _) in enumerate(COLUMNS)]
-    lines = ["  ".join(header.rjust(w) for (header, _, _), w in zip(COLUMNS, widths, strict=True))]
-    lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in cells]
+    lines = _aligned([header for header, _, _ in COLUMNS], cells)
+    nodes = sorted({node for run in runs for node in run.redis_us_per_event_by_node})
+    if len(nodes) > 1 or any(run.shards > 1 for run in runs):
+        lines += ["", _NODE_TABLE_TITLE]
+        node_cells = [
+            [
+                run.mode,
+                str(run.shards),
+                *(_node_cell(run, node) for node in nodes),
+                f"{run.redis_us_per_event:.1f}",
+            ]
+            for run in runs
+        ]
+        lines += _aligned(["mode", "shards", *nodes, "total"], node_cells)
+    return lines
+
+
+_NODE_TABLE_TITLE = (
+    "redis us/event on each server (share: of the same mode's 1-shard total on the same Redis)"
+)
+
+
+def _node_cell(run: BenchRun, node: str) -> str:
+    us = run.redis_us_per_event_by_node.get(node, 0.0)
+    shares = run.redis_share_of_single_by_node
+    return f"{us:.1f}" if shares is None else f"{us:.1f} ({shares.get(node, 0.0):.2f})"
+
+
+def _aligned(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max([len(header), *(len(row[i]) for row in rows)]) for i, header in enumerate(headers)]
+    lines = ["  ".join(header.rjust(w) for header, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     return lines
 
 

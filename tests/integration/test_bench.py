@@ -14,7 +14,7 @@ from streammf.cli import cli
 FIELDS = (
     "mode", "events", "raw_consume_events_per_s", "daemon_events_per_s", "ratio_to_raw",
     "update_latency_p50_ms", "update_latency_p99_ms", "freshness_p99_ms", "redis_us_per_event",
-    "kafka_client",
+    "kafka_client", "shards", "redis_us_per_event_by_node",
 )  # fmt: skip
 
 
@@ -34,5 +34,47 @@ def test_bench_prints_a_table_and_writes_every_figure(kafka_bootstrap, redis_url
     for run in report["runs"]:
         assert set(FIELDS) <= set(run)
         assert run["events"] == 3000 and run["kafka_client"] == kafka_client
-        for field in FIELDS[2:-1]:
+        assert run["shards"] == 1 and len(run["redis_us_per_event_by_node"]) == 1
+        assert run["redis_share_of_single_by_node"] is None
+        for field in FIELDS[2:-3]:
             assert math.isfinite(run[field]) and run[field] > 0, (run["mode"], field, run[field])
+
+
+def test_bench_with_shards_on_a_cluster_gives_each_primary_its_figure(
+    kafka_bootstrap, redis_cluster_url, redis_cluster_client, tmp_path
+):
+    """--shards 3 on the three-primary cluster: a 1-shard reference run, then the 3-shard run; each run
+    has Redis time per event on each primary, summing to its total, and the 3-shard run has every primary
+    busy and its share of the reference's total. No key of either model is left on any primary."""
+    out = tmp_path / "bench.json"
+    env = {"STREAMMF_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "STREAMMF_REDIS__URL": redis_cluster_url}
+    args = [
+        "bench", "--events", "3000", "--offered-rate", "1000", "--live-seconds", "2", "--mode", "explicit",
+        "--shards", "3", "--json", str(out),
+    ]  # fmt: skip
+    keys_before = set(redis_cluster_client.scan_iter(match="streammf:{bench-*", count=1000))
+    result = CliRunner().invoke(cli, args, env=env)
+    assert result.exit_code == 0, result.output
+    left = set(redis_cluster_client.scan_iter(match="streammf:{bench-*", count=1000)) - keys_before
+    assert not left, f"the bench left keys of its models: {sorted(left)[:5]}"
+    report = json.loads(out.read_text())
+    assert report["plan"]["shards"] == 3
+    assert [(run["mode"], run["shards"]) for run in report["runs"]] == [("explicit", 1), ("explicit", 3)]
+    reference, sharded = report["runs"]
+    primaries = set(sharded["redis_us_per_event_by_node"])
+    assert len(primaries) == 3 and set(reference["redis_us_per_event_by_node"]) == primaries
+    for run in report["runs"]:
+        by_node = run["redis_us_per_event_by_node"]
+        assert math.isclose(sum(by_node.values()), run["redis_us_per_event"], rel_tol=1e-9)
+        shares = run["redis_share_of_single_by_node"]
+        assert set(shares) == primaries
+        for node in primaries:
+            assert math.isclose(shares[node], by_node[node] / reference["redis_us_per_event"], rel_tol=1e-9)
+    assert all(us > 0 for us in sharded["redis_us_per_event_by_node"].values()), sharded
+    assert max(reference["redis_us_per_event_by_node"].values()) > 0
+    lines = result.output.splitlines()
+    title = next(i for i, line in enumerate(lines) if line.startswith("redis us/event on each server"))
+    header, *rows = lines[title + 1 : title + 4]
+    assert header.split()[:2] == ["mode", "shards"] and header.split()[-1] == "total"
+    assert all(node in header for node in primaries)
+    assert [row.split()[:2] for row in rows[:2]] == [["explicit", "1"], ["explicit", "3"]]

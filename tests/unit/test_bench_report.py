@@ -1,0 +1,80 @@
+"""`streammf bench`'s report of a sharded run: each server's share of the one-shard total, and the
+per-server table (the figures themselves come from the integration test on the real cluster)."""
+
+from __future__ import annotations
+
+import math
+
+from streammf.tools.bench import BenchRun, table, with_shares
+
+NODES = ("10.0.0.1:7001", "10.0.0.2:7002", "10.0.0.3:7003")
+
+
+def _run(mode: str, shards: int, by_node: dict[str, float]) -> BenchRun:
+    return BenchRun(
+        mode=mode, shards=shards, events=1000, partitions=1, kafka_client="kafka-python",
+        raw_consume_events_per_s=1e5, daemon_events_per_s=1e4, ratio_to_raw=0.1,
+        redis_us_per_event=sum(by_node.values()), redis_us_per_event_by_node=by_node,
+        redis_share_of_single_by_node=None, offered_events_per_s=1e3, live_events=100,
+        update_latency_p50_ms=1.0, update_latency_p99_ms=2.0, freshness_p99_ms=3.0,
+    )  # fmt: skip
+
+
+def test_shares_are_of_the_same_modes_one_shard_total():
+    runs = with_shares(
+        [
+            _run("explicit", 1, {NODES[0]: 0.0, NODES[1]: 30.0, NODES[2]: 0.0}),
+            _run("explicit", 3, {NODES[0]: 12.0, NODES[1]: 9.0, NODES[2]: 15.0}),
+            _run("implicit", 1, {NODES[0]: 40.0, NODES[1]: 0.0, NODES[2]: 0.0}),
+            _run("implicit", 3, {NODES[0]: 10.0, NODES[1]: 14.0, NODES[2]: 16.0}),
+        ]
+    )
+    shares = [run.redis_share_of_single_by_node for run in runs]
+    assert shares[0] == {NODES[0]: 0.0, NODES[1]: 1.0, NODES[2]: 0.0}
+    assert shares[1] is not None and math.isclose(shares[1][NODES[2]], 0.5)
+    assert shares[3] == {NODES[0]: 0.25, NODES[1]: 0.35, NODES[2]: 0.4}
+
+
+def test_no_shares_without_a_one_shard_and_a_sharded_run_of_the_mode():
+    alone = with_shares([_run("explicit", 1, {NODES[0]: 30.0}), _run("implicit", 3, {NODES[0]: 30.0})])
+    assert [run.redis_share_of_single_by_node for run in alone] == [None, None]
+
+
+def test_the_table_gives_each_server_a_column_with_its_share():
+    runs = with_shares(
+        [
+            _run("explicit", 1, {NODES[0]: 0.0, NODES[1]: 30.0, NODES[2]: 0.0}),
+            _run("explicit", 3, {NODES[0]: 12.0, NODES[1]: 9.0, NODES[2]: 15.0}),
+        ]
+    )
+    lines = table(runs)
+    title = lines.index("") + 1
+    assert lines[title].startswith("redis us/event on each server")
+    assert lines[title + 1].split() == ["mode", "shards", *NODES, "total"]
+    assert lines[title + 2].split() == [
+        "explicit",
+        "1",
+        "0.0",
+        "(0.00)",
+        "30.0",
+        "(1.00)",
+        "0.0",
+        "(0.00)",
+        "30.0",
+    ]
+    assert lines[title + 3].split() == [
+        "explicit",
+        "3",
+        "12.0",
+        "(0.40)",
+        "9.0",
+        "(0.30)",
+        "15.0",
+        "(0.50)",
+        "36.0",
+    ]
+
+
+def test_one_server_and_one_shard_print_the_main_table_only():
+    lines = table(with_shares([_run("explicit", 1, {NODES[0]: 30.0})]))
+    assert len(lines) == 2 and lines[0].split()[:2] == ["mode", "shards"]

@@ -426,24 +426,30 @@ class RedisStore:
         count is, the replay finds the same pairs new and counts stay exact. The first outcome other than
         applied or duplicate is returned at once (the caller retries, or re-reads and recomputes)."""
         if len(self.shards) == 1:
-            return self._apply_shard(0, update, "all", (update.items, np.asarray(update.item_count_delta)))
-        applied = False
-        item_parts, user_parts, counts = shard_parts(update, len(self.shards), self._model.k)
+            counts = (update.items, np.asarray(update.item_count_delta))
+            return self._apply_shard(0, update, "all", counts, finishing=False)
+        applied = begun = False
+        item_parts, user_parts, counts_by_shard = shard_parts(update, len(self.shards), self._model.k)
         no_counts: Counts = ([], np.zeros(0, dtype=np.int64))
         steps = [(s, part, "items", no_counts) for s, part in enumerate(item_parts)]
-        steps += [(s, part, "users", counts[s]) for s, part in enumerate(user_parts)]
+        steps += [(s, part, "users", counts_by_shard[s]) for s, part in enumerate(user_parts)]
         for s, part, which, shard_counts in steps:
-            outcome = self._apply_shard(s, part, which, shard_counts)
+            # Once one part is in (applied now or before), the batch is begun: its other parts pass a
+            # refresh's pause, which waits for them (pause_writes), so no batch stays half applied.
+            outcome = self._apply_shard(s, part, which, shard_counts, finishing=begun)
             if outcome is ApplyOutcome.APPLIED:
                 applied = True
             elif outcome is not ApplyOutcome.DUPLICATE:
                 return outcome
+            begun = True
         return ApplyOutcome.APPLIED if applied else ApplyOutcome.DUPLICATE
 
-    def _apply_shard(self, s: int, update: BatchUpdate, part: str, counts: Counts) -> ApplyOutcome:
+    def _apply_shard(
+        self, s: int, update: BatchUpdate, part: str, counts: Counts, finishing: bool
+    ) -> ApplyOutcome:
         """One script: `part` 'all' (the whole batch, one shard), or the batch's 'items' or 'users' part
         on shard `s`, fenced on `item_offsets` or `offsets`; `counts`: (items, increments) of the shard's
-        item counts."""
+        item counts; `finishing`: the batch is begun on other shards (the part passes a pause)."""
         keys, k = self.shards[s], self._model.k
         implicit = self._model.mode == "implicit"
         pair_users = list(dict.fromkeys(update.pair_users))
@@ -482,7 +488,7 @@ class RedisStore:
         )
         args = scripts.APPLY.arg_list(
             _offset_triples(update.offsets),
-            part=part,
+            finishing=int(finishing),
             version=update.version,
             k=k,
             additive=int(implicit),
@@ -524,7 +530,6 @@ class RedisStore:
             [keys.inter(user) for user in pair_users],
             current=keys.current,
             offsets=keys.item_offsets if part == "items" else keys.offsets,
-            item_offsets=keys.item_offsets,
             meta=keys.version_meta(update.version),
             users=keys.rows(update.version, "users"),
             items=keys.rows(update.version, "items"),
@@ -674,11 +679,16 @@ class RedisStore:
         ]
 
     def applied_offsets(self) -> dict[int, int]:
-        """Partition -> next offset to consume: the smallest any shard holds (a partition some shard has
-        no offset for is left out: that shard has taken none of its events)."""
+        """Partition -> next offset to consume: the smallest any shard holds. A partition that some part
+        of some shard has no offset for, though others have, resumes from 0 (Kafka moves a position
+        below the log start to the earliest offset): that part has taken none of its events yet (a
+        first batch torn by a crash, or still being applied by the partition's previous owner)."""
         per_shard = self._shard_offsets()
-        common = set.intersection(*(set(offsets) for offsets in per_shard))
-        return {p: min(offsets[p] for offsets in per_shard) for p in sorted(common)}
+        partitions = set().union(*(set(offsets) for offsets in per_shard))
+        return {
+            p: min(offsets[p] for offsets in per_shard) if all(p in offsets for offsets in per_shard) else 0
+            for p in sorted(partitions)
+        }
 
     def offsets_ahead(self) -> dict[int, int]:
         """Partition -> the largest next offset a shard holds, where the shards disagree (a crash fell
@@ -968,11 +978,13 @@ class RedisStore:
     def pause_writes(self, version: int, ttl_s: float) -> bool:
         """Updates to `version` get PAUSED until `resume_writes`, a publish, or `ttl_s` (server clock).
 
-        Several shards: a batch whose item part is in finishes its user part through the pause, and this
+        Several shards: a batch begun on some shard finishes its other parts through the pause, and this
         waits for every such batch (at most a tenth of `ttl_s`), so the changes taken next are whole.
-        False if some shard is at another version, or a batch stays half applied (its writer died: the
-        partition's next owner completes it; the refresh publishes another time)."""
+        False, with writers resumed, if some shard is at another version or a batch stays half applied
+        (its writer died: the partition's next owner completes it; the refresh publishes another time)."""
         if not self._handover(version, "paused_until", ttl_s):
+            if len(self.shards) > 1:
+                self.resume_writes(version)  # the shards that were marked
             return False
         if len(self.shards) == 1:
             return True
@@ -980,6 +992,7 @@ class RedisStore:
         while self._half_applied():
             if time.monotonic() > deadline:
                 log.warning("a batch stays half applied across the shards: not handing over now")
+                self.resume_writes(version)
                 return False
             time.sleep(0.005)
         return True

@@ -80,14 +80,14 @@ READ_STATE = _script(
     """version implicit k n_users n_items n_pairs users items pair_items pair_inter_keys n_count_items
     count_items""",
 )
-# Tails: KEYS inter:<user> of each distinct pair user; ARGV (partition, first, next) triples. part: 'all'
-# (one shard), 'items' or 'users' (a batch's parts on a model of several shards).
+# Tails: KEYS inter:<user> of each distinct pair user; ARGV (partition, first, next) triples. finishing:
+# '1' for the parts of a batch already begun on other shards (they pass a pause).
 APPLY = _script(
     "apply",
-    """current offsets item_offsets meta users items item_counts stats gram_items gram_users changed_users
-    changed_items popularity""",
-    """part version k additive n_users n_items n_pairs value_sum_delta value_count_delta events_applied users
-    user_rows items item_base item_deltas item_expected_mask item_expected_rows item_new_rows
+    """current offsets meta users items item_counts stats gram_items gram_users changed_users changed_items
+    popularity""",
+    """finishing version k additive n_users n_items n_pairs value_sum_delta value_count_delta events_applied
+    users user_rows items item_base item_deltas item_expected_mask item_expected_rows item_new_rows
     n_count_items count_items count_deltas pair_items pair_inter_keys pair_values item_gramian_delta
     user_gramian_delta item_gramian_expected item_gramian_sum user_gramian_expected user_gramian_sum
     max_abs_factor item_popularity popularity_half_life""",

@@ -64,11 +64,11 @@ def _crash_after_shards(store: RedisStore, n: int) -> Callable[[], None]:
     real = store._apply_shard
     done = [0]
 
-    def apply_shard(s: int, update: Any, part: str, counts: Any) -> ApplyOutcome:
+    def apply_shard(s: int, update: Any, part: str, counts: Any, finishing: bool) -> ApplyOutcome:
         if done[0] >= n:
             raise _Crash
         done[0] += 1
-        return real(s, update, part, counts)
+        return real(s, update, part, counts, finishing=finishing)
 
     store._apply_shard = apply_shard  # type: ignore[method-assign]
     return lambda: setattr(store, "_apply_shard", real)
@@ -418,3 +418,34 @@ def test_a_shard_that_comes_back_without_its_last_batch_is_completed_exactly_by_
     for part in restarted.shards:
         stats = client.hgetall(part.stats)
         assert (int(stats[b"events_applied"]), int(stats[b"value_count"])) == (600, 600)
+
+
+def test_a_partition_whose_first_batch_is_torn_resumes_from_its_beginning(where: Where) -> None:
+    # Some parts have the partition, others none of it (a crash, or its previous owner still applying):
+    # the store knows the partition (not lost), and the parts without it need it from the start.
+    client, name = where
+    store = RedisStore.open(client, name, "explicit", K, shards=3)
+    events = _events(300)
+    undo = _crash_after_shards(store, 2)
+    with pytest.raises(_Crash):
+        Learner(store, _params("explicit")).learn(events, {0: (0, 300)})
+    undo()
+    assert store.applied_offsets() == {0: 0} and store.offsets_ahead() == {0: 300}
+    assert Learner(store, _params("explicit")).learn(events, {0: (0, 300)}).outcome is ApplyOutcome.APPLIED
+    assert store.applied_offsets() == {0: 300} and store.offsets_ahead() == {}
+    assert store.events_applied() == 300 and sum(len(c[0]) for c in store.iter_interactions()) > 0
+
+
+def test_a_pause_that_cannot_hand_over_resumes_the_writers_at_once(where: Where) -> None:
+    # A half-applied batch whose writer died: the refresh does not hand over, and must not leave the
+    # shards paused until the pause runs out (every writer would stall that long).
+    client, name = where
+    store = RedisStore.open(client, name, "explicit", K, shards=3)
+    undo = _crash_after_shards(store, 2)
+    with pytest.raises(_Crash):
+        Learner(store, _params("explicit")).learn(_events(100), {0: (0, 100)})
+    undo()
+    assert store.pause_writes(1, ttl_s=1.0) is False
+    assert not any(client.hexists(shard.version_meta(1), "paused_until") for shard in store.shards)
+    other = Learner(store, _params("explicit")).learn(_events(50, seed=5), {1: (0, 50)})
+    assert other.outcome is ApplyOutcome.APPLIED, "another partition's writer goes on"

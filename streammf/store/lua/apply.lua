@@ -5,20 +5,12 @@ if redis.call('EXISTS', KEYS[K.meta]) == 0 then
   return lost(KEYS[K.meta], 'is missing: ' .. KEYS[K.current] .. ' names a version without meta')
 end
 local tracking = redis.call('HGET', KEYS[K.meta], 'tracking')
--- The user part of a batch whose item part is in (a model of several shards) finishes through a pause:
--- the refresh waits for such batches before it takes the changes, so none is left half applied.
-local function item_part_in()
-  if ARGV[A.part] ~= 'users' then return false end
-  for o = NA + 1, #ARGV, 3 do
-    local done = tonumber(redis.call('HGET', KEYS[K.item_offsets], ARGV[o]) or '-1')
-    if not done or done < tonumber(ARGV[o + 2]) then return false end
-  end
-  return true
-end
+-- A batch already begun on other shards (a model of several shards: the writer says so) finishes through
+-- a pause: the refresh waits for such batches before it takes the changes, so none is left half applied.
 -- Fenced before the pause: a batch already applied (or in conflict) writes nothing, so it need not wait.
 local refused = fence(KEYS[K.offsets], NA + 1)
 if refused then return refused end
-if paused(KEYS[K.meta]) and not item_part_in() then return 'paused' end
+if paused(KEYS[K.meta]) and ARGV[A.finishing] ~= '1' then return 'paused' end
 
 local k = tonumber(ARGV[A.k])
 local additive = ARGV[A.additive] == '1'

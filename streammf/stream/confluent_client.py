@@ -416,13 +416,21 @@ class ConfluentConsumer:
         return ends
 
     def committed(self, partition: TopicPartition) -> int | None:
-        """The group's committed offset for `partition`, None when it has none."""
-        try:
-            (answer,) = self._consumer.committed(
-                [ConfluentPartition(partition.topic, partition.partition)], timeout=COMMITTED_TIMEOUT_S
-            )
-        except KafkaException as exc:
-            raise kafka_error(exc) from exc
+        """The group's committed offset for `partition`, None when it has none. Retriable errors (a
+        coordinator moving or not elected yet, e.g. after a broker restart) are retried for up to
+        COMMITTED_TIMEOUT_S, as kafka-python's `committed` waits for the coordinator."""
+        deadline = time.monotonic() + COMMITTED_TIMEOUT_S
+        while True:
+            try:
+                (answer,) = self._consumer.committed(
+                    [ConfluentPartition(partition.topic, partition.partition)], timeout=COMMITTED_TIMEOUT_S
+                )
+                break
+            except KafkaException as exc:
+                error = kafka_error(exc)
+                if not getattr(error, "retriable", False) or time.monotonic() > deadline:
+                    raise error from exc
+                time.sleep(0.2)
         if answer.error is not None:
             raise kafka_error(answer.error)
         return int(answer.offset) if answer.offset >= 0 else None

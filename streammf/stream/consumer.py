@@ -225,8 +225,8 @@ class ConsumeLoop:
         except _Abandoned:
             self._rewind(in_flight.polled, newer or {})
             return False
-        self._advance(learnt)
-        self._commit(in_flight.polled)
+        if self._advance(learnt).outcome is not ApplyOutcome.CONFLICT:
+            self._commit(in_flight.polled)  # a conflict applied nothing: committing would claim it did
         return True
 
     def _drop_applied(self, polled: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, list[Any]]:
@@ -291,6 +291,9 @@ class ConsumeLoop:
                     self._forget(first[0], first[1], stop)
                 else:
                     result = self._advance(self._learn(segment, stop, received))
+                    if result.outcome is ApplyOutcome.CONFLICT:
+                        self._rewind(polled)
+                        return result  # nothing of it is committed: a conflict applied nothing
         except _Abandoned:
             self._rewind(polled)
             return None

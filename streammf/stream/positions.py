@@ -32,6 +32,7 @@ class Positions:
         self._next: dict[int, int] = {}  # partition -> next offset applied (store's, or this process's)
         self._cap: dict[int, int] = {}  # partition -> the offset its next batch must end at (torn batch)
         self._reseek: dict[TopicPartition, int] = {}  # held back records: fetch again from here
+        self._resyncing: set[TopicPartition] = set()  # waiting for a resync, not a first sync
 
     # --------------------------------------------------------------------------------- rebalances
 
@@ -44,10 +45,13 @@ class Positions:
             self._next.pop(tp.partition, None)
             self._cap.pop(tp.partition, None)
             self._reseek.pop(tp, None)
+            self._resyncing.discard(tp)
 
     def resync(self, partitions: Iterable[TopicPartition]) -> None:
         """Someone else applied part of these partitions' offsets: learn them from the store again."""
+        partitions = set(partitions)
         self._unsynced.update(partitions)
+        self._resyncing.update(partitions)
 
     @property
     def needs_sync(self) -> bool:
@@ -59,10 +63,11 @@ class Positions:
         """Seek the partitions waiting for it to the offsets `stored` (the store's); returns those moved.
         `ahead`: where some shard of the store stands further on (the first batch must end there).
 
-        A partition the store has no offset for is new (it keeps Kafka's position, the earliest offset), or
-        one whose state the store lost: the group committed offsets for it, which happens only after an
-        apply. That raises `StoreLostStateError`, or with `rebuild` moves it to its earliest offset. Kafka
-        errors (reading a committed offset) propagate; partitions not yet handled stay waiting."""
+        A partition the store has no offset for is new (it keeps Kafka's position, the earliest offset; on
+        a resync it is sought there), or one whose state the store lost: the group committed offsets for
+        it, which happens only after an apply. That raises `StoreLostStateError`, or with `rebuild` moves
+        it to its earliest offset. Kafka errors (reading a committed offset) propagate; partitions not yet
+        handled stay waiting."""
         moved = set()
         for tp in sorted(self._unsynced, key=lambda tp: tp.partition):
             self._reseek.pop(tp, None)
@@ -97,6 +102,12 @@ class Positions:
                     )
                     consumer.seek_to_beginning(tp)
                     moved.add(tp)
+                elif tp in self._resyncing:
+                    # Nothing of it is applied, and Kafka's position lies past records this process polled
+                    # without applying them (a batch refused as a conflict): from the earliest offset.
+                    consumer.seek_to_beginning(tp)
+                    moved.add(tp)
+            self._resyncing.discard(tp)
             self._unsynced.discard(tp)
         return moved
 

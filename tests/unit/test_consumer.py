@@ -50,6 +50,7 @@ class ScriptedConsumer:
         self.stop = stop
         self.listener: Any = None
         self.seeks: list[tuple[TopicPartition, int]] = []
+        self.to_beginning: list[TopicPartition] = []
 
     def subscribe(self, topics: list[str], listener: Any) -> None:
         self.listener = listener
@@ -65,6 +66,9 @@ class ScriptedConsumer:
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.seeks.append((tp, offset))
+
+    def seek_to_beginning(self, *partitions: TopicPartition) -> None:
+        self.to_beginning += partitions
 
     def commit_async(self, offsets: Any, callback: Any = None) -> None:
         pass
@@ -483,3 +487,16 @@ def test_a_torn_partition_is_completed_in_a_batch_of_its_own() -> None:
     positions.applied(0, 8)
     fresh = positions.drop_applied({TP: _records_of(TP, 8, 2), TP1: _records_of(TP1, 7, 3)})
     assert sorted(fresh) == [TP, TP1] and positions.take_reseeks() == {}
+
+
+def test_a_partition_resynced_with_nothing_applied_is_consumed_again_from_its_beginning() -> None:
+    # A batch refused as a conflict (another replica applied part of another partition) moved Kafka's
+    # position past this partition's records; with no offset in the store they must be fetched again.
+    from streammf.stream.positions import Positions
+
+    positions, consumer = Positions(), SeekingConsumer()
+    positions.assigned([TP, TP1])
+    assert positions.sync(consumer, {}, rebuild=False) == set() and consumer.to_beginning == []
+    positions.resync([TP, TP1])
+    assert positions.sync(consumer, {1: 4}, rebuild=False) == {TP, TP1}
+    assert consumer.to_beginning == [TP] and consumer.seeks == [(TP1, 4)]

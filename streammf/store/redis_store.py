@@ -339,6 +339,7 @@ class RedisStore:
         batch_users = set(users)
         inter_users = [*users, *dict.fromkeys(user for user, _ in pairs if user not in batch_users)]
         inter_index = _tail_positions(scripts.READ_STATE, inter_users)
+        joined_items = join_ids(items)
         try:
             reply = self._read_script(
                 keys=scripts.READ_STATE.key_list(
@@ -360,11 +361,12 @@ class RedisStore:
                     n_items=len(items),
                     n_pairs=len(pairs),
                     users=join_ids(users),
-                    items=join_ids(items),
+                    items=joined_items,
                     pair_items=join_ids([item for _, item in pairs]),
                     pair_inter_keys=np.array([inter_index[user] for user, _ in pairs], dtype="<u4").tobytes(),
                     n_count_items=len(count_items),
-                    count_items=join_ids(count_items),
+                    # One shard: the batch's own items (the same bytes, split once in the script).
+                    count_items=joined_items if count_items is items else join_ids(count_items),
                 ),
             )
         except redis.ResponseError as exc:
@@ -486,6 +488,7 @@ class RedisStore:
         expected_mask, expected_rows, new_rows = _item_sums(
             last, update.items, item_base, item_deltas, float(update.max_abs_factor)
         )
+        joined_items = join_ids(update.items)
         args = scripts.APPLY.arg_list(
             _offset_triples(update.offsets),
             finishing=int(finishing),
@@ -500,14 +503,14 @@ class RedisStore:
             events_applied=int(update.events_applied),
             users=join_ids(update.users),
             user_rows=user_rows.astype(ROW_DTYPE).tobytes(),
-            items=join_ids(update.items),
+            items=joined_items,
             item_base=item_base.tobytes(),
             item_deltas=item_deltas.astype(GRAMIAN_DTYPE).tobytes(),
             item_expected_mask=expected_mask,
             item_expected_rows=expected_rows,
             item_new_rows=new_rows,
             n_count_items=len(counts[0]),
-            count_items=join_ids(counts[0]),
+            count_items=joined_items if counts[0] is update.items else join_ids(counts[0]),
             count_deltas=np.asarray(counts[1]).astype("<i8").tobytes(),
             pair_items=join_ids(update.pair_items),
             pair_inter_keys=np.array([inter_index[u] for u in update.pair_users], dtype="<u4").tobytes(),

@@ -44,6 +44,7 @@ from tests.integration.test_daemon import (
     _ratings_payloads,
     _scrape,
     _settings,
+    _two_daemons_apply,
     _wait_for,
 )
 from tests.integration.test_redis_cluster import _stack
@@ -324,26 +325,9 @@ def test_two_daemons_share_partitions_of_a_three_shard_model_and_lose_no_updates
     topic = make_topic(topic_name, 4)
     settings = _cluster_settings(kafka_bootstrap, redis_cluster_url, topic, model, 0)
     envs = [_cluster_env(settings), _cluster_env(settings)]
-    logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "streammf.cli", "run"],
-            env=env,
-            stdout=log_file.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        for env, log_file in zip(envs, logs, strict=True)
-    ]
-    try:
-        # Paced over 5 s or more, so neither daemon can drain the topic before the other has joined.
-        _produce(kafka_bootstrap, topic, _ratings_payloads(movielens), pause_every=2000, pause_s=0.1)
-        _wait_for(lambda: _applied(client, model) >= len(movielens), 300, "all events applied")
-        scraped = [_scrape(int(env["STREAMMF_METRICS__PORT"])) for env in envs]
-    finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process, log_file in zip(processes, logs, strict=True):
-            assert process.wait(timeout=30) == 0, log_file.read_text()[-3000:]
+    scraped = _two_daemons_apply(
+        kafka_bootstrap, topic, movielens, envs, tmp_path, lambda: _applied(client, model)
+    )
     shares = [m["streammf_events_applied_total"] for m in scraped]
     assert all(share > 0 for share in shares), f"both daemons should work: {shares}"
     assert sum(shares) == len(movielens)

@@ -477,12 +477,16 @@ def test_sigkill_restarts_apply_every_event_exactly_once(
     _assert_same_factors(redis_client, model, evaluated)
 
 
-def test_two_daemons_share_partitions_and_lose_no_updates(
-    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens, tmp_path, kafka_client
-):
-    topic = make_topic(topic_name, 4)
-    settings = _settings(kafka_bootstrap, redis_url, topic, model, 0, kafka_client)
-    envs = [_env(settings), _env(settings)]
+def _two_daemons_apply(
+    kafka_bootstrap: str,
+    topic: str,
+    movielens: RatingsLog,
+    envs: list[dict[str, str]],
+    tmp_path: Path,
+    applied: Callable[[], int],
+) -> list[dict[str, float]]:
+    """Two `streammf run` subprocesses (one per env) consume `movielens` while it is produced; returns
+    each one's metrics once `applied()` counts every event; both must then stop cleanly on SIGTERM."""
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     processes = [
         subprocess.Popen(
@@ -496,13 +500,24 @@ def test_two_daemons_share_partitions_and_lose_no_updates(
     try:
         # Paced over 5 s or more, so neither daemon can drain the topic before the other has joined.
         _produce(kafka_bootstrap, topic, _ratings_payloads(movielens), pause_every=2000, pause_s=0.1)
-        _wait_for(lambda: _applied(redis_client, model) >= len(movielens), 300, "all events applied")
-        scraped = [_scrape(int(env["STREAMMF_METRICS__PORT"])) for env in envs]
+        _wait_for(lambda: applied() >= len(movielens), 300, "all events applied")
+        return [_scrape(int(env["STREAMMF_METRICS__PORT"])) for env in envs]
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
         for process, log in zip(processes, logs, strict=True):
             assert process.wait(timeout=30) == 0, log.read_text()[-3000:]
+
+
+def test_two_daemons_share_partitions_and_lose_no_updates(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, movielens, tmp_path, kafka_client
+):
+    topic = make_topic(topic_name, 4)
+    settings = _settings(kafka_bootstrap, redis_url, topic, model, 0, kafka_client)
+    envs = [_env(settings), _env(settings)]
+    scraped = _two_daemons_apply(
+        kafka_bootstrap, topic, movielens, envs, tmp_path, lambda: _applied(redis_client, model)
+    )
     shares = [m["streammf_events_applied_total"] for m in scraped]
     assert all(share > 0 for share in shares), f"both daemons should work: {shares}"
     assert sum(shares) == len(movielens)

@@ -106,15 +106,19 @@ class CountingProducer:
         pass
 
 
-def _loop(consumer: Any, producer: CountingProducer, store: MemoryStore) -> ConsumeLoop:
-    params = LearnerParams(SgdParams(LossParams("implicit")))
+def _loop(
+    consumer: Any, producer: Any, store: Any, settings: dict[str, Any] | None = None, **hooks: Any
+) -> ConsumeLoop:
+    """A loop learning implicit events into `store`; `settings` override LoopSettings' defaults, `hooks`
+    are ConsumeLoop's keyword arguments (sleep, monotonic, store_guard)."""
     return ConsumeLoop(
         consumer,
         producer,
-        Learner(store, params),
+        Learner(store, LearnerParams(SgdParams(LossParams("implicit")))),
         Metrics(CollectorRegistry()),
         Heartbeat(max_silence_s=30),
-        LoopSettings(topic=TOPIC, dead_letter_topic=f"{TOPIC}.dlq"),
+        LoopSettings(topic=TOPIC, dead_letter_topic=f"{TOPIC}.dlq", **(settings or {})),
+        **hooks,
     )
 
 
@@ -163,15 +167,7 @@ def test_the_store_guard_stops_the_loop_when_redis_turns_unsafe() -> None:
             raise StoreUnsafeError("maxmemory-policy is allkeys-lru")
 
     consumer = ScriptedConsumer([(True, {TP: _records(0, 5)})] + [(False, {})] * 5, stop)
-    loop = ConsumeLoop(
-        consumer,
-        CountingProducer(),
-        Learner(store, LearnerParams(SgdParams(LossParams("implicit")))),
-        Metrics(CollectorRegistry()),
-        Heartbeat(max_silence_s=30),
-        LoopSettings(topic=TOPIC, dead_letter_topic=f"{TOPIC}.dlq", guard_every_s=0.0),
-        store_guard=guard,
-    )
+    loop = _loop(consumer, CountingProducer(), store, {"guard_every_s": 0.0}, store_guard=guard)
     try:
         loop.run(stop)
     except StoreUnsafeError:
@@ -220,16 +216,8 @@ class FakeClock:
 
 def _loop_with(store: Any, producer: Any, sleeps: list[float], budget_s: float = 60.0) -> ConsumeLoop:
     clock = FakeClock(sleeps)
-    return ConsumeLoop(
-        SeekingConsumer(),
-        producer,
-        Learner(store, LearnerParams(SgdParams(LossParams("implicit")))),
-        Metrics(CollectorRegistry()),
-        Heartbeat(max_silence_s=30),
-        LoopSettings(topic=TOPIC, dead_letter_topic=f"{TOPIC}.dlq", retry_budget_s=budget_s),
-        sleep=clock.sleep,
-        monotonic=lambda: clock.now,
-    )
+    settings = {"retry_budget_s": budget_s}
+    return _loop(SeekingConsumer(), producer, store, settings, sleep=clock.sleep, monotonic=lambda: clock.now)
 
 
 def test_a_store_outage_abandons_the_write_and_the_loop_resumes_from_the_store_once_it_answers() -> None:
@@ -249,15 +237,7 @@ def test_a_store_outage_abandons_the_write_and_the_loop_resumes_from_the_store_o
         stop,
     )
     sleeps: list[float] = []
-    loop = ConsumeLoop(
-        consumer,
-        CountingProducer(),
-        Learner(FlakyStore(memory, failures=1), LearnerParams(SgdParams(LossParams("implicit")))),
-        Metrics(CollectorRegistry()),
-        Heartbeat(max_silence_s=30),
-        LoopSettings(topic=TOPIC, dead_letter_topic=f"{TOPIC}.dlq"),
-        sleep=sleeps.append,
-    )
+    loop = _loop(consumer, CountingProducer(), FlakyStore(memory, failures=1), sleep=sleeps.append)
     loop.run(stop)
     assert consumer.seeks[:2] == [(TP, 5), (TP, 5)], "rewound, then sought to the store's offset"
     assert sleeps == [0.1], "one backoff before the store is asked again"
@@ -343,14 +323,7 @@ def test_a_batch_abandoned_in_flight_rewinds_the_batch_polled_after_it_too() -> 
         ],
         stop,
     )
-    loop = ConsumeLoop(
-        consumer,
-        CountingProducer(),
-        Learner(FlakyStore(memory, failures=1), LearnerParams(SgdParams(LossParams("implicit")))),
-        Metrics(CollectorRegistry()),
-        Heartbeat(max_silence_s=30),
-        LoopSettings(topic=TOPIC, dead_letter_topic=f"{TOPIC}.dlq", retry_budget_s=0.0),
-    )
+    loop = _loop(consumer, CountingProducer(), FlakyStore(memory, failures=1), {"retry_budget_s": 0.0})
     loop.run(stop)
     assert sorted(consumer.seeks) == [(TP, 0), (TP1, 7)]
     assert memory.events_applied() == 0
@@ -395,16 +368,7 @@ def test_records_waiting_but_never_fetched_make_the_loop_seek_again() -> None:
     def run(end: int) -> tuple[list[tuple[TopicPartition, int]], float | None]:
         consumer = BehindConsumer([(True, {}), (False, {}), (False, {})], stop, end)
         stop.clear()
-        loop = ConsumeLoop(
-            consumer,
-            producer,
-            Learner(store, LearnerParams(SgdParams(LossParams("implicit")))),
-            Metrics(CollectorRegistry()),
-            Heartbeat(max_silence_s=30),
-            LoopSettings(
-                topic=TOPIC, dead_letter_topic=f"{TOPIC}.dlq", probe_every_s=0.0, refetch_after_s=0.0
-            ),
-        )
+        loop = _loop(consumer, producer, store, {"probe_every_s": 0.0, "refetch_after_s": 0.0})
         loop.run(stop)
         return consumer.seeks, loop.metrics.registry.get_sample_value(
             "streammf_retries_total", {"dependency": "kafka"}
@@ -442,14 +406,7 @@ def test_a_rebalance_does_not_wait_for_the_batch_in_flight() -> None:
             return super().poll(timeout_ms, max_records)
 
     consumer = RebalancingConsumer([(True, {TP: _records(0, 5)}), (False, {})], stop)
-    loop = ConsumeLoop(
-        consumer,
-        CountingProducer(),
-        Learner(HeldStore(memory, failures=0), LearnerParams(SgdParams(LossParams("implicit")))),
-        Metrics(CollectorRegistry()),
-        Heartbeat(max_silence_s=30),
-        LoopSettings(topic=TOPIC, dead_letter_topic=f"{TOPIC}.dlq"),
-    )
+    loop = _loop(consumer, CountingProducer(), HeldStore(memory, failures=0))
     loop.run(stop)
     assert consumer.callback_s < 1.0
     assert memory.events_applied() == 5 and memory.applied_offsets() == {0: 5}

@@ -72,7 +72,9 @@ for i, item in ipairs(item_order) do new_rows[i] = item_rows[item] end
 
 -- Item counts m_j. One shard: the batch's items. Several: each shard counts the pairs of its own users
 -- (where a pair's newness is known), so the count of j is the sum over the shards.
-local count_items, count_order, count_add = split(ARGV[A.count_items], tonumber(ARGV[A.n_count_items])), {}, {}
+-- One shard sends the batch's items again (the same string): not split twice.
+local count_items = ARGV[A.count_items] == ARGV[A.items] and items or split(ARGV[A.count_items], tonumber(ARGV[A.n_count_items]))
+local count_order, count_add = {}, {}
 for r, item in ipairs(count_items) do
   if count_add[item] == nil then
     count_order[#count_order + 1] = item

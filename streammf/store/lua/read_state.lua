@@ -10,7 +10,8 @@ local item_rows, item_mask, err2 = gather_rows(KEYS[K.items], items, row_bytes)
 if err2 then return err2 end
 local user_counts, item_counts, pair_values = {}, {}, {}
 for u = 1, n_users do user_counts[u] = redis.call('HLEN', KEYS[NK + u]) end
-local count_items = split(ARGV[A.count_items], tonumber(ARGV[A.n_count_items]))
+-- One shard sends the batch's items again (the same string): not split twice.
+local count_items = ARGV[A.count_items] == ARGV[A.items] and items or split(ARGV[A.count_items], tonumber(ARGV[A.n_count_items]))
 local counts = hmget_many(KEYS[K.item_counts], count_items)
 for i, item in ipairs(count_items) do
   local count = counts[i]

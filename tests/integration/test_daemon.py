@@ -500,7 +500,11 @@ def _two_daemons_apply(
     try:
         # Paced over 5 s or more, so neither daemon can drain the topic before the other has joined.
         _produce(kafka_bootstrap, topic, _ratings_payloads(movielens), pause_every=2000, pause_s=0.1)
-        _wait_for(lambda: applied() >= len(movielens), 300, "all events applied")
+        try:
+            _wait_for(lambda: applied() >= len(movielens), 300, "all events applied")
+        except AssertionError as stalled:  # say where each daemon stands, so a stall can be diagnosed
+            tails = "\n".join(f"--- {log.name}\n{log.read_text()[-4000:]}" for log in logs)
+            raise AssertionError(f"{stalled}: {applied()} of {len(movielens)} applied\n{tails}") from None
         return [_scrape(int(env["STREAMMF_METRICS__PORT"])) for env in envs]
     finally:
         for process in processes:

@@ -210,7 +210,18 @@ def refresh(settings: Settings, iterations: int | None) -> None:
 )
 @click.option("--offered-rate", type=click.FloatRange(min=1), default=20_000, show_default=True)
 @click.option("--live-seconds", type=click.FloatRange(min=1), default=10, show_default=True)
-@click.option("--partitions", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--partitions",
+    type=click.IntRange(min=1),
+    help="Partitions of the bench topic.  [default: --replicas]",
+)
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1, max=64),
+    default=1,
+    show_default=True,
+    help="Daemons sharing the topic's partitions in one consumer group.",
+)
 @click.option(
     "--mode", type=click.Choice(["explicit", "implicit", "both"]), default="both", show_default=True
 )
@@ -239,7 +250,8 @@ def bench(
     events: int,
     offered_rate: float,
     live_seconds: float,
-    partitions: int,
+    partitions: int | None,
+    replicas: int,
     mode: str,
     factors: int,
     shards: int,
@@ -254,11 +266,20 @@ def bench(
     --shards N (N > 1) each mode runs twice on that same Redis: with 1 shard (the whole model on one
     primary: the single-node reference), then with N; a second table gives each primary's time per
     event and, in brackets, its share of the 1-shard total. On a cluster of N primaries, shares near
-    1/N say the load splits evenly over them."""
+    1/N say the load splits evenly over them.
+
+    With --replicas N, N daemons share the topic's partitions (at least N) in one consumer group; their
+    rate counts from when every one of them has applied a batch."""
     from streammf.tools.bench import BenchPlan, run_bench, table, write_json
 
     modes = ("explicit", "implicit") if mode == "both" else (mode,)
-    plan = BenchPlan(events, offered_rate, live_seconds, partitions, modes, factors, shards, reference)
+    try:
+        plan = BenchPlan(
+            events, offered_rate, live_seconds, partitions or replicas, modes, factors, shards, reference,
+            replicas,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     runs = run_bench(settings, plan, say=lambda line: click.echo(f"bench: {line}", err=True))
     for line in table(runs):
         click.echo(line)

@@ -12,6 +12,12 @@ Per mode (explicit, implicit), on a fresh topic and model:
    update latency p50/p99 and freshness p99 come from the daemon's own histograms, counting only the
    observations of this phase.
 
+With `replicas` > 1, that many `streammf run` subprocesses share the topic's partitions in one consumer
+group (`partitions` must be at least `replicas`: a replica without a partition idles). Their rate counts
+from the moment every replica has applied a batch (the group has settled; if the backlog is gone before
+that, from the first applied batch); latency and freshness merge every replica's histograms, and
+`events_by_replica` says how the events were shared. The raw consume rate stays one consumer's.
+
 Redis server time is taken on every server the model may use: each primary of a Redis Cluster
 (`redis_us_per_event_by_node`), their sum being `redis_us_per_event`. With `shards` > 1 the model is split
 in that many shards (STREAMMF_REDIS__SHARDS); each mode then also runs first with one shard on the same
@@ -53,6 +59,7 @@ class BenchRun:
     shards: int
     events: int
     partitions: int
+    replicas: int
     kafka_client: str
     raw_consume_events_per_s: float
     daemon_events_per_s: float
@@ -66,6 +73,7 @@ class BenchRun:
     update_latency_p50_ms: float
     update_latency_p99_ms: float
     freshness_p99_ms: float
+    events_by_replica: list[int]  # events each replica applied, backlog and live phase together
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,14 @@ class BenchPlan:
     shards: int = 1
     # With shards > 1, run each mode with one shard first, on the same Redis: the reference.
     reference: bool = True
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if self.replicas > self.partitions:
+            raise ValueError(
+                f"{self.replicas} replicas need at least as many partitions (--partitions), "
+                f"not {self.partitions}: a replica without a partition idles"
+            )
 
     def shard_counts(self) -> tuple[int, ...]:
         return (1, self.shards) if self.shards > 1 and self.reference else (self.shards,)
@@ -124,17 +140,20 @@ def _run_mode(
 ) -> BenchRun:
     run_id = f"{mode}-s{shards}-{uuid.uuid4().hex[:8]}"
     topic, model = f"streammf.bench.{run_id}", f"bench-{run_id}"
-    port = _free_port()
-    env = _env(
-        settings,
-        topic=topic,
-        model=model,
-        group=f"bench-{run_id}",
-        mode=mode,
-        k=plan.factors,
-        shards=shards,
-        port=port,
-    )
+    envs = [
+        _env(
+            settings,
+            topic=topic,
+            model=model,
+            group=f"bench-{run_id}",
+            mode=mode,
+            k=plan.factors,
+            shards=shards,
+            port=_free_port(),
+        )
+        for _ in range(plan.replicas)
+    ]
+    env = envs[0]
     stats = _stats_keys(model, shards)
     name = f"{mode}, {shards} shard{'s' if shards > 1 else ''}"
     try:
@@ -142,21 +161,23 @@ def _run_mode(
         _replay(env, plan.events, rate=None, partitions=plan.partitions)
         say(f"{name}: raw consume with the daemon's Kafka client and settings")
         raw_rate = _raw_consume_rate(settings, topic, plan.events)
-        say(f"{name}: streammf run working off the backlog")
+        runs = "streammf run" if plan.replicas == 1 else f"{plan.replicas} replicas of streammf run"
+        say(f"{name}: {runs} working off the backlog")
         usec_before = _redis_usec_by_node(client)
-        with _Daemon(env) as daemon:
-            applied_rate = _backlog_rate(client, stats, plan.events, daemon)
+        with _Daemons(envs) as daemons:
+            applied_rate = _backlog_rate(client, stats, plan.events, daemons)
             usec_after = _redis_usec_by_node(client)
             by_node = {
                 node: (usec_after.get(node, 0.0) - usec_before.get(node, 0.0)) / plan.events
                 for node in sorted(usec_before.keys() | usec_after.keys())
             }
-            before = _scrape(port)
+            before = sum_samples(daemons.scrape_each())
             live = int(plan.offered_rate * plan.live_seconds)
             say(f"{name}: live, {live:,} events offered at {plan.offered_rate:,.0f}/s")
             _replay(env, live, rate=plan.offered_rate, partitions=None)
-            _wait_applied(client, stats, plan.events + live, daemon, timeout_s=plan.live_seconds * 10 + 120)
-            after = _scrape(port)
+            _wait_applied(client, stats, plan.events + live, daemons, timeout_s=plan.live_seconds * 10 + 120)
+            by_replica = daemons.scrape_each()
+            after = sum_samples(by_replica)
         latency = _histogram_delta(before, after, "streammf_update_latency_seconds")
         freshness = _histogram_delta(before, after, "streammf_freshness_seconds")
         return BenchRun(
@@ -164,6 +185,7 @@ def _run_mode(
             shards=shards,
             events=plan.events,
             partitions=plan.partitions,
+            replicas=plan.replicas,
             kafka_client=settings.kafka.client,
             raw_consume_events_per_s=raw_rate,
             daemon_events_per_s=applied_rate,
@@ -176,6 +198,7 @@ def _run_mode(
             update_latency_p50_ms=1000 * _quantile(latency, 0.5),
             update_latency_p99_ms=1000 * _quantile(latency, 0.99),
             freshness_p99_ms=1000 * _quantile(freshness, 0.99),
+            events_by_replica=[int(m.get("streammf_events_applied_total", 0)) for m in by_replica],
         )
     finally:
         _delete_bench_model(client, model, shards)
@@ -242,31 +265,50 @@ def _raw_consume_rate(settings: Settings, topic: str, n: int) -> float:
     return seen / elapsed
 
 
-class _Daemon:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.log = (
-            Path(os.environ.get("TMPDIR", "/tmp")) / f"streammf-bench-{env['STREAMMF_MODEL__NAME']}.log"
-        )
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "streammf.cli", "run"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=self.log.open("wb"),
-        )
+class _Daemons:
+    """`streammf run` subprocesses, one per env (replicas of one consumer group), each serving metrics on
+    its env's port; stopped with SIGTERM on exit."""
+
+    def __init__(self, envs: list[dict[str, str]]) -> None:
+        tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+        self.ports = [int(env["STREAMMF_METRICS__PORT"]) for env in envs]
+        model = envs[0]["STREAMMF_MODEL__NAME"]
+        self.logs = [tmp / f"streammf-bench-{model}-{replica}.log" for replica in range(len(envs))]
+        self.processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "streammf.cli", "run"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=log.open("wb"),
+            )
+            for env, log in zip(envs, self.logs, strict=True)
+        ]
 
     def check(self) -> None:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"the daemon exited ({self.process.returncode}); see {self.log}")
+        for process, log in zip(self.processes, self.logs, strict=True):
+            if process.poll() is not None:
+                raise RuntimeError(f"a daemon exited ({process.returncode}); see {log}")
 
-    def __enter__(self) -> _Daemon:
+    def scrape_each(self) -> list[dict[str, float]]:
+        return [_scrape(port) for port in self.ports]
+
+    def all_applied_some(self) -> bool:
+        """Whether every replica has applied a batch (a single daemon: always, its start is the store's)."""
+        if len(self.ports) == 1:
+            return True
+        return all(m.get("streammf_events_applied_total", 0) > 0 for m in self.scrape_each())
+
+    def __enter__(self) -> _Daemons:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def _shard_keys(model: str, shards: int) -> list[ModelKeys]:
@@ -296,27 +338,32 @@ def _delete_bench_model(client: redis.Redis, model: str, shards: int) -> None:
             unlink_all(client, leftover[start : start + 1000])
 
 
-def _backlog_rate(client: redis.Redis, stats: list[str], n: int, daemon: _Daemon) -> float:
-    """Events/s from the first applied batch to the last event of the backlog."""
+def _backlog_rate(client: redis.Redis, stats: list[str], n: int, daemons: _Daemons) -> float:
+    """Events/s from the first applied batch (of every replica, once each has applied one) to the last
+    event of the backlog."""
     deadline = time.monotonic() + 1800
-    first: tuple[float, int] | None = None
+    first: tuple[float, int] | None = None  # the first applied batch
+    settled: tuple[float, int] | None = None  # every replica has applied a batch
     while time.monotonic() < deadline:
-        daemon.check()
+        daemons.check()
         applied = _applied(client, stats)
         now = time.perf_counter()
         if applied > 0 and first is None:
             first = (now, applied)
+        if first is not None and settled is None and applied < n and daemons.all_applied_some():
+            settled = (time.perf_counter(), _applied(client, stats))
         if applied >= n and first is not None:
-            elapsed = now - first[0]
-            return (applied - first[1]) / elapsed if elapsed > 0 else float("nan")
+            since = settled or first
+            elapsed = now - since[0]
+            return (applied - since[1]) / elapsed if elapsed > 0 else float("nan")
         time.sleep(0.05)
-    raise TimeoutError(f"the daemon applied {_applied(client, stats)} of {n} events in 30 minutes")
+    raise TimeoutError(f"the daemons applied {_applied(client, stats)} of {n} events in 30 minutes")
 
 
-def _wait_applied(client: redis.Redis, stats: list[str], n: int, daemon: _Daemon, timeout_s: float) -> None:
+def _wait_applied(client: redis.Redis, stats: list[str], n: int, daemons: _Daemons, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while _applied(client, stats) < n:
-        daemon.check()
+        daemons.check()
         if time.monotonic() > deadline:
             raise TimeoutError(f"the daemon applied {_applied(client, stats)} of {n} events")
         time.sleep(0.1)
@@ -369,6 +416,15 @@ def _scrape(port: int) -> dict[str, float]:
                 raise
             time.sleep(0.2)
     return parse_samples(text)
+
+
+def sum_samples(scraped: list[dict[str, float]]) -> dict[str, float]:
+    """Several replicas' samples added up (counters and histogram buckets of one group)."""
+    total: dict[str, float] = {}
+    for samples in scraped:
+        for name, value in samples.items():
+            total[name] = total.get(name, 0.0) + value
+    return total
 
 
 def parse_samples(text: str) -> dict[str, float]:
@@ -430,6 +486,7 @@ def _delete_topics(settings: Settings, topics: list[str]) -> None:
 COLUMNS = (
     ("mode", "mode", "{}"),
     ("shards", "shards", "{}"),
+    ("replicas", "replicas", "{}"),
     ("events", "events", "{:,}"),
     ("raw consume/s", "raw_consume_events_per_s", "{:,.0f}"),
     ("daemon/s", "daemon_events_per_s", "{:,.0f}"),

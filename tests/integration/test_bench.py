@@ -78,3 +78,26 @@ def test_bench_with_shards_on_a_cluster_gives_each_primary_its_figure(
     assert header.split()[:2] == ["mode", "shards"] and header.split()[-1] == "total"
     assert all(node in header for node in primaries)
     assert [row.split()[:2] for row in rows[:2]] == [["explicit", "1"], ["explicit", "3"]]
+
+
+def test_bench_with_replicas_shares_the_partitions_in_one_group(kafka_bootstrap, redis_url, tmp_path):
+    """--replicas 2: two daemons in one consumer group, a topic of two partitions (the default: one per
+    replica); every event applied once between them, the latency histograms of both merged."""
+    out = tmp_path / "bench.json"
+    env = {"STREAMMF_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "STREAMMF_REDIS__URL": redis_url}
+    args = [
+        "bench", "--events", "4000", "--offered-rate", "1000", "--live-seconds", "3", "--mode", "explicit",
+        "--replicas", "2", "--json", str(out),
+    ]  # fmt: skip
+    result = CliRunner().invoke(cli, args, env=env)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["plan"]["replicas"] == 2 and report["plan"]["partitions"] == 2
+    (run,) = report["runs"]
+    assert run["replicas"] == 2 and run["partitions"] == 2
+    assert len(run["events_by_replica"]) == 2
+    assert sum(run["events_by_replica"]) == run["events"] + run["live_events"]  # each event applied once
+    for field in FIELDS[2:-3]:
+        assert math.isfinite(run[field]) and run[field] > 0, (field, run[field])
+    header = next(line.split() for line in result.output.splitlines() if line.split()[:1] == ["mode"])
+    assert header[:3] == ["mode", "shards", "replicas"]

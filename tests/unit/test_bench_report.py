@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import math
 
-from streammf.tools.bench import BenchRun, table, with_shares
+import pytest
+from click.testing import CliRunner
+
+from streammf.cli import cli
+from streammf.tools.bench import BenchPlan, BenchRun, sum_samples, table, with_shares
 
 NODES = ("10.0.0.1:7001", "10.0.0.2:7002", "10.0.0.3:7003")
 
 
 def _run(mode: str, shards: int, by_node: dict[str, float]) -> BenchRun:
     return BenchRun(
-        mode=mode, shards=shards, events=1000, partitions=1, kafka_client="kafka-python",
+        mode=mode, shards=shards, events=1000, partitions=1, replicas=1, kafka_client="kafka-python",
         raw_consume_events_per_s=1e5, daemon_events_per_s=1e4, ratio_to_raw=0.1,
         redis_us_per_event=sum(by_node.values()), redis_us_per_event_by_node=by_node,
         redis_share_of_single_by_node=None, offered_events_per_s=1e3, live_events=100,
-        update_latency_p50_ms=1.0, update_latency_p99_ms=2.0, freshness_p99_ms=3.0,
+        update_latency_p50_ms=1.0, update_latency_p99_ms=2.0, freshness_p99_ms=3.0, events_by_replica=[1100],
     )  # fmt: skip
 
 
@@ -78,3 +82,22 @@ def test_the_table_gives_each_server_a_column_with_its_share():
 def test_one_server_and_one_shard_print_the_main_table_only():
     lines = table(with_shares([_run("explicit", 1, {NODES[0]: 30.0})]))
     assert len(lines) == 2 and lines[0].split()[:2] == ["mode", "shards"]
+
+
+def test_a_plan_with_more_replicas_than_partitions_is_refused():
+    with pytest.raises(ValueError, match="2 replicas need at least as many partitions"):
+        BenchPlan(partitions=1, replicas=2)
+    assert BenchPlan(partitions=4, replicas=2).replicas == 2
+
+
+def test_replicas_histograms_add_up_bucket_by_bucket():
+    a = {'lat_bucket{le="0.1"}': 2.0, 'lat_bucket{le="+Inf"}': 5.0, "applied_total": 5.0}
+    b = {'lat_bucket{le="0.1"}': 1.0, 'lat_bucket{le="+Inf"}': 1.0, "applied_total": 1.0, "only_b": 7.0}
+    assert sum_samples([a, b]) == {
+        'lat_bucket{le="0.1"}': 3.0, 'lat_bucket{le="+Inf"}': 6.0, "applied_total": 6.0, "only_b": 7.0,
+    }  # fmt: skip
+
+
+def test_the_cli_refuses_more_replicas_than_partitions_before_touching_any_service():
+    result = CliRunner().invoke(cli, ["bench", "--replicas", "3", "--partitions", "2"])
+    assert result.exit_code == 2 and "3 replicas need at least as many partitions" in result.output

@@ -364,42 +364,38 @@ class _BatchPlan:
 
     @classmethod
     def of(cls, events: Sequence[Event]) -> _BatchPlan:
+        # Local indices by dict look-ups in comprehensions, the rest in numpy: no per-event numpy stores.
         user_index: dict[str, int] = {}
         item_index: dict[str, int] = {}
         pair_index: dict[tuple[str, str], int] = {}
+        users = [event.user_id for event in events]
+        items = [event.item_id for event in events]
+        ev_user = np.array([user_index.setdefault(u, len(user_index)) for u in users], dtype=np.int64)
+        ev_item = np.array([item_index.setdefault(i, len(item_index)) for i in items], dtype=np.int64)
+        ev_pair = np.array(
+            [pair_index.setdefault(key, len(pair_index)) for key in zip(users, items, strict=True)],
+            dtype=np.int64,
+        )
         n = len(events)
-        ev_user = np.empty(n, dtype=np.int64)
-        ev_item = np.empty(n, dtype=np.int64)
-        ev_pair = np.empty(n, dtype=np.int64)
-        first = np.zeros(n, dtype=bool)
-        last_of_pair: list[int] = []
-        first_user = np.zeros(n, dtype=bool)
-        first_item = np.zeros(n, dtype=bool)
-        for t, event in enumerate(events):
-            first_user[t] = event.user_id not in user_index
-            first_item[t] = event.item_id not in item_index
-            ev_user[t] = user_index.setdefault(event.user_id, len(user_index))
-            ev_item[t] = item_index.setdefault(event.item_id, len(item_index))
-            key = (event.user_id, event.item_id)
-            pair = pair_index.get(key)
-            if pair is None:
-                pair = pair_index[key] = len(pair_index)
-                first[t] = True
-                last_of_pair.append(t)
-            ev_pair[t] = pair
-            last_of_pair[pair] = t
-        pairs = list(pair_index)
         return cls(
             users=list(user_index),
             items=list(item_index),
-            pairs=pairs,
+            pairs=list(pair_index),
             event_user=ev_user,
             event_item=ev_item,
             event_pair=ev_pair,
-            first_of_pair=first,
-            first_of_user=first_user,
-            first_of_item=first_item,
-            last_event_of_pair=np.array(last_of_pair, dtype=np.int64),
+            first_of_pair=_first_occurrences(ev_pair, n),
+            first_of_user=_first_occurrences(ev_user, n),
+            first_of_item=_first_occurrences(ev_item, n),
+            # Each pair's last event: its first occurrence in the reversed sequence.
+            last_event_of_pair=(n - 1 - np.unique(ev_pair[::-1], return_index=True)[1]).astype(np.int64),
             values=np.array([e.value for e in events], dtype=np.float64),
             weights=np.array([e.weight for e in events], dtype=np.float64),
         )
+
+
+def _first_occurrences(local: np.ndarray, n: int) -> np.ndarray:
+    """Mask of the events that are the first of their local index (indices numbered in first-seen order)."""
+    first = np.zeros(n, dtype=bool)
+    first[np.unique(local, return_index=True)[1]] = True
+    return first

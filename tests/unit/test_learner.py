@@ -17,7 +17,7 @@ from streammf.model.sgd import SgdParams
 from streammf.store.contract import ApplyOutcome, BatchState, fence
 from streammf.store.memory import MemoryStore
 from streammf.stream.events import Event
-from streammf.stream.learner import Learner, LearnerParams, VersionChurnError
+from streammf.stream.learner import Learner, LearnerParams, VersionChurnError, _BatchPlan
 
 K = 4
 
@@ -387,3 +387,32 @@ def test_the_learner_keeps_the_decayed_popularity_of_the_events_it_applies(size:
     assert got.keys() == expected.keys()
     for item, count in got.items():
         assert count == pytest.approx(expected[item], rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_batch_plan_indexes_ids_in_first_seen_order_and_marks_first_and_last_events(seed: int) -> None:
+    """The plan's arrays, checked against their definitions event by event (repeats of users, items and
+    pairs within one batch, including the empty batch)."""
+    rng = np.random.default_rng(seed)
+    events = [
+        Event(user_id=f"u{rng.integers(6)}", item_id=str(rng.integers(8)), value=float(v), weight=1.0 + v)
+        for v in rng.random(int(rng.integers(0, 80)))
+    ]
+    plan = _BatchPlan.of(events)
+    users = list(dict.fromkeys(e.user_id for e in events))
+    items = list(dict.fromkeys(e.item_id for e in events))
+    pairs = list(dict.fromkeys((e.user_id, e.item_id) for e in events))
+    assert (plan.users, plan.items, plan.pairs) == (users, items, pairs)
+    seen: set[object] = set()
+    for t, e in enumerate(events):
+        pair = (e.user_id, e.item_id)
+        assert plan.users[plan.event_user[t]] == e.user_id and plan.items[plan.event_item[t]] == e.item_id
+        assert plan.pairs[plan.event_pair[t]] == pair
+        assert plan.first_of_user[t] == (("u", e.user_id) not in seen)
+        assert plan.first_of_item[t] == (("i", e.item_id) not in seen)
+        assert plan.first_of_pair[t] == (pair not in seen)
+        seen |= {("u", e.user_id), ("i", e.item_id), pair}
+    last = [max(t for t, e in enumerate(events) if (e.user_id, e.item_id) == pair) for pair in pairs]
+    assert plan.last_event_of_pair.tolist() == last and plan.last_event_of_pair.dtype == np.int64
+    assert plan.values.tolist() == [e.value for e in events]
+    assert plan.weights.tolist() == [e.weight for e in events]

@@ -254,6 +254,23 @@ def test_the_plain_path_accepts_only_what_the_full_checks_accept_and_builds_the_
     ]
 
 
+@_FAST
+@given(_events, st.data())
+def test_the_plain_path_never_takes_a_record_with_a_duplicate_key(payload: dict, data: st.DataObject) -> None:
+    """orjson keeps the last of duplicate keys; the plain path must leave such records to the full checks
+    (schema: duplicate key), whatever the kinds of the two values: strings, numbers, null, booleans."""
+    key = data.draw(st.sampled_from([*payload, "extra"]))
+    values = st.one_of(
+        st.text(max_size=5), st.integers(), st.floats(allow_nan=False), st.none(), st.booleans()
+    )
+    first, second = data.draw(values), data.draw(values)
+    body = json.dumps(payload)[1:-1]
+    raw = ("{" + body + (", " if body else "") + f"{json.dumps(key)}: {json.dumps(first)}, "
+           f"{json.dumps(key)}: {json.dumps(second)}}}").encode()  # fmt: skip
+    assert _plain_event(raw, 1 << 20, DEFAULT_LIMITS) is None, raw
+    assert decode(raw, 1 << 20) == Invalid("schema", f"duplicate key {key!r}")
+
+
 def test_the_plain_path_takes_ordinary_records() -> None:
     # Otherwise the property above holds vacuously.
     for raw in (

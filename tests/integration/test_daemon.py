@@ -299,6 +299,7 @@ def test_metrics_expose_every_series(
         "streammf_refresh_seconds_bucket",
         "streammf_refresh_pause_seconds_bucket",
         "streammf_refresh_caught_up_rows_total",
+        "python_gc_collections_total",
     ]:
         assert series in names, f"{series} missing from /metrics"
     assert metrics['streammf_events_invalid_total{reason="undecodable"}'] == 1

@@ -5,6 +5,8 @@ error and its value (maybe a secret) never printed; and `refresh` failing is an 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner, Result
@@ -101,3 +103,28 @@ def test_recommend_and_similar_against_an_unreachable_redis(command: str) -> Non
     assert_clean_error(result)
     assert result.output.strip().count("\n") == 0, result.output
     assert SECRET not in result.output
+
+
+def test_the_daemon_process_freezes_start_up_objects_and_collects_young_ones_rarely():
+    """`tune_garbage_collector` (called by `streammf run`) in a fresh interpreter: the GC state is the
+    process's, so not in this one."""
+    code = (
+        "import gc\n"
+        "from streammf.stream.daemon import GC_YOUNG_THRESHOLD, tune_garbage_collector\n"
+        "assert gc.get_freeze_count() == 0 and gc.get_threshold()[0] < GC_YOUNG_THRESHOLD\n"
+        "tune_garbage_collector()\n"
+        "print(gc.get_threshold()[0] == GC_YOUNG_THRESHOLD, gc.get_freeze_count())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    at_threshold, frozen = done.stdout.split()
+    assert at_threshold == "True" and int(frozen) > 10_000  # modules, numpy, pydantic, numba: far more
+
+
+def test_streammf_run_tunes_the_collector_before_running_the_daemon(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr("streammf.stream.daemon.tune_garbage_collector", lambda: calls.append("tune"))
+    monkeypatch.setattr("streammf.stream.daemon.run_daemon", lambda *a, **k: calls.append("run"))
+    result = CliRunner().invoke(cli, ["run"])
+    assert result.exit_code == 0, result.output
+    assert calls == ["tune", "run"]

@@ -129,6 +129,10 @@ class BatchUpdate:
     # and changes each by the rows it holds: Σ after·afterᵀ − before·beforeᵀ.
     user_rows_before: np.ndarray | None = None
     item_rows_before: np.ndarray | None = None
+    # Implicit mode: the item rows the writer's Gramian change counts them at after the batch, (n, k)
+    # float32. When another writer changed an item since the read, the store writes a different row than
+    # the writer computed and must count that one instead (see `gramian_correction`).
+    item_rows_after: np.ndarray | None = None
     # (n_pairs,) bool: the pair was not stored before the batch (it adds 1 to its item's count). A store
     # split in shards counts a pair on its user's shard, where its newness is known.
     pair_new: np.ndarray | None = None
@@ -244,6 +248,36 @@ class RefreshableStore(FactorStore, Protocol):
     def resume_writes(self, version: int) -> None: ...
 
     def collect_garbage(self, grace_s: float) -> list[int]: ...
+
+
+def gramian_correction(
+    stored: np.ndarray, written: np.ndarray, before: np.ndarray, after: np.ndarray
+) -> np.ndarray | None:
+    """What an item Gramian needs beyond the writer's own change, shared by the stores (apply.lua adds the
+    same terms in the same order, so both give the same bits).
+
+    The writer's change counts each item from `before` (the row it read, as the Gramian held it: zero if
+    absent or damaged) to `after` (the row it computed). When another writer changed the item in between,
+    the store starts from `stored` (what it holds, counted the same way) and writes `written`, its own
+    sum: then the item's terms w·wᵀ − s·sᵀ − (n·nᵀ − o·oᵀ) are added, item by item, so the Gramian stays
+    the sum of the rows it covers. Rows are (n_items, k) float32; None when no item needs it (a single
+    writer: the terms would cancel only up to rounding, so they are never formed)."""
+    moved = np.flatnonzero(
+        np.any(stored.view(np.uint32) != before.view(np.uint32), axis=1)
+        | np.any(written.view(np.uint32) != after.view(np.uint32), axis=1)
+    )
+    if len(moved) == 0:
+        return None
+    k = stored.shape[1]
+    correction = np.zeros((k, k))
+    for r in moved:
+        for rows, sign in ((written, 1.0), (stored, -1.0), (after, -1.0), (before, 1.0)):
+            row = rows[r].astype(np.float64)
+            if sign > 0:
+                correction += np.outer(row, row)
+            else:
+                correction -= np.outer(row, row)
+    return correction
 
 
 def fence(stored: dict[int, int], offsets: dict[int, tuple[int, int]]) -> ApplyOutcome | None:

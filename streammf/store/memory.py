@@ -19,6 +19,7 @@ from streammf.store.contract import (
     Side,
     StoreError,
     fence,
+    gramian_correction,
 )
 
 
@@ -86,12 +87,18 @@ class MemoryStore:
             self._changes[1].update(update.items)
         for row, user in enumerate(update.users):
             self.user_rows[user] = np.append(update.user_rows[row], update.user_bias[row]).astype(DTYPE)
+        k = self._meta.k
+        counted = np.zeros((len(update.items), k), dtype=DTYPE)  # each stored row as the Gramian holds it
+        written = np.zeros((len(update.items), k), dtype=DTYPE)
         for row, item in enumerate(update.items):
             stored = self.item_rows.get(item)
             if stored is None or not (np.abs(stored) <= update.max_abs_factor).all():
                 stored = np.append(update.item_base[row], 0.0).astype(DTYPE)
+            else:
+                counted[row] = stored[:k]
             delta = np.append(update.item_delta[row], update.item_bias_delta[row])
             self.item_rows[item] = (stored.astype(np.float64) + delta).astype(DTYPE)
+            written[row] = self.item_rows[item][:k]
             self.item_counts[item] = self.item_counts.get(item, 0) + int(update.item_count_delta[row])
         additive = self._meta.mode == "implicit"
         for user, item, value in zip(update.pair_users, update.pair_items, update.pair_values, strict=True):
@@ -104,6 +111,12 @@ class MemoryStore:
         self._events_applied += update.events_applied
         if self.item_gramian is not None and update.item_gramian_delta is not None:
             self.item_gramian += update.item_gramian_delta
+            if update.item_rows_before is not None and update.item_rows_after is not None:
+                correction = gramian_correction(
+                    counted, written, update.item_rows_before, update.item_rows_after
+                )
+                if correction is not None:
+                    self.item_gramian += correction
         if self.user_gramian is not None and update.user_gramian_delta is not None:
             self.user_gramian += update.user_gramian_delta
         for partition, (_, nxt) in update.offsets.items():

@@ -466,6 +466,15 @@ class RedisStore:
                 return b""
             return np.asarray(delta, dtype=GRAMIAN_DTYPE).reshape(k, k).tobytes()
 
+        # Both or neither: the script corrects the item Gramian only knowing the rows on both sides.
+        by_item_rows = implicit and update.item_gramian_delta is not None
+        by_item_rows &= update.item_rows_before is not None and update.item_rows_after is not None
+
+        def item_gram_rows(rows: np.ndarray | None) -> bytes:
+            if not by_item_rows:
+                return b""
+            return np.asarray(rows, dtype=ROW_DTYPE).reshape(len(update.items), k).tobytes()
+
         def gramian_sum(delta: bytes, read: bytes) -> bytes:
             if not delta or len(read) != len(delta):
                 return b""
@@ -528,6 +537,9 @@ class RedisStore:
             popularity_half_life=repr(
                 0.0 if math.isinf(update.popularity_half_life) else update.popularity_half_life
             ),
+            # Each item's rows as the writer's Gramian change counts them (see `gramian_correction`).
+            item_gram_before=item_gram_rows(update.item_rows_before),
+            item_gram_after=item_gram_rows(update.item_rows_after),
         )
         script_keys = scripts.APPLY.key_list(
             [keys.inter(user) for user in pair_users],

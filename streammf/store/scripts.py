@@ -90,7 +90,7 @@ APPLY = _script(
     users user_rows items item_base item_deltas item_expected_mask item_expected_rows item_new_rows
     n_count_items count_items count_deltas pair_items pair_inter_keys pair_values item_gramian_delta
     user_gramian_delta item_gramian_expected item_gramian_sum user_gramian_expected user_gramian_sum
-    max_abs_factor item_popularity popularity_half_life""",
+    max_abs_factor item_popularity popularity_half_life item_gram_before item_gram_after""",
 )
 # Tails: KEYS per version (v:meta, v:users, v:gram:users, v:changed:users); ARGV the version numbers, then
 # (partition, first, next) triples.

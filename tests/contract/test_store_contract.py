@@ -450,6 +450,54 @@ def test_a_write_between_read_and_apply_is_added_to_not_overwritten(make_store: 
     assert_same_state(read_all(store), read_all(twin))
 
 
+def test_writers_racing_on_items_keep_the_item_gramian_the_gramian_of_the_rows(make_store: MakeStore) -> None:
+    """Two replicas share items: one reads x and y, the other changes x (and adds z), then the first
+    applies what it computed from its read. The store writes x as stored + delta, not the row the first
+    writer's Gramian change counts, so it adds the difference: the item Gramian stays Σ v·vᵀ over the
+    stored rows (without it, it drifts with every race until it is no longer positive definite). Redis,
+    sharded or not, gives the twin's bits."""
+    store = make_store("implicit")
+    twin = MemoryStore("twin", "implicit", K, {"reg": 0.05})
+    rng = np.random.default_rng(11)
+
+    def learnt(offsets: dict[int, tuple[int, int]], read: dict[str, np.ndarray | None]) -> BatchUpdate:
+        """What a learner computes from the rows it read (None: absent, entering from a new base)."""
+        base = np.array(
+            [row if row is not None else rng.normal(size=K) for row in read.values()], dtype=np.float32
+        )
+        before = np.array(
+            [row if row is not None else np.zeros(K) for row in read.values()], dtype=np.float32
+        )
+        after = (base + rng.normal(size=base.shape) / 3).astype(np.float32)
+        delta = after.astype(np.float64) - base.astype(np.float64)
+        item_delta = after.astype(np.float64).T @ after - before.astype(np.float64).T @ before
+        update = make_update(
+            offsets=offsets,
+            items={name: (list(b), [*d, 0.0], 1) for name, b, d in zip(read, base, delta, strict=True)},
+            gramian_deltas=(item_delta, np.zeros((K, K))),
+        )
+        return replace(update, item_rows_before=before, item_rows_after=after)
+
+    def rows(state: BatchState, names: list[str]) -> dict[str, np.ndarray | None]:
+        at = {name: r for r, name in enumerate(["x", "y", "z"])}
+        return {n: state.item_rows[at[n]] if state.item_present[at[n]] else None for n in names}
+
+    first = learnt({0: (0, 1)}, {"x": None, "y": None})
+    for target in (store, twin):
+        assert target.apply(first) is ApplyOutcome.APPLIED
+    other = learnt({1: (0, 1)}, {**rows(read_all(twin), ["x"]), "z": None})  # the other replica's read
+    late = learnt({0: (1, 2)}, rows(read_all(store), ["x", "y"]))  # the first writer reads x and y ...
+    assert _second_writer(store).apply(other) is ApplyOutcome.APPLIED  # ... while x moves under it
+    assert store.apply(late) is ApplyOutcome.APPLIED
+    for update in (other, late):
+        assert twin.apply(update) is ApplyOutcome.APPLIED
+
+    state = read_all(store)
+    stored = state.item_rows[state.item_present].astype(np.float64)
+    np.testing.assert_allclose(state.item_gramian, stored.T @ stored, rtol=1e-9, atol=1e-12)
+    assert_same_state(state, read_all(twin))
+
+
 @pytest.mark.parametrize("half_life", [3.0, 0.5, float("inf")])  # 0.5: the weights pass 2^60, a rescale
 def test_decayed_popularity_matches_the_per_event_definition(make_store: MakeStore, half_life: float) -> None:
     from streammf.model.popularity import add_events, batch_item_weights, decayed_counts

@@ -326,7 +326,7 @@ def test_two_daemons_share_partitions_of_a_three_shard_model_and_lose_no_updates
     settings = _cluster_settings(kafka_bootstrap, redis_cluster_url, topic, model, 0)
     envs = [_cluster_env(settings), _cluster_env(settings)]
     scraped = _two_daemons_apply(
-        kafka_bootstrap, topic, movielens, envs, tmp_path, lambda: _applied(client, model)
+        kafka_bootstrap, topic, _ratings_payloads(movielens), envs, tmp_path, lambda: _applied(client, model)
     )
     shares = [m["streammf_events_applied_total"] for m in scraped]
     assert all(share > 0 for share in shares), f"both daemons should work: {shares}"

@@ -36,6 +36,7 @@ from streammf.store.redis_store import RedisStore
 from streammf.stream.daemon import run_daemon
 from streammf.stream.learner import LearnerParams
 from streammf.tools.evaluate import evaluate
+from streammf.tools.generate import SyntheticStream, item_id
 from streammf.tools.ratings import RatingsLog
 
 
@@ -481,12 +482,13 @@ def test_sigkill_restarts_apply_every_event_exactly_once(
 def _two_daemons_apply(
     kafka_bootstrap: str,
     topic: str,
-    movielens: RatingsLog,
+    payloads: list[tuple[bytes, bytes]],
     envs: list[dict[str, str]],
     tmp_path: Path,
     applied: Callable[[], int],
+    pause_every: int = 2000,
 ) -> list[dict[str, float]]:
-    """Two `streammf run` subprocesses (one per env) consume `movielens` while it is produced; returns
+    """Two `streammf run` subprocesses (one per env) consume `payloads` while they are produced; returns
     each one's metrics once `applied()` counts every event; both must then stop cleanly on SIGTERM."""
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     processes = [
@@ -499,13 +501,13 @@ def _two_daemons_apply(
         for env, log in zip(envs, logs, strict=True)
     ]
     try:
-        # Paced over 5 s or more, so neither daemon can drain the topic before the other has joined.
-        _produce(kafka_bootstrap, topic, _ratings_payloads(movielens), pause_every=2000, pause_s=0.1)
+        # Paced over 4 s or more, so neither daemon can drain the topic before the other has joined.
+        _produce(kafka_bootstrap, topic, payloads, pause_every=pause_every, pause_s=0.1)
         try:
-            _wait_for(lambda: applied() >= len(movielens), 300, "all events applied")
+            _wait_for(lambda: applied() >= len(payloads), 300, "all events applied")
         except AssertionError as stalled:  # say where each daemon stands, so a stall can be diagnosed
             tails = "\n".join(f"--- {log.name}\n{log.read_text()[-4000:]}" for log in logs)
-            raise AssertionError(f"{stalled}: {applied()} of {len(movielens)} applied\n{tails}") from None
+            raise AssertionError(f"{stalled}: {applied()} of {len(payloads)} applied\n{tails}") from None
         return [_scrape(int(env["STREAMMF_METRICS__PORT"])) for env in envs]
     finally:
         for process in processes:
@@ -520,8 +522,9 @@ def test_two_daemons_share_partitions_and_lose_no_updates(
     topic = make_topic(topic_name, 4)
     settings = _settings(kafka_bootstrap, redis_url, topic, model, 0, kafka_client)
     envs = [_env(settings), _env(settings)]
+    payloads = _ratings_payloads(movielens)
     scraped = _two_daemons_apply(
-        kafka_bootstrap, topic, movielens, envs, tmp_path, lambda: _applied(redis_client, model)
+        kafka_bootstrap, topic, payloads, envs, tmp_path, lambda: _applied(redis_client, model)
     )
     shares = [m["streammf_events_applied_total"] for m in scraped]
     assert all(share > 0 for share in shares), f"both daemons should work: {shares}"
@@ -535,6 +538,30 @@ def test_two_daemons_share_partitions_and_lose_no_updates(
         expected[str(item)] = expected.get(str(item), 0) + 1
     assert item_counts == expected  # every item update of both writers counted
     assert sorted(store.applied_offsets()) == [0, 1, 2, 3]
+
+
+def test_two_daemons_in_implicit_mode_keep_the_item_gramian_the_gramian_of_the_item_rows(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model, tmp_path
+):
+    """Events are keyed by user, so every item crosses partitions: two replicas keep applying item rows
+    the other changed since their read. The item Gramian must stay the Gramian of the stored rows. It once
+    drifted with every such race, until the proximal step's system was no longer positive definite and
+    valid events were dead-lettered as 'diverged' (found by `streammf bench --replicas 2`)."""
+    topic = make_topic(topic_name, 4)
+    n_items = 40  # few items, so the replicas meet on them in nearly every batch
+    payloads = list(SyntheticStream(mode="implicit", n_users=500, n_items=n_items, seed=3).records(20_000))
+    settings = _settings(kafka_bootstrap, redis_url, topic, model, 0)
+    envs = [{**_env(settings), "STREAMMF_MODEL__MODE": "implicit"} for _ in range(2)]
+    scraped = _two_daemons_apply(
+        kafka_bootstrap, topic, payloads, envs, tmp_path, lambda: _applied(redis_client, model), 500
+    )
+    assert sum(m["streammf_events_applied_total"] for m in scraped) == len(payloads)
+    assert all(m["streammf_events_applied_total"] > 0 for m in scraped), "both daemons should work"
+    assert [m.get('streammf_events_invalid_total{reason="diverged"}', 0.0) for m in scraped] == [0.0, 0.0]
+    state = _store(redis_client, model).read_batch_state([], [item_id(j) for j in range(n_items)], [])
+    rows = state.item_rows[state.item_present].astype(np.float64)
+    assert state.item_gramian is not None and len(rows) > n_items // 2
+    np.testing.assert_allclose(state.item_gramian, rows.T @ rows, rtol=1e-7, atol=1e-9)
 
 
 def test_freshness_measures_the_pipeline_not_the_age_of_the_data(

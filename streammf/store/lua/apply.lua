@@ -37,6 +37,27 @@ end
 local item_rows, item_order = {}, {}
 local stored_rows = hmget_many(KEYS[K.items], items)
 local expected_mask = ARGV[A.item_expected_mask]
+-- Implicit: an item another writer changed since the read is written as stored + delta, not as the row
+-- the writer's Gramian change counts; the item Gramian then takes w·wᵀ − s·sᵀ − (n·nᵀ − o·oᵀ) too
+-- (streammf.store.contract.gramian_correction: same terms, same order). Lower triangle, mirrored below.
+local gram_before, gram_after = ARGV[A.item_gram_before], ARGV[A.item_gram_after]
+local gram_fix = gram_before ~= ''
+local zero_base = string.rep('\0', base_bytes)
+local base_f = '<' .. string.rep('f', k)
+local correction = nil
+local function add_outer(bytes, sign)
+  local v = {struct.unpack(base_f, bytes)}
+  for f = 1, k do
+    local at, vf = (f - 1) * k, v[f]
+    for h = 1, f do
+      if sign > 0 then
+        correction[at + h] = correction[at + h] + vf * v[h]
+      else
+        correction[at + h] = correction[at + h] - vf * v[h]
+      end
+    end
+  end
+end
 for r = 1, n_items do
   local item = items[r]
   local first = item_rows[item] == nil
@@ -59,12 +80,29 @@ for r = 1, n_items do
       stored = string.sub(ARGV[A.item_base], (r - 1) * base_bytes + 1, r * base_bytes) .. zero_bias
     end
     local row = {struct.unpack(row_f, stored)}
+    local counted = stored_rows[r] and string.sub(stored, 1, base_bytes) or zero_base
     if not sound(row) then  -- damaged: the learner started this item again from its base row
       row = {struct.unpack(row_f, string.sub(ARGV[A.item_base], (r - 1) * base_bytes + 1, r * base_bytes) .. zero_bias)}
+      counted = zero_base
     end
     local delta = {struct.unpack(row_d, ARGV[A.item_deltas], (r - 1) * 8 * (k + 1) + 1)}
     for c = 1, k + 1 do row[c] = row[c] + delta[c] end
     item_rows[item] = struct.pack(row_f, unpack(row, 1, k + 1))
+    if gram_fix and first then
+      local o = string.sub(gram_before, (r - 1) * base_bytes + 1, r * base_bytes)
+      local n = string.sub(gram_after, (r - 1) * base_bytes + 1, r * base_bytes)
+      local w = string.sub(item_rows[item], 1, base_bytes)
+      if counted ~= o or w ~= n then
+        if not correction then
+          correction = {}
+          for c = 1, k * k do correction[c] = 0 end
+        end
+        add_outer(w, 1)
+        add_outer(counted, -1)
+        add_outer(n, -1)
+        add_outer(o, 1)
+      end
+    end
   end
 end
 local new_rows = {}
@@ -165,18 +203,31 @@ if popularity then
 end
 
 -- Gramians: the same shortcut as the item rows (the writer sends the Gramian it read and its sum).
-local function add_gramian(key, delta, expected, sum)
+local function add_gramian(key, delta, expected, sum, extra)
   local stored = redis.call('GET', key)
   if not stored then return nil, lost(key, 'is missing (implicit models keep a Gramian per version)') end
   if #stored ~= 8 * k * k then
     return nil, bad(key, 'holds ' .. #stored .. ' bytes, expected ' .. 8 * k * k)
   end
-  if expected ~= '' and stored == expected then return sum, nil end
   local fmt, out = '<' .. string.rep('d', k), {}
+  local summed = expected ~= '' and stored == expected
+  if summed and not extra then return sum, nil end
   for r = 0, k - 1 do
-    local g = {struct.unpack(fmt, stored, r * 8 * k + 1)}
-    local d = {struct.unpack(fmt, delta, r * 8 * k + 1)}
-    for c = 1, k do g[c] = g[c] + d[c] end
+    local g
+    if summed then
+      g = {struct.unpack(fmt, sum, r * 8 * k + 1)}
+    else
+      g = {struct.unpack(fmt, stored, r * 8 * k + 1)}
+      local d = {struct.unpack(fmt, delta, r * 8 * k + 1)}
+      for c = 1, k do g[c] = g[c] + d[c] end
+    end
+    if extra then  -- the correction's lower triangle, read across for the upper one
+      for c = 1, k do
+        local f, h = r + 1, c
+        if h > f then f, h = h, f end
+        g[c] = g[c] + extra[(f - 1) * k + h]
+      end
+    end
     out[r + 1] = struct.pack(fmt, unpack(g, 1, k))
   end
   return table.concat(out), nil
@@ -185,7 +236,8 @@ local gramians = {}
 for _, slot in ipairs({{K.gram_items, A.item_gramian_delta, A.item_gramian_expected, A.item_gramian_sum},
                        {K.gram_users, A.user_gramian_delta, A.user_gramian_expected, A.user_gramian_sum}}) do
   if ARGV[slot[2]] ~= '' then
-    local blob, err = add_gramian(KEYS[slot[1]], ARGV[slot[2]], ARGV[slot[3]], ARGV[slot[4]])
+    local extra = slot[1] == K.gram_items and correction or nil
+    local blob, err = add_gramian(KEYS[slot[1]], ARGV[slot[2]], ARGV[slot[3]], ARGV[slot[4]], extra)
     if err then return err end
     gramians[#gramians + 1] = {KEYS[slot[1]], blob}
   end

@@ -15,7 +15,7 @@ Per mode (explicit, implicit), on a fresh topic and model:
 With `replicas` > 1, that many `streammf run` subprocesses share the topic's partitions in one consumer
 group (`partitions` must be at least `replicas`: a replica without a partition idles). Their rate counts
 from the moment every replica has applied a batch (the group has settled; if the backlog is gone before
-that, from the first applied batch); latency and freshness merge every replica's histograms, and
+that, from the daemons' start); latency and freshness merge every replica's histograms, and
 `events_by_replica` says how the events were shared. The raw consume rate stays one consumer's.
 
 Redis server time is taken on every server the model may use: each primary of a Redis Cluster
@@ -340,22 +340,21 @@ def _delete_bench_model(client: redis.Redis, model: str, shards: int) -> None:
 
 def _backlog_rate(client: redis.Redis, stats: list[str], n: int, daemons: _Daemons) -> float:
     """Events/s from the first applied batch (of every replica, once each has applied one) to the last
-    event of the backlog."""
+    event of the backlog. A backlog applied before a second look (a small one) is timed from the
+    daemons' start instead, start-up included."""
+    started = time.perf_counter()
     deadline = time.monotonic() + 1800
-    first: tuple[float, int] | None = None  # the first applied batch
-    settled: tuple[float, int] | None = None  # every replica has applied a batch
+    since: tuple[float, int] | None = None  # the first applied batch (of every replica)
     while time.monotonic() < deadline:
         daemons.check()
         applied = _applied(client, stats)
         now = time.perf_counter()
-        if applied > 0 and first is None:
-            first = (now, applied)
-        if first is not None and settled is None and applied < n and daemons.all_applied_some():
-            settled = (time.perf_counter(), _applied(client, stats))
-        if applied >= n and first is not None:
-            since = settled or first
-            elapsed = now - since[0]
-            return (applied - since[1]) / elapsed if elapsed > 0 else float("nan")
+        if since is None and 0 < applied < n and daemons.all_applied_some():
+            since = (now, applied)
+        if applied >= n:
+            if since is None or now <= since[0]:
+                return applied / (now - started)
+            return (applied - since[1]) / (now - since[0])
         time.sleep(0.05)
     raise TimeoutError(f"the daemons applied {_applied(client, stats)} of {n} events in 30 minutes")
 

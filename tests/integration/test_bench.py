@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
+from typing import Any
 
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from streammf.cli import cli
 
@@ -18,18 +20,23 @@ FIELDS = (
 )  # fmt: skip
 
 
+def _bench(env: dict[str, str], out: Path, *args: str) -> tuple[Result, dict[str, Any]]:
+    """`streammf bench` at CI size (2 s live at 1,000 events/s unless `args` say otherwise): its CLI
+    result, which must succeed, and the JSON it wrote."""
+    sized = ["--offered-rate", "1000", "--live-seconds", "2", *args, "--json", str(out)]
+    result = CliRunner().invoke(cli, ["bench", *sized], env=env)
+    assert result.exit_code == 0, result.output
+    return result, json.loads(out.read_text())
+
+
 def test_bench_prints_a_table_and_writes_every_figure(kafka_bootstrap, redis_url, tmp_path, kafka_client):
-    out = tmp_path / "bench.json"
     env = {
         "STREAMMF_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
         "STREAMMF_REDIS__URL": redis_url,
         "STREAMMF_KAFKA__CLIENT": kafka_client,
     }
-    args = ["bench", "--events", "3000", "--offered-rate", "1000", "--live-seconds", "2", "--json", str(out)]
-    result = CliRunner().invoke(cli, args, env=env)
-    assert result.exit_code == 0, result.output
+    result, report = _bench(env, tmp_path / "bench.json", "--events", "3000")
     assert "raw consume/s" in result.output and "daemon/s" in result.output
-    report = json.loads(out.read_text())
     assert [run["mode"] for run in report["runs"]] == ["explicit", "implicit"]
     for run in report["runs"]:
         assert set(FIELDS) <= set(run)
@@ -46,18 +53,13 @@ def test_bench_with_shards_on_a_cluster_gives_each_primary_its_figure(
     """--shards 3 on the three-primary cluster: a 1-shard reference run, then the 3-shard run; each run
     has Redis time per event on each primary, summing to its total, and the 3-shard run has every primary
     busy and its share of the reference's total. No key of either model is left on any primary."""
-    out = tmp_path / "bench.json"
     env = {"STREAMMF_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "STREAMMF_REDIS__URL": redis_cluster_url}
-    args = [
-        "bench", "--events", "3000", "--offered-rate", "1000", "--live-seconds", "2", "--mode", "explicit",
-        "--shards", "3", "--json", str(out),
-    ]  # fmt: skip
     keys_before = set(redis_cluster_client.scan_iter(match="streammf:{bench-*", count=1000))
-    result = CliRunner().invoke(cli, args, env=env)
-    assert result.exit_code == 0, result.output
+    result, report = _bench(
+        env, tmp_path / "bench.json", "--events", "3000", "--mode", "explicit", "--shards", "3"
+    )
     left = set(redis_cluster_client.scan_iter(match="streammf:{bench-*", count=1000)) - keys_before
     assert not left, f"the bench left keys of its models: {sorted(left)[:5]}"
-    report = json.loads(out.read_text())
     assert report["plan"]["shards"] == 3
     assert [(run["mode"], run["shards"]) for run in report["runs"]] == [("explicit", 1), ("explicit", 3)]
     reference, sharded = report["runs"]
@@ -83,15 +85,11 @@ def test_bench_with_shards_on_a_cluster_gives_each_primary_its_figure(
 def test_bench_with_replicas_shares_the_partitions_in_one_group(kafka_bootstrap, redis_url, tmp_path):
     """--replicas 2: two daemons in one consumer group, a topic of two partitions (the default: one per
     replica); every event applied once between them, the latency histograms of both merged."""
-    out = tmp_path / "bench.json"
     env = {"STREAMMF_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "STREAMMF_REDIS__URL": redis_url}
-    args = [
-        "bench", "--events", "4000", "--offered-rate", "1000", "--live-seconds", "3", "--mode", "explicit",
-        "--replicas", "2", "--json", str(out),
-    ]  # fmt: skip
-    result = CliRunner().invoke(cli, args, env=env)
-    assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
+    result, report = _bench(
+        env, tmp_path / "bench.json", "--events", "4000", "--live-seconds", "3", "--mode", "explicit",
+        "--replicas", "2",
+    )  # fmt: skip
     assert report["plan"]["replicas"] == 2 and report["plan"]["partitions"] == 2
     (run,) = report["runs"]
     assert run["replicas"] == 2 and run["partitions"] == 2

@@ -127,7 +127,6 @@ def shard_parts(
                 else np.asarray(update.item_popularity)[i],
                 user_rows_before=None,
                 item_rows_before=None if update.item_rows_before is None else update.item_rows_before[i],
-                item_rows_after=None if update.item_rows_after is None else update.item_rows_after[i],
             )
         )
         user_parts.append(
@@ -152,7 +151,6 @@ def shard_parts(
                 item_popularity=None,
                 user_rows_before=None,
                 item_rows_before=None,
-                item_rows_after=None,
             )
         )
     return item_parts, user_parts, shard_counts(update, split)

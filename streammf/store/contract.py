@@ -129,10 +129,6 @@ class BatchUpdate:
     # and changes each by the rows it holds: Σ after·afterᵀ − before·beforeᵀ.
     user_rows_before: np.ndarray | None = None
     item_rows_before: np.ndarray | None = None
-    # Implicit mode: the item rows the writer's Gramian change counts them at after the batch, (n, k)
-    # float32. When another writer changed an item since the read, the store writes a different row than
-    # the writer computed and must count that one instead (see `gramian_correction`).
-    item_rows_after: np.ndarray | None = None
     # (n_pairs,) bool: the pair was not stored before the batch (it adds 1 to its item's count). A store
     # split in shards counts a pair on its user's shard, where its newness is known.
     pair_new: np.ndarray | None = None
@@ -248,6 +244,13 @@ class RefreshableStore(FactorStore, Protocol):
     def resume_writes(self, version: int) -> None: ...
 
     def collect_garbage(self, grace_s: float) -> list[int]: ...
+
+
+def item_rows_after(update: BatchUpdate) -> np.ndarray:
+    """The item rows the writer computed, (n, k) float32: base + delta, the rows its Gramian change
+    counts after the batch (a store that finds an item moved by another writer writes another row)."""
+    base = np.asarray(update.item_base, dtype=np.float64)
+    return (base + np.asarray(update.item_delta, dtype=np.float64).reshape(base.shape)).astype(np.float32)
 
 
 def gramian_correction(

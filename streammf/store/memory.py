@@ -20,6 +20,7 @@ from streammf.store.contract import (
     StoreError,
     fence,
     gramian_correction,
+    item_rows_after,
 )
 
 
@@ -88,7 +89,8 @@ class MemoryStore:
         for row, user in enumerate(update.users):
             self.user_rows[user] = np.append(update.user_rows[row], update.user_bias[row]).astype(DTYPE)
         k = self._meta.k
-        counted = np.zeros((len(update.items), k), dtype=DTYPE)  # each stored row as the Gramian holds it
+        # Each item's stored row as the Gramian holds it, and the row written (`gramian_correction`).
+        counted = np.zeros((len(update.items), k), dtype=DTYPE)
         written = np.zeros((len(update.items), k), dtype=DTYPE)
         for row, item in enumerate(update.items):
             stored = self.item_rows.get(item)
@@ -111,9 +113,9 @@ class MemoryStore:
         self._events_applied += update.events_applied
         if self.item_gramian is not None and update.item_gramian_delta is not None:
             self.item_gramian += update.item_gramian_delta
-            if update.item_rows_before is not None and update.item_rows_after is not None:
+            if update.item_rows_before is not None:
                 correction = gramian_correction(
-                    counted, written, update.item_rows_before, update.item_rows_after
+                    counted, written, update.item_rows_before, item_rows_after(update)
                 )
                 if correction is not None:
                     self.item_gramian += correction

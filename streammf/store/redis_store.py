@@ -35,6 +35,7 @@ from streammf.store.contract import (
     StoreError,
     StoreLostStateError,
     StoreUnavailableError,
+    item_rows_after,
 )
 from streammf.store.layout import (
     GRAMIAN_DTYPE,
@@ -466,15 +467,6 @@ class RedisStore:
                 return b""
             return np.asarray(delta, dtype=GRAMIAN_DTYPE).reshape(k, k).tobytes()
 
-        # Both or neither: the script corrects the item Gramian only knowing the rows on both sides.
-        by_item_rows = implicit and update.item_gramian_delta is not None
-        by_item_rows &= update.item_rows_before is not None and update.item_rows_after is not None
-
-        def item_gram_rows(rows: np.ndarray | None) -> bytes:
-            if not by_item_rows:
-                return b""
-            return np.asarray(rows, dtype=ROW_DTYPE).reshape(len(update.items), k).tobytes()
-
         def gramian_sum(delta: bytes, read: bytes) -> bytes:
             if not delta or len(read) != len(delta):
                 return b""
@@ -498,6 +490,12 @@ class RedisStore:
             last, update.items, item_base, item_deltas, float(update.max_abs_factor)
         )
         joined_items = join_ids(update.items)
+        # The rows the writer's item Gramian change counts, before and after: the script corrects the
+        # Gramian for items another writer moved (see `gramian_correction`).
+        gram_before = gram_after = b""
+        if implicit and update.item_gramian_delta is not None and update.item_rows_before is not None:
+            gram_before = np.asarray(update.item_rows_before, dtype=ROW_DTYPE).reshape(n_items, k).tobytes()
+            gram_after = item_rows_after(update).astype(ROW_DTYPE).tobytes()
         args = scripts.APPLY.arg_list(
             _offset_triples(update.offsets),
             finishing=int(finishing),
@@ -537,9 +535,8 @@ class RedisStore:
             popularity_half_life=repr(
                 0.0 if math.isinf(update.popularity_half_life) else update.popularity_half_life
             ),
-            # Each item's rows as the writer's Gramian change counts them (see `gramian_correction`).
-            item_gram_before=item_gram_rows(update.item_rows_before),
-            item_gram_after=item_gram_rows(update.item_rows_after),
+            item_gram_before=gram_before,
+            item_gram_after=gram_after,
         )
         script_keys = scripts.APPLY.key_list(
             [keys.inter(user) for user in pair_users],

@@ -301,7 +301,6 @@ class Learner:
             popularity_half_life=self.params.popularity_half_life,
             user_rows_before=user_rows_before,
             item_rows_before=item_rows_before,
-            item_rows_after=item_rows if implicit else None,
             pair_new=np.isnan(state.pair_values),
         )
         return update, predictions

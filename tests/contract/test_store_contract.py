@@ -476,7 +476,7 @@ def test_writers_racing_on_items_keep_the_item_gramian_the_gramian_of_the_rows(m
             items={name: (list(b), [*d, 0.0], 1) for name, b, d in zip(read, base, delta, strict=True)},
             gramian_deltas=(item_delta, np.zeros((K, K))),
         )
-        return replace(update, item_rows_before=before, item_rows_after=after)
+        return replace(update, item_rows_before=before)
 
     def rows(state: BatchState, names: list[str]) -> dict[str, np.ndarray | None]:
         at = {name: r for r, name in enumerate(["x", "y", "z"])}

@@ -77,7 +77,7 @@ class PrivateRedis:
 class PrivateKafka:
     """A single-node KRaft broker of the test's own (same jars and settings as the local stack's)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, cluster_id: str | None = None) -> None:
         version = _kafka_version()
         self.lib = CACHE / f"kafka-{version}" / "lib"
         if not any(self.lib.glob("kafka_*.jar")):
@@ -86,6 +86,7 @@ class PrivateKafka:
         self.port = free_port()
         self.controller_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.cluster_id = cluster_id or base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         self._format()
 
     @property
@@ -128,14 +129,12 @@ class PrivateKafka:
             )
             + "\n"
         )
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        format_command = ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)]
-        subprocess.run(
-            [*self._java(), *format_command],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        # One id in 64 starts with '-': passed as "--cluster-id=ID" so it is never read as an option.
+        cluster_id = f"--cluster-id={self.cluster_id}"
+        format_command = [*self._java(), "kafka.tools.StorageTool", "format", cluster_id, "-c", str(props)]
+        done = subprocess.run(format_command, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            pytest.fail(f"StorageTool format failed (rc {done.returncode}):\n{done.stdout}{done.stderr}")
 
     def start(self) -> PrivateKafka:
         log = (self.workdir / "logs" / "stdout.log").open("ab")

@@ -308,6 +308,14 @@ def _health(port: int) -> int:
         return int(exc.code)
 
 
+def test_a_private_broker_formats_with_a_cluster_id_that_starts_with_a_dash(tmp_path) -> None:
+    # base64url ids start with '-' one time in 64; `-t ID` then read the id as an option and CI failed.
+    broker = PrivateKafka(tmp_path / "kafka", cluster_id="-Rb2lrtaR0i7CKNiz2pf4A")
+    meta = (tmp_path / "kafka" / "data" / "meta.properties").read_text()
+    assert "cluster.id=-Rb2lrtaR0i7CKNiz2pf4A" in meta.splitlines()
+    assert broker.process is None
+
+
 def test_a_broker_killed_for_15_s_shows_unhealthy_and_the_daemon_resumes_within_10_s(
     redis_client, model, movielens, tmp_path, kafka_client
 ):

@@ -66,7 +66,7 @@ def _scores(V, u, out):  # fmt: skip
 def prequential_implicit_kernel(
     ev_u, ev_i, ev_val, ev_w, ev_new, ev_clock, seen, seen_lo, seen_hi,
     U, bu, n_u, V, bv, m_i, user_present, item_present, U_init, V_init, value_sum, value_count, G_V, G_U,
-    lr, reg, reg_p, alpha, w0, decayed, origin, half_life, min_user_events,
+    lr, reg, reg_p, alpha, w0, bound, decayed, origin, half_life, min_user_events,
     rank_model, rank_popular, rank_decayed,
 ):  # fmt: skip
     """Score, then learn, each event of one batch (indices are global rows of the mirror arrays).
@@ -75,7 +75,8 @@ def prequential_implicit_kernel(
     events. Rows not yet present take their row of U_init/V_init (the deterministic init) when their first
     event is learned. `decayed` holds the forward-decay scores S_j (`streammf.model.popularity`, clock
     `ev_clock`). Popularity by running counts is m_i, the learner's item counts (users so far), which the
-    step itself advances. Writes the three ranks (NOT_SCORED for repeated pairs); returns
+    step itself advances. `bound` is the learner's max_abs_factor: a step beyond it is left out, as the
+    learner leaves it out. Writes the three ranks (NOT_SCORED for repeated pairs); returns
     (value_sum, value_count, origin)."""
     n = ev_u.shape[0]
     n_items = V.shape[0]
@@ -83,9 +84,6 @@ def prequential_implicit_kernel(
     scores = np.empty(n_items)
     mark = np.full(n_items, -1, dtype=np.int64)
     scratch = _work_arrays(k)
-    ev_new_u = np.zeros(n, dtype=np.bool_)  # the row enters the model at this event (implicit Gramian)
-    ev_new_i = np.zeros(n, dtype=np.bool_)
-    predictions = np.empty(n)
     for t in range(n):
         a = ev_u[t]
         b = ev_i[t]
@@ -109,20 +107,25 @@ def prequential_implicit_kernel(
             else:
                 rank_model[t] = rank_decayed[t]
         # Learn the event exactly as the learner does: absent rows enter with their init row.
-        ev_new_u[t] = not user_present[a]
-        ev_new_i[t] = not item_present[b]
-        if ev_new_u[t]:
+        new_u = not user_present[a]
+        new_i = not item_present[b]
+        if new_u:
             U[a] = U_init[a]
             bu[a] = 0.0
-            user_present[a] = True
-        if ev_new_i[t]:
+        if new_i:
             V[b] = V_init[b]
             bv[b] = 0.0
-            item_present[b] = True
         origin = add_event(decayed, b, ev_clock[t], origin, half_life)
-        value_sum, value_count = _sgd_event(
-            t, U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_val, ev_w, ev_new, ev_new_u, ev_new_i,
-            value_sum, value_count, G_V, G_U, False, False, np.inf, lr, 0.0, reg, 0.0, reg_p, alpha, w0,
-            predictions, scratch,
+        _, applied = _sgd_event(
+            a, b, ev_val[t], ev_w[t], ev_new[t], new_u, new_i, 0.0, U, bu, n_u, V, bv, m_i, G_V, G_U, False,
+            False, np.inf, lr, 0.0, reg, 0.0, reg_p, alpha, w0, bound, scratch,
         )  # fmt: skip
+        # A step left out (the learner dead-letters it) leaves an absent row absent. (The learner would
+        # also hand a new pair's newness on to the pair's next event; the mirror, re-read from the store
+        # after every batch, catches up with that at the next batch.)
+        user_present[a] = user_present[a] or applied
+        item_present[b] = item_present[b] or applied
+        if applied:
+            value_sum += ev_val[t]
+            value_count += 1
     return value_sum, value_count, origin

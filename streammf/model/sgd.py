@@ -62,7 +62,9 @@ class SgdParams:
 class SgdBatch:
     """Local rows of one batch (indexed 0..n-1) and its events, which refer to those rows.
 
-    The kernel updates the arrays in place; `predictions` receives p before each event's step.
+    The kernel updates the arrays in place. A pair is new until one of its events is applied, and a row
+    enters the implicit Gramian with its first applied event, so an event left out (see `sgd_step`) hands
+    its pair's newness, and its row's entry, on to the next event that names them.
     """
 
     user_rows: np.ndarray  # (n_users, k) float32
@@ -73,19 +75,27 @@ class SgdBatch:
     item_counts: np.ndarray  # (n_items,) int64
     event_user: np.ndarray  # (n_events,) int64 local row
     event_item: np.ndarray  # (n_events,) int64 local row
+    event_pair: np.ndarray  # (n_events,) int64 local (user, item) pair
     event_value: np.ndarray  # (n_events,) float64: rating or strength
     event_weight: np.ndarray  # (n_events,) float64
-    event_new_pair: np.ndarray  # (n_events,) bool: first observation of (user, item) ever
-    event_new_user: np.ndarray  # (n_events,) bool: the user's row enters the model here (implicit Gramian)
-    event_new_item: np.ndarray  # (n_events,) bool
+    pair_new: np.ndarray  # (n_pairs,) bool: no observation of the pair yet
+    user_entered: np.ndarray  # (n_users,) bool: the row is in the model (and in the implicit Gramian)
+    item_entered: np.ndarray  # (n_items,) bool
     value_sum: float  # running sums for μ, before the batch
     value_count: int
     item_gramian: np.ndarray  # (k, k) float64 (unused in explicit mode)
     user_gramian: np.ndarray  # (k, k) float64
 
 
-def sgd_step(batch: SgdBatch, params: SgdParams) -> tuple[np.ndarray, float, int]:
-    """Run the batch's events in order. Returns (predictions before each step, value_sum, value_count)."""
+def sgd_step(
+    batch: SgdBatch, params: SgdParams, max_abs_factor: float = float("inf")
+) -> tuple[np.ndarray, float, int]:
+    """Run the batch's events in order. Returns (predictions before each step, value_sum, value_count).
+
+    An event whose step would leave a coordinate of its user's or item's row (factors or bias) not finite
+    or beyond ±max_abs_factor, once rounded to the stored float32, is left out: nothing of it is applied
+    (rows, counts, Gramians, μ) and its prediction is NaN. An applied event's prediction is always finite.
+    Checking each step as it is taken keeps a batch full of such events O(n)."""
     predictions = np.empty(len(batch.event_user), dtype=np.float64)
     loss = params.loss
     value_sum, value_count = _sgd_kernel(
@@ -97,11 +107,12 @@ def sgd_step(batch: SgdBatch, params: SgdParams) -> tuple[np.ndarray, float, int
         batch.item_counts,
         batch.event_user,
         batch.event_item,
+        batch.event_pair,
         batch.event_value,
         batch.event_weight,
-        batch.event_new_pair,
-        batch.event_new_user,
-        batch.event_new_item,
+        batch.pair_new,
+        batch.user_entered,
+        batch.item_entered,
         float(batch.value_sum),
         int(batch.value_count),
         batch.item_gramian,
@@ -116,6 +127,7 @@ def sgd_step(batch: SgdBatch, params: SgdParams) -> tuple[np.ndarray, float, int
         loss.reg_prior,
         loss.alpha,
         loss.w0,
+        float(max_abs_factor),
         predictions,
     )
     return predictions, value_sum, value_count
@@ -123,32 +135,57 @@ def sgd_step(batch: SgdBatch, params: SgdParams) -> tuple[np.ndarray, float, int
 
 @njit(cache=True)
 def _sgd_kernel(
-    U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_val, ev_w, ev_new, ev_new_u, ev_new_i, value_sum, value_count,
-    G_V, G_U, explicit, fit_biases, max_gradient, lr, lr_b, reg, reg_b, reg_p, alpha, w0, predictions,
+    U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_pair, ev_val, ev_w, pair_new, user_entered, item_entered,
+    value_sum, value_count, G_V, G_U, explicit, fit_biases, max_gradient, lr, lr_b, reg, reg_b, reg_p, alpha,
+    w0, bound, predictions,
 ):  # fmt: skip
-    work = _work_arrays(U.shape[1])
+    scratch = _work_arrays(U.shape[1])
     for t in range(ev_u.shape[0]):
-        value_sum, value_count = _sgd_event(
-            t, U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_val, ev_w, ev_new, ev_new_u, ev_new_i, value_sum,
-            value_count, G_V, G_U, explicit, fit_biases, max_gradient, lr, lr_b, reg, reg_b, reg_p, alpha, w0,
-            predictions, work,
+        a = ev_u[t]
+        b = ev_i[t]
+        pair = ev_pair[t]
+        mu = value_sum / value_count if explicit and fit_biases and value_count > 0 else 0.0
+        p, applied = _sgd_event(
+            a, b, ev_val[t], ev_w[t], pair_new[pair], not user_entered[a], not item_entered[b], mu, U, bu,
+            n_u, V, bv, m_i, G_V, G_U, explicit, fit_biases, max_gradient, lr, lr_b, reg, reg_b, reg_p, alpha,
+            w0, bound, scratch,
         )  # fmt: skip
+        if applied:
+            predictions[t] = p
+            pair_new[pair] = False
+            user_entered[a] = True
+            item_entered[b] = True
+            value_sum += ev_val[t]
+            value_count += 1
+        else:
+            predictions[t] = np.nan
     return value_sum, value_count
 
 
 @njit(cache=True)
 def _work_arrays(k):  # fmt: skip
-    """Scratch of `_sgd_event`: rows 0-4 hold u_old, v_old, r_u, r_v, solve work; rows 5.. the system."""
-    return np.empty((5 + k, k), dtype=np.float64)
+    """Scratch of `_sgd_event`: rows 0-4 hold u_old, v_old, r_u, r_v, solve work; then the k×k system,
+    and the two Gramians as they were before a row entered them (restored if the step is not taken)."""
+    return np.empty((5 + 3 * k, k), dtype=np.float64)
+
+
+@njit(cache=True)
+def _storable(x, bound):  # fmt: skip
+    """x, rounded to the stored float32, is finite and within ±bound."""
+    y = np.float64(np.float32(x))
+    return np.isfinite(y) and abs(y) <= bound
 
 
 @njit(cache=True)
 def _sgd_event(
-    t, U, bu, n_u, V, bv, m_i, ev_u, ev_i, ev_val, ev_w, ev_new, ev_new_u, ev_new_i, value_sum, value_count,
-    G_V, G_U, explicit, fit_biases, max_gradient, lr, lr_b, reg, reg_b, reg_p, alpha, w0, predictions,
-    scratch,
+    a, b, value, weight, new, new_u, new_i, mu, U, bu, n_u, V, bv, m_i, G_V, G_U, explicit, fit_biases,
+    max_gradient, lr, lr_b, reg, reg_b, reg_p, alpha, w0, bound, scratch,
 ):  # fmt: skip
-    """Event t's step on the rows it names, in place; returns the μ sums after it. Shared by `sgd_step`
+    """One event's step on user row a and item row b, in place; returns (p before the step, applied).
+
+    `new`: the pair's first observation; `new_u`/`new_i`: the row enters the model here (implicit
+    Gramian). The step is computed aside and taken only if every coordinate it writes is `_storable`;
+    otherwise nothing changes (a Gramian a row entered is restored from its copy). Shared by `sgd_step`
     and the exact per-event evaluation (`streammf.model.prequential`), so both take the very same step."""
     k = U.shape[1]
     u_old = scratch[0]
@@ -156,55 +193,52 @@ def _sgd_event(
     r_u = scratch[2]
     r_v = scratch[3]
     work = scratch[4]
-    system = scratch[5:]
-    a = ev_u[t]
-    b = ev_i[t]
-    new = ev_new[t]
-    if new:
-        n_u[a] += 1
-        m_i[b] += 1
+    system = scratch[5 : 5 + k]
+    saved_user_gram = scratch[5 + k : 5 + 2 * k]
+    saved_item_gram = scratch[5 + 2 * k : 5 + 3 * k]
+    count_u = n_u[a] + 1 if new else n_u[a]
+    count_i = m_i[b] + 1 if new else m_i[b]
     reg_on = 1.0 if new else 0.0
     # A row's first pair brings the row's count-independent priors into L (λ_0 on factors, λ_b on bias).
-    first_u = 1.0 if new and n_u[a] == 1 else 0.0
-    first_i = 1.0 if new and m_i[b] == 1 else 0.0
+    first_u = 1.0 if new and count_u == 1 else 0.0
+    first_i = 1.0 if new and count_i == 1 else 0.0
     dot = 0.0
     for f in range(k):
         u_old[f] = U[a, f]
         v_old[f] = V[b, f]
         dot += u_old[f] * v_old[f]
+    bias_u = np.float64(bu[a])
+    bias_i = np.float64(bv[b])
     if explicit:
-        mu = value_sum / value_count if value_count > 0 and fit_biases else 0.0
-        p = mu + bu[a] + bv[b] + dot
-        predictions[t] = p
+        p = mu + bias_u + bias_i + dot
         # ½ dℓ/dp = −w·e, clipped: a step stays bounded however far off the prediction is.
-        g = min(max(-ev_w[t] * (ev_val[t] - p), -max_gradient), max_gradient)
+        g = min(max(-weight * (value - p), -max_gradient), max_gradient)
         # Bias step η_b + 1/(n + λ_b): recursive least squares on Σ e² + λ_b·b² (the ridge mean of
         # the row's residuals, exact with η_b = 0), plus a constant rate that tracks drift.
         # The prior's gradient λ_b·b enters once, at the row's first pair.
-        step_u = lr_b + 1.0 / max(n_u[a] + reg_b, 1.0)
-        step_i = lr_b + 1.0 / max(m_i[b] + reg_b, 1.0)
         if fit_biases:
-            bu_old = bu[a]
-            bu[a] = bu_old - step_u * (g + first_u * reg_b * bu_old)
-            bv[b] = bv[b] - step_i * (g + first_i * reg_b * bv[b])
+            bias_u = bias_u - (lr_b + 1.0 / max(count_u + reg_b, 1.0)) * (g + first_u * reg_b * bias_u)
+            bias_i = bias_i - (lr_b + 1.0 / max(count_i + reg_b, 1.0)) * (g + first_i * reg_b * bias_i)
         shrink_u = reg_on * reg + first_u * reg_p
         shrink_i = reg_on * reg + first_i * reg_p
         for f in range(k):
-            U[a, f] = u_old[f] - lr * (g * v_old[f] + shrink_u * u_old[f])
-            V[b, f] = v_old[f] - lr * (g * u_old[f] + shrink_i * v_old[f])
+            r_u[f] = u_old[f] - lr * (g * v_old[f] + shrink_u * u_old[f])
+            r_v[f] = v_old[f] - lr * (g * u_old[f] + shrink_i * v_old[f])
     else:
-        # A row entering the model joins the unobserved term: add it to its Gramian first.
-        if ev_new_u[t]:
+        # A row entering the model joins the unobserved term: add it to its Gramian first (kept aside, as
+        # the step may not be taken).
+        if new_u:
+            saved_user_gram[:, :] = G_U
             for f in range(k):
                 for h in range(k):
                     G_U[f, h] += u_old[f] * u_old[h]
-        if ev_new_i[t]:
+        if new_i:
+            saved_item_gram[:, :] = G_V
             for f in range(k):
                 for h in range(k):
                     G_V[f, h] += v_old[f] * v_old[h]
         p = dot
-        predictions[t] = p
-        s = ev_val[t] * ev_w[t]
+        s = value * weight
         # ½ℓ restricted to one row x (the other fixed at o) is ½a(x·o)² − b(x·o) + ½λ_on‖x‖² + ½c·xᵀGx:
         # new pair a = w − w0, b = w (w = 1 + α·s); old pair a = b = α·s.
         if new:
@@ -214,8 +248,8 @@ def _sgd_event(
         else:
             a_coef = alpha * s
             b_coef = alpha * s
-        gu = w0 / n_u[a] if n_u[a] > 0 else w0
-        gv = w0 / m_i[b] if m_i[b] > 0 else w0
+        gu = w0 / count_u if count_u > 0 else w0
+        gv = w0 / count_i if count_i > 0 else w0
         # Implicit (proximal) step: (I + η(a·ooᵀ + λ_on·I + c·G)) x' = x + η·b·o, the exact minimiser of
         # ½ℓ + ‖x' − x‖²/2η. Confidence weights and the Gramian make the plain step stiff; this one is
         # stable at any η and has the same fixed points.
@@ -223,17 +257,29 @@ def _sgd_event(
         shift_i = lr * (reg_on * reg + first_i * reg_p)
         _prox_row(G_V, lr * gu, u_old, v_old, lr * a_coef, lr * b_coef, shift_u, r_u, system, work)
         _prox_row(G_U, lr * gv, v_old, u_old, lr * a_coef, lr * b_coef, shift_i, r_v, system, work)
-        for f in range(k):
-            U[a, f] = r_u[f]
-            V[b, f] = r_v[f]
+    sound = np.isfinite(p) and _storable(bias_u, bound) and _storable(bias_i, bound)
+    for f in range(k):
+        sound = sound and _storable(r_u[f], bound) and _storable(r_v[f], bound)
+    if not sound:
+        if not explicit and new_u:
+            G_U[:, :] = saved_user_gram
+        if not explicit and new_i:
+            G_V[:, :] = saved_item_gram
+        return p, False
+    n_u[a] = count_u
+    m_i[b] = count_i
+    bu[a] = bias_u
+    bv[b] = bias_i
+    for f in range(k):
+        U[a, f] = r_u[f]
+        V[b, f] = r_v[f]
+    if not explicit:
         # Keep the Gramians exact: swap the old rows' outer products for the new (float32-rounded) ones.
         for f in range(k):
             for h in range(k):
                 G_V[f, h] += np.float64(V[b, f]) * V[b, h] - v_old[f] * v_old[h]
                 G_U[f, h] += np.float64(U[a, f]) * U[a, h] - u_old[f] * u_old[h]
-    value_sum += ev_val[t]
-    value_count += 1
-    return value_sum, value_count
+    return p, True
 
 
 @njit(cache=True)

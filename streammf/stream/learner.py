@@ -8,7 +8,7 @@ two produce the same factors.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -146,16 +146,26 @@ class Learner:
         offsets: dict[int, tuple[int, int]],
     ) -> tuple[list[int], BatchUpdate, np.ndarray]:
         """The batch's update without the events that drive a row out of bounds: (positions of the events
-        kept, update, predictions). Each such event is found by bisecting for the shortest prefix (of the
-        events still kept) whose update is out of bounds; its last event is dropped and the rest redone.
-        Only a batch that fails the check pays for the search (about log2(n) computes per bad event)."""
+        kept, update, predictions).
+
+        The kernel checks every step as it takes it and leaves out those that would leave a row out of
+        bounds (O(n) however many there are); the update is then recomputed from the events it kept, so
+        no trace of the others remains (a row only they named, a Gramian entry). The whole update is
+        checked once more: should it still fail (a Gramian overflowing with bounds opened wide, which
+        no single row shows), the events that cause it are found by bisection, log2(n) computes each."""
         gramians = [g for g in (state.item_gramian, state.user_gramian) if g is not None]
         if not all(np.isfinite(g).all() for g in gramians):
             raise DamagedGramianError(f"v{state.version}: a Gramian is not finite; a refresh rebuilds it")
         update, predictions = self.compute(plan, state, offsets)
-        kept = list(range(len(events)))
-        if self._in_bounds(state, update, predictions):
-            return kept, update, predictions
+        applied = np.isfinite(predictions)
+        kept = np.flatnonzero(applied).tolist()
+        if applied.all():
+            if self._in_bounds(state, update, predictions):
+                return kept, update, predictions
+        else:
+            ok, update, predictions = self._subset_in_bounds(events, plan, state, offsets, kept)
+            if ok:
+                return kept, update, predictions
         while True:
             good, bad = 0, len(kept)  # invariant: prefix `good` is in bounds, prefix `bad` is not
             while bad - good > 1:
@@ -247,7 +257,6 @@ class Learner:
         item_gram = np.zeros((k, k)) if state.item_gramian is None else state.item_gramian.copy()
         user_gram = np.zeros((k, k)) if state.user_gramian is None else state.user_gramian.copy()
 
-        new_pair = plan.first_of_pair & np.isnan(state.pair_values[plan.event_pair])
         batch = SgdBatch(
             user_rows=user_rows,
             user_bias=user_bias,
@@ -257,19 +266,20 @@ class Learner:
             item_counts=item_counts,
             event_user=plan.event_user,
             event_item=plan.event_item,
+            event_pair=plan.event_pair,
             event_value=plan.values,
             event_weight=plan.weights,
-            event_new_pair=new_pair,
-            # A row absent from the store enters the Gramians at its first event, not earlier: so batch
-            # boundaries don't matter.
-            event_new_user=plan.first_of_user & ~user_ok[plan.event_user],
-            event_new_item=plan.first_of_item & ~item_ok[plan.event_item],
+            pair_new=np.isnan(state.pair_values),
+            # A row absent from the store enters the Gramians at its first applied event, not earlier: so
+            # batch boundaries don't matter.
+            user_entered=user_ok.copy(),
+            item_entered=item_ok.copy(),
             value_sum=state.value_sum,
             value_count=state.value_count,
             item_gramian=item_gram,
             user_gramian=user_gram,
         )
-        predictions, value_sum, value_count = sgd_step(batch, self.params.sgd)
+        predictions, value_sum, value_count = sgd_step(batch, self.params.sgd, bound)
 
         if implicit:
             pair_values = np.bincount(plan.event_pair, plan.values * plan.weights, minlength=len(plan.pairs))
@@ -317,10 +327,9 @@ def _sound(rows: np.ndarray, bias: np.ndarray, bound: float) -> np.ndarray:
 
 def _restricted(state: BatchState, plan: _BatchPlan, sub: _BatchPlan) -> BatchState:
     """`state` (read for `plan`) cut down to the users, items and pairs of `sub`, a subset of its events."""
-    users = np.array([plan.users.index(u) for u in sub.users], dtype=np.int64)
-    items = np.array([plan.items.index(i) for i in sub.items], dtype=np.int64)
-    pair_at = {pair: p for p, pair in enumerate(plan.pairs)}
-    pairs = np.array([pair_at[pair] for pair in sub.pairs], dtype=np.int64)
+    users = _positions(plan.users, sub.users)
+    items = _positions(plan.items, sub.items)
+    pairs = _positions(plan.pairs, sub.pairs)
     return replace(
         state,
         user_rows=state.user_rows[users],
@@ -333,6 +342,12 @@ def _restricted(state: BatchState, plan: _BatchPlan, sub: _BatchPlan) -> BatchSt
         item_counts=state.item_counts[items],
         pair_values=state.pair_values[pairs],
     )
+
+
+def _positions(everything: Sequence[Hashable], some: Sequence[Hashable]) -> np.ndarray:
+    """Where each of `some` stands in `everything`."""
+    at = {key: position for position, key in enumerate(everything)}
+    return np.array([at[key] for key in some], dtype=np.int64)
 
 
 def _with_initial_rows(
@@ -355,9 +370,6 @@ class _BatchPlan:
     event_user: np.ndarray
     event_item: np.ndarray
     event_pair: np.ndarray
-    first_of_pair: np.ndarray  # the event is its pair's first in the batch
-    first_of_user: np.ndarray  # the event is its user's first in the batch
-    first_of_item: np.ndarray
     last_event_of_pair: np.ndarray  # (n_pairs,) index of each pair's last event
     values: np.ndarray
     weights: np.ndarray
@@ -384,18 +396,8 @@ class _BatchPlan:
             event_user=ev_user,
             event_item=ev_item,
             event_pair=ev_pair,
-            first_of_pair=_first_occurrences(ev_pair, n),
-            first_of_user=_first_occurrences(ev_user, n),
-            first_of_item=_first_occurrences(ev_item, n),
             # Each pair's last event: its first occurrence in the reversed sequence.
             last_event_of_pair=(n - 1 - np.unique(ev_pair[::-1], return_index=True)[1]).astype(np.int64),
             values=np.array([e.value for e in events], dtype=np.float64),
             weights=np.array([e.weight for e in events], dtype=np.float64),
         )
-
-
-def _first_occurrences(local: np.ndarray, n: int) -> np.ndarray:
-    """Mask of the events that are the first of their local index (indices numbered in first-seen order)."""
-    first = np.zeros(n, dtype=bool)
-    first[np.unique(local, return_index=True)[1]] = True
-    return first

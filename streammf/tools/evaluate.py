@@ -309,7 +309,8 @@ class _Mirror:
             self.item_counts, self.user_present, self.item_present, self.user_init, self.item_init,
             float(self.value_sum), int(self.value_count), self.item_gramian, self.user_gramian,
             self.params.sgd.learning_rate, loss.reg, loss.reg_prior, loss.alpha, loss.w0,
-            self.decayed, float(self.origin), self.half_life, self.min_user_events,
+            self.params.max_abs_factor, self.decayed, float(self.origin), self.half_life,
+            self.min_user_events,
             self.ranks[0, window], self.ranks[1, window], self.ranks[2, window],
         )  # fmt: skip
 

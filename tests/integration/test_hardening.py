@@ -143,6 +143,57 @@ def test_an_event_that_would_diverge_is_dead_lettered_and_the_rest_of_its_batch_
     _assert_sound(redis_client, model)
 
 
+def test_a_stream_of_diverging_events_is_dead_lettered_at_the_daemons_pace(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model
+):
+    """Default bounds, valid events: one pair rated +10 / -10 alternately with weight 100 pushes its rows to
+    the bound within a few steps, and every later step on it diverges. 20,000 such events among 4,000
+    ordinary ratings: each was once found by bisecting its batch (this stream then took 113 s); the kernel
+    now leaves them out as it goes (about 4 s, printed). The timeout is a guard far above that."""
+    topic = make_topic(topic_name, 1)
+    make_topic(f"{topic}.dlq", 1)
+    rng = np.random.default_rng(11)
+    valid = [
+        (f"u{u}".encode(), json.dumps({"user_id": f"u{u}", "item_id": f"i{i}", "value": int(v)}).encode())
+        for u, i, v in zip(
+            rng.integers(200, size=4000),
+            rng.integers(300, size=4000),
+            rng.integers(1, 6, size=4000),
+            strict=True,
+        )
+    ]
+    hot = [
+        (
+            b"hot",
+            json.dumps(
+                {"user_id": "hot", "item_id": "hot", "value": (-10, 10)[t % 2], "weight": 100}
+            ).encode(),
+        )
+        for t in range(20_000)
+    ]
+    stream = [*valid[:2000], *hot, *valid[2000:]]
+    _produce(kafka_bootstrap, topic, stream)
+    port = _free_port()
+    started = time.monotonic()
+    with Daemon(_settings(kafka_bootstrap, redis_url, topic, model, port)):
+        _wait_for(
+            lambda: RedisStoreOffsets(redis_client, model) == {0: len(stream)},
+            60,
+            "the whole stream consumed",
+        )
+        elapsed = time.monotonic() - started
+        metrics = _scrape(port)
+    print(f"{len(stream)} events ({len(hot)} on the diverging pair) consumed in {elapsed:.1f} s")
+    dead = _dead_letters(kafka_bootstrap, topic)
+    hot_applied = _applied(redis_client, model) - len(valid)
+    assert 0 < hot_applied < 50  # the first few steps on the pair are taken, the rest diverge
+    assert len(dead) == len(hot) - hot_applied
+    assert {dict(r.headers)["streammf.reason"] for r in dead} == {b"diverged"}
+    assert {r.value for r in dead} <= {value for _, value in hot}
+    assert metrics['streammf_events_invalid_total{reason="diverged"}'] == len(dead)
+    _assert_sound(redis_client, model)
+
+
 def RedisStoreOffsets(client: redis.Redis, name: str) -> dict[int, int]:
     return {int(p): int(o) for p, o in client.hgetall(ModelKeys(name).offsets).items()}
 

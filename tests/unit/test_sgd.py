@@ -3,13 +3,15 @@
 - one event's step is x − η·½∇ℓ, with ∇ℓ the finite-difference gradient of `event_loss_reference`;
 - the Gramians it keeps are exactly VᵀV and UᵀU of the rows it updated;
 - batch boundaries do not matter (events run strictly in order);
+- a step that would leave a row out of bounds is left out without a trace: the batch equals the batch
+  without that event (its pair's newness and its rows' Gramian entry pass on to the next event);
 - it actually learns: exact recovery of a small rank-2 matrix, low-rank recovery of a random one;
 - shapes, finiteness and the empty batch, for random inputs (hypothesis).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -66,11 +68,13 @@ class _State:
             item_counts=self.item_counts,
             event_user=np.asarray(ev_user, dtype=np.int64),
             event_item=np.asarray(ev_item, dtype=np.int64),
+            # Each event its own pair, new or not as the test says; every row already in the model.
+            event_pair=np.arange(len(ev_new), dtype=np.int64),
             event_value=np.asarray(ev_value, dtype=np.float64),
             event_weight=np.asarray(ev_weight, dtype=np.float64),
-            event_new_pair=np.asarray(ev_new, dtype=bool),
-            event_new_user=np.zeros(len(ev_new), dtype=bool),
-            event_new_item=np.zeros(len(ev_new), dtype=bool),
+            pair_new=np.array(ev_new, dtype=bool),
+            user_entered=np.ones(len(self.user_rows), dtype=bool),
+            item_entered=np.ones(len(self.item_rows), dtype=bool),
             value_sum=self.value_sum,
             value_count=self.value_count,
             item_gramian=self.item_gramian,
@@ -334,6 +338,71 @@ def test_batch_boundaries_do_not_matter(mode: str) -> None:
         assert (split.value_sum, split.value_count) == (whole.value_sum, whole.value_count)
 
 
+# ----------------------------------------------------------------------------------- steps left out
+
+
+def _fresh_batch(rng: np.random.Generator, ev_user, ev_item, ev_pair, n_users: int, n_items: int, k: int):
+    """Rows half in the model, half entering at their first event; every pair new (an empty history)."""
+    n = len(ev_user)
+    return SgdBatch(
+        user_rows=rng.normal(0.0, 0.3, size=(n_users, k)).astype(DTYPE),
+        user_bias=np.zeros(n_users, DTYPE),
+        user_counts=np.arange(n_users, dtype=np.int64) % 2,
+        item_rows=rng.normal(0.0, 0.3, size=(n_items, k)).astype(DTYPE),
+        item_bias=np.zeros(n_items, DTYPE),
+        item_counts=np.arange(n_items, dtype=np.int64) % 2,
+        event_user=np.asarray(ev_user, dtype=np.int64),
+        event_item=np.asarray(ev_item, dtype=np.int64),
+        event_pair=np.asarray(ev_pair, dtype=np.int64),
+        event_value=rng.integers(1, 6, size=n).astype(np.float64),
+        event_weight=rng.choice([0.5, 1.0, 4.0], size=n),
+        pair_new=np.ones(int(np.max(ev_pair, initial=-1)) + 1, dtype=bool),
+        user_entered=np.arange(n_users) % 2 == 1,
+        item_entered=np.arange(n_items) % 2 == 1,
+        value_sum=30.0,
+        value_count=10,
+        item_gramian=_spd(rng, k, 0.5),
+        user_gramian=_spd(rng, k, 0.5),
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "learning_rate", "bound"), [("explicit", 0.05, 1.0), ("implicit", 0.5, 0.7)]
+)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_step_left_out_leaves_no_trace(mode: str, learning_rate: float, bound: float, seed: int) -> None:
+    """Run a batch under a tight bound, then the same batch without the events it left out: every array
+    (rows, biases, counts, Gramians, pair newness, which rows entered) and every prediction is the same,
+    bit for bit. A left-out event's prediction is NaN; an applied one's is finite."""
+    rng = np.random.default_rng(seed)
+    n_users, n_items, k, n = 5, 6, 3, 120
+    ev_user, ev_item = rng.integers(n_users, size=n), rng.integers(n_items, size=n)
+    ev_pair = ev_user * n_items + ev_item
+    params = SgdParams(LossParams(mode, reg=0.05, reg_bias=0.02, alpha=2.0, w0=0.3), learning_rate)  # type: ignore[arg-type]
+    full = _fresh_batch(np.random.default_rng(seed), ev_user, ev_item, ev_pair, n_users, n_items, k)
+    predictions, value_sum, value_count = sgd_step(full, params, bound)
+    applied = np.isfinite(predictions)
+    assert 0 < applied.sum() < n  # the bound binds for some steps, not all
+    kept = np.flatnonzero(applied)
+    part = _fresh_batch(np.random.default_rng(seed), ev_user, ev_item, ev_pair, n_users, n_items, k)
+    part = replace(
+        part,
+        event_user=part.event_user[kept],
+        event_item=part.event_item[kept],
+        event_pair=part.event_pair[kept],
+        event_value=full.event_value[kept],
+        event_weight=full.event_weight[kept],
+    )
+    part_predictions, part_sum, part_count = sgd_step(part, params, bound)
+    np.testing.assert_array_equal(part_predictions, predictions[kept])
+    assert (part_sum, part_count) == (value_sum, value_count) and value_count == 10 + len(kept)
+    for field in ("user_rows", "user_bias", "user_counts", "item_rows", "item_bias", "item_counts",
+                  "pair_new", "user_entered", "item_entered", "item_gramian", "user_gramian"):  # fmt: skip
+        np.testing.assert_array_equal(getattr(part, field), getattr(full, field), err_msg=field)
+    for rows in (full.user_rows, full.item_rows, full.user_bias, full.item_bias):
+        assert np.isfinite(rows).all() and np.abs(rows).max() <= bound
+
+
 # ------------------------------------------------------------------------------------------ it learns
 
 
@@ -350,11 +419,12 @@ def _epoch_batch(U, V, users, items, values) -> SgdBatch:
         item_counts=np.zeros(len(V), dtype=np.int64),
         event_user=np.asarray(users, dtype=np.int64),
         event_item=np.asarray(items, dtype=np.int64),
+        event_pair=np.arange(n, dtype=np.int64),
         event_value=np.asarray(values, dtype=np.float64),
         event_weight=np.ones(n),
-        event_new_pair=np.ones(n, dtype=bool),
-        event_new_user=np.zeros(n, dtype=bool),
-        event_new_item=np.zeros(n, dtype=bool),
+        pair_new=np.ones(n, dtype=bool),
+        user_entered=np.ones(len(U), dtype=bool),
+        item_entered=np.ones(len(V), dtype=bool),
         value_sum=0.0,
         value_count=0,
         item_gramian=np.zeros((U.shape[1], U.shape[1])),

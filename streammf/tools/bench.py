@@ -7,7 +7,9 @@ Per mode (explicit, implicit), on a fresh topic and model:
    uses, doing nothing else: the ceiling the daemon's loop is compared with (`ratio_to_raw`);
 3. daemon, end to end: `streammf run` (a subprocess, like production) applies the backlog to Redis through
    the exactly-once path; the rate counts from its first applied batch to the last (start-up and the
-   group join are not the steady state), and Redis server time per event comes from `INFO commandstats`;
+   group join are not the steady state), and Redis server time per event is the CPU time of each
+   server's main thread (`INFO cpu`) over that phase: scripts, the commands they call, and the network
+   I/O of their arguments and replies, each counted once;
 4. live: the same daemon, fed at a fixed offered rate by another replay subprocess (now-stamped events);
    update latency p50/p99 and freshness p99 come from the daemon's own histograms, counting only the
    observations of this phase.
@@ -373,18 +375,24 @@ def _nodes(client: RedisCluster) -> list[str]:
 
 
 def _redis_usec_by_node(client: redis.Redis) -> dict[str, float]:
-    """Server time spent in commands so far, per server: each primary of a Redis Cluster (replicas serve
-    no reads of ours), else the one server. All clients count; the bench's own polling is a few HGETs."""
+    """CPU time of each server's main thread so far, in µs: each primary of a Redis Cluster (replicas
+    serve no reads of ours), else the one server. All clients count; the bench's own polling is a few
+    HGETs. (Summing `INFO commandstats` would count a script's inner commands twice: once in its
+    EVALSHA, once on their own.)"""
     if isinstance(client, RedisCluster):
         return {
-            node.name: _usec(client.info("commandstats", target_nodes=node))  # one node: its own INFO
+            node.name: main_thread_cpu_us(client.info("cpu", target_nodes=node))  # one node: its own INFO
             for node in client.get_primaries()
         }
-    return {_server_name(client): _usec(client.info("commandstats"))}
+    return {_server_name(client): main_thread_cpu_us(client.info("cpu"))}
 
 
-def _usec(commandstats: dict[str, Any]) -> float:
-    return float(sum(entry.get("usec", 0) for entry in commandstats.values() if isinstance(entry, dict)))
+def main_thread_cpu_us(cpu: dict[str, Any]) -> float:
+    """User + system CPU of the server's main thread (where commands and scripts run), from `INFO cpu`;
+    servers before Redis 6.2 report only the whole process's."""
+    if "used_cpu_user_main_thread" in cpu:
+        return 1e6 * (float(cpu["used_cpu_user_main_thread"]) + float(cpu["used_cpu_sys_main_thread"]))
+    return 1e6 * (float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]))
 
 
 def _server_name(client: redis.Redis) -> str:

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from streammf.cli import cli
-from streammf.tools.bench import BenchPlan, BenchRun, sum_samples, table, with_shares
+from streammf.tools.bench import BenchPlan, BenchRun, main_thread_cpu_us, sum_samples, table, with_shares
 
 NODES = ("10.0.0.1:7001", "10.0.0.2:7002", "10.0.0.3:7003")
 
@@ -22,6 +22,16 @@ def _run(mode: str, shards: int, by_node: dict[str, float]) -> BenchRun:
         redis_share_of_single_by_node=None, offered_events_per_s=1e3, live_events=100,
         update_latency_p50_ms=1.0, update_latency_p99_ms=2.0, freshness_p99_ms=3.0, events_by_replica=[1100],
     )  # fmt: skip
+
+
+def test_redis_time_is_the_main_threads_cpu_or_the_processs_on_old_servers():
+    """INFO cpu as redis-py parses it (seconds, floats): the main thread's user + system time in µs when the
+    server reports it (Redis ≥ 6.2), else the whole process's."""
+    cpu = {"used_cpu_sys": 9.5, "used_cpu_user": 20.25, "used_cpu_sys_children": 1.0,
+           "used_cpu_sys_main_thread": 2.5, "used_cpu_user_main_thread": 12.125}  # fmt: skip
+    assert main_thread_cpu_us(cpu) == 14_625_000.0
+    old = {"used_cpu_sys": 9.5, "used_cpu_user": 20.25, "used_cpu_sys_children": 1.0}
+    assert main_thread_cpu_us(old) == 29_750_000.0
 
 
 def test_shares_are_of_the_same_modes_one_shard_total():

@@ -95,6 +95,28 @@ def _tail_positions(script: scripts.LuaScript, ids: Sequence[str]) -> dict[str, 
     return positions
 
 
+def _inter_keys(keys: ModelKeys, users: Sequence[str]) -> list[str]:
+    prefix = keys.inter_prefix  # built once: a batch names a few thousand users
+    return [prefix + user for user in users]
+
+
+def _pair_values(keys: ModelKeys, pairs: list[tuple[str, str]], joined: bytes) -> np.ndarray:
+    """The read script's ','-joined pair values ('' for a pair not stored) as floats, NaN for absent.
+    The script has checked each with Lua's tonumber; one that Python reads otherwise (hex, spaces) is
+    reported with its key by the per-value path."""
+    raw = split_numbers(joined, len(pairs))
+    try:
+        return np.array([value or b"nan" for value in raw], dtype=np.bytes_).astype(np.float64)
+    except ValueError:
+        return np.array(
+            [
+                parse_float(value or None, keys.inter(user), f"field {item!r}", default=np.nan)
+                for (user, item), value in zip(pairs, raw, strict=True)
+            ],
+            dtype=np.float64,
+        )
+
+
 def _offset_triples(offsets: dict[int, tuple[int, int]]) -> list[int]:
     """The ARGV tail of a fenced script: partition, first offset, next offset, per partition."""
     return [int(value) for partition, (first, nxt) in offsets.items() for value in (partition, first, nxt)]
@@ -344,7 +366,7 @@ class RedisStore:
         try:
             reply = self._read_script(
                 keys=scripts.READ_STATE.key_list(
-                    [keys.inter(user) for user in inter_users],
+                    _inter_keys(keys, inter_users),
                     current=keys.current,
                     meta=keys.version_meta(version),
                     users=keys.rows(version, "users"),
@@ -408,13 +430,7 @@ class RedisStore:
             item_bias=item_rows[:, k].copy(),
             item_present=item_present,
             item_counts=np.array(split_numbers(item_counts, len(count_items)), dtype=np.int64),
-            pair_values=np.array(
-                [
-                    parse_float(raw or None, keys.inter(user), f"field {item!r}", default=np.nan)
-                    for (user, item), raw in zip(pairs, split_numbers(pair_values, len(pairs)), strict=True)
-                ],
-                dtype=np.float64,
-            ),
+            pair_values=_pair_values(keys, pairs, pair_values),
             value_sum=parse_float(value_sum, keys.stats, "field 'value_sum'"),
             value_count=parse_int(value_count, keys.stats, "field 'value_count'"),
             item_gramian=gramians[0],
@@ -539,7 +555,7 @@ class RedisStore:
             item_gram_after=gram_after,
         )
         script_keys = scripts.APPLY.key_list(
-            [keys.inter(user) for user in pair_users],
+            _inter_keys(keys, pair_users),
             current=keys.current,
             offsets=keys.item_offsets if part == "items" else keys.offsets,
             meta=keys.version_meta(update.version),

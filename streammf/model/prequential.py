@@ -64,20 +64,22 @@ def _scores(V, u, out):  # fmt: skip
 
 @njit(cache=True)
 def prequential_implicit_kernel(
-    ev_u, ev_i, ev_val, ev_w, ev_new, ev_clock, seen, seen_lo, seen_hi,
+    ev_u, ev_i, ev_pair, ev_val, ev_w, pair_new, seen, seen_lo, seen_hi,
     U, bu, n_u, V, bv, m_i, user_present, item_present, U_init, V_init, value_sum, value_count, G_V, G_U,
     lr, reg, reg_p, alpha, w0, bound, decayed, origin, half_life, min_user_events,
     rank_model, rank_popular, rank_decayed,
 ):  # fmt: skip
     """Score, then learn, each event of one batch (indices are global rows of the mirror arrays).
 
-    `ev_new`: the pair's first event ever; `seen[seen_lo[t]:seen_hi[t]]`: the items of the user's earlier
-    events. Rows not yet present take their row of U_init/V_init (the deterministic init) when their first
-    event is learned. `decayed` holds the forward-decay scores S_j (`streammf.model.popularity`, clock
-    `ev_clock`). Popularity by running counts is m_i, the learner's item counts (users so far), which the
-    step itself advances. `bound` is the learner's max_abs_factor: a step beyond it is left out, as the
-    learner leaves it out. Writes the three ranks (NOT_SCORED for repeated pairs); returns
-    (value_sum, value_count, origin)."""
+    `pair_new[ev_pair[t]]`: no event of the pair has been applied yet (cleared here when one is);
+    `seen[seen_lo[t]:seen_hi[t]]`: the items of the user's earlier events. Rows not yet present take their
+    row of U_init/V_init (the deterministic init) when their first event is learned. `decayed` holds the
+    forward-decay scores S_j (`streammf.model.popularity`) on the learner's clock, the number of events
+    applied before (value_count). Popularity by running counts is m_i, the learner's item counts (users so
+    far), which the step itself advances. `bound` is the learner's max_abs_factor: a step beyond it is
+    left out, as the learner leaves it out (nothing of it applied: the pair stays new, absent rows stay
+    absent, popularity and μ do not count it). Writes the three ranks (NOT_SCORED for pairs seen before);
+    returns (value_sum, value_count, origin)."""
     n = ev_u.shape[0]
     n_items = V.shape[0]
     k = U.shape[1]
@@ -87,7 +89,8 @@ def prequential_implicit_kernel(
     for t in range(n):
         a = ev_u[t]
         b = ev_i[t]
-        if not ev_new[t]:
+        new = pair_new[ev_pair[t]]
+        if not new:
             rank_model[t] = NOT_SCORED
             rank_popular[t] = NOT_SCORED
             rank_decayed[t] = NOT_SCORED
@@ -115,17 +118,15 @@ def prequential_implicit_kernel(
         if new_i:
             V[b] = V_init[b]
             bv[b] = 0.0
-        origin = add_event(decayed, b, ev_clock[t], origin, half_life)
         _, applied = _sgd_event(
-            a, b, ev_val[t], ev_w[t], ev_new[t], new_u, new_i, 0.0, U, bu, n_u, V, bv, m_i, G_V, G_U, False,
+            a, b, ev_val[t], ev_w[t], new, new_u, new_i, 0.0, U, bu, n_u, V, bv, m_i, G_V, G_U, False,
             False, np.inf, lr, 0.0, reg, 0.0, reg_p, alpha, w0, bound, scratch,
         )  # fmt: skip
-        # A step left out (the learner dead-letters it) leaves an absent row absent. (The learner would
-        # also hand a new pair's newness on to the pair's next event; the mirror, re-read from the store
-        # after every batch, catches up with that at the next batch.)
-        user_present[a] = user_present[a] or applied
-        item_present[b] = item_present[b] or applied
         if applied:
+            user_present[a] = True
+            item_present[b] = True
+            pair_new[ev_pair[t]] = False
+            origin = add_event(decayed, b, float(value_count), origin, half_life)
             value_sum += ev_val[t]
             value_count += 1
     return value_sum, value_count, origin

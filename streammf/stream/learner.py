@@ -7,6 +7,7 @@ two produce the same factors.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
@@ -19,6 +20,8 @@ from streammf.model.popularity import batch_item_weights
 from streammf.model.sgd import SgdBatch, SgdParams, sgd_step
 from streammf.store.contract import ApplyOutcome, BatchState, BatchUpdate, FactorStore
 from streammf.stream.events import Event
+
+log = logging.getLogger(__name__)
 
 _PAUSE_POLL_S = 0.02  # how often a paused writer looks again (a refresh's hand-over is short)
 
@@ -151,8 +154,9 @@ class Learner:
         The kernel checks every step as it takes it and leaves out those that would leave a row out of
         bounds (O(n) however many there are); the update is then recomputed from the events it kept, so
         no trace of the others remains (a row only they named, a Gramian entry). The whole update is
-        checked once more: should it still fail (a Gramian overflowing with bounds opened wide, which
-        no single row shows), the events that cause it are found by bisection, log2(n) computes each."""
+        checked once more. With every row written within bounds that check cannot fail (float32 rows
+        cannot overflow a float64 Gramian); should it fail anyway, the events that cause it are found by
+        bisection, log2(n) computes each, so the batch still makes progress (and a warning says so)."""
         gramians = [g for g in (state.item_gramian, state.user_gramian) if g is not None]
         if not all(np.isfinite(g).all() for g in gramians):
             raise DamagedGramianError(f"v{state.version}: a Gramian is not finite; a refresh rebuilds it")
@@ -166,6 +170,11 @@ class Learner:
             ok, update, predictions = self._subset_in_bounds(events, plan, state, offsets, kept)
             if ok:
                 return kept, update, predictions
+        log.warning(
+            "v%d: a batch's update is out of bounds although each step was in bounds; bisecting it",
+            state.version,
+            extra={"events": len(events), "kept": len(kept)},
+        )
         while True:
             good, bad = 0, len(kept)  # invariant: prefix `good` is in bounds, prefix `bad` is not
             while bad - good > 1:

@@ -220,7 +220,8 @@ class _Mirror:
     ev_i: np.ndarray
     values: np.ndarray
     weights: np.ndarray
-    new_pair: np.ndarray
+    ev_pair: np.ndarray  # (n_events,) the event's (user, item) pair
+    pair_new: np.ndarray  # (n_pairs,) no event of the pair applied yet
     seen: np.ndarray
     seen_lo: np.ndarray
     seen_hi: np.ndarray
@@ -259,9 +260,7 @@ class _Mirror:
         ev_u, user_ids = first_seen_codes(log.users)
         ev_i, item_ids = first_seen_codes(log.items)
         n, k = len(log), store.meta().k
-        pair = ev_u * max(len(item_ids), 1) + ev_i
-        new_pair = np.zeros(n, dtype=bool)
-        new_pair[np.unique(pair, return_index=True)[1]] = True
+        pair_codes, ev_pair = np.unique(ev_u * max(len(item_ids), 1) + ev_i, return_inverse=True)
         # A user's earlier items: their events sorted by user (stable, so in time order within a user).
         by_user = np.argsort(ev_u, kind="stable")
         starts = np.searchsorted(ev_u[by_user], np.arange(len(user_ids)))
@@ -276,7 +275,8 @@ class _Mirror:
             ev_i=ev_i,
             values=np.asarray(log.values, dtype=np.float64),
             weights=np.ones(n),
-            new_pair=new_pair,
+            ev_pair=ev_pair.astype(np.int64),
+            pair_new=np.ones(len(pair_codes), dtype=bool),
             seen=ev_i[by_user],
             seen_lo=starts[ev_u],
             seen_hi=position,
@@ -302,14 +302,13 @@ class _Mirror:
         loss = self.params.loss
         window = slice(start, end)
         self.value_sum, self.value_count, self.origin = prequential_implicit_kernel(
-            self.ev_u[window], self.ev_i[window], self.values[window], self.weights[window],
-            self.new_pair[window], np.arange(start, end, dtype=np.float64), self.seen,
-            self.seen_lo[window], self.seen_hi[window],
+            self.ev_u[window], self.ev_i[window], self.ev_pair[window], self.values[window],
+            self.weights[window], self.pair_new, self.seen, self.seen_lo[window], self.seen_hi[window],
             self.user_rows, self.user_bias, self.user_counts, self.item_rows, self.item_bias,
             self.item_counts, self.user_present, self.item_present, self.user_init, self.item_init,
             float(self.value_sum), int(self.value_count), self.item_gramian, self.user_gramian,
             self.params.sgd.learning_rate, loss.reg, loss.reg_prior, loss.alpha, loss.w0,
-            self.params.max_abs_factor, self.decayed, float(self.origin), self.half_life,
+            float(self.params.max_abs_factor), self.decayed, float(self.origin), self.half_life,
             self.min_user_events,
             self.ranks[0, window], self.ranks[1, window], self.ranks[2, window],
         )  # fmt: skip

@@ -222,6 +222,20 @@ def test_implicit_model_beats_popularity_and_is_deterministic() -> None:
     assert refreshed.rankings != report.rankings
 
 
+def test_the_mirror_leaves_out_the_steps_the_learner_leaves_out() -> None:
+    """A bound tight enough that the learner leaves out (dead-letters) many steps: the mirror leaves out the
+    same ones, keeps their pairs new for the next event (scored then, as the learner's store has no such
+    pair) and does not count them in popularity or μ, so it stays exactly on the learner's rows."""
+    log = _implicit_log(3, n=1500, n_users=60, n_items=80)
+    model = ModelSettings(mode="implicit", factors=4, learning_rate=0.5, max_abs_factor=0.6)
+    report, store = _run(log, model, batch_size=100)
+    left_out = len(log) - store.events_applied()
+    assert 100 < left_out < len(log) // 2
+    assert report.mirror_drift == 0.0
+    stored_pairs = sum(len(items) for items in store.interactions.values())
+    assert report.rankings[("model", "all")].events >= stored_pairs
+
+
 def test_decayed_popularity_kernel() -> None:
     scores = np.zeros(3)
     origin = add_events(scores, np.array([0, 1, 1, 2]), np.array([0.0, 1.0, 2.0, 3.0]), 0.0, 1.0)

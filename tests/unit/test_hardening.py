@@ -99,6 +99,26 @@ def test_a_batch_full_of_diverging_events_costs_two_computes_not_a_search_per_ev
     assert np.isfinite(rows).all() and np.abs(rows).max() <= params.max_abs_factor
 
 
+class _RefusingLearner(Learner):
+    """Finds the whole update out of bounds whenever it writes user "evil", though no step leaves a row
+    out of bounds: the case the kernel's per-step check cannot see, handled by bisection."""
+
+    def _in_bounds(self, state, update, predictions):  # type: ignore[no-untyped-def]
+        return "evil" not in update.users and super()._in_bounds(state, update, predictions)
+
+
+def test_an_update_out_of_bounds_that_no_single_step_shows_is_bisected(caplog) -> None:  # type: ignore[no-untyped-def]
+    store = MemoryStore("m", "explicit", K)
+    learner = _RefusingLearner(store, _params())
+    batch = _ratings(20, seed=4)
+    batch[3] = Event(user_id="evil", item_id="i1", value=3.0)
+    batch[11] = Event(user_id="evil", item_id="i2", value=4.0)
+    result = learner.learn(batch, {0: (0, 20)})
+    assert result.diverged == (3, 11) and result.applied == 18
+    assert "evil" not in store.user_rows and store.events_applied() == 18
+    assert "bisecting it" in caplog.text
+
+
 def test_a_clipped_gradient_keeps_one_extreme_rating_from_moving_rows_far() -> None:
     store = MemoryStore("m", "explicit", K)
     learner = Learner(store, _params(max_gradient=20.0))

@@ -383,6 +383,15 @@ def test_a_step_left_out_leaves_no_trace(mode: str, learning_rate: float, bound:
     predictions, value_sum, value_count = sgd_step(full, params, bound)
     applied = np.isfinite(predictions)
     assert 0 < applied.sum() < n  # the bound binds for some steps, not all
+    if mode == "implicit":  # some left-out step is a row's entry into a Gramian (restored from its copy)
+        before = _fresh_batch(np.random.default_rng(seed), ev_user, ev_item, ev_pair, n_users, n_items, k)
+        entered_u, entered_i, entering_left_out = before.user_entered.copy(), before.item_entered.copy(), 0
+        for t in range(n):
+            if not applied[t]:
+                entering_left_out += int(not entered_u[ev_user[t]] or not entered_i[ev_item[t]])
+            else:
+                entered_u[ev_user[t]] = entered_i[ev_item[t]] = True
+        assert entering_left_out > 0
     kept = np.flatnonzero(applied)
     part = _fresh_batch(np.random.default_rng(seed), ev_user, ev_item, ev_pair, n_users, n_items, k)
     part = replace(

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -198,6 +199,10 @@ class RedisStore:
         self._forget_script = scripts.FORGET_USER.register(client)
         self._forget_stats_script = scripts.FORGET_STATS.register(client)
         self._advance_offsets_script = scripts.ADVANCE_OFFSETS.register(client)
+        # Which creation of the model this store writes to; every write script checks it (`foreign` in
+        # lua/prelude.lua), so a writer never writes into a model deleted and created again after it
+        # attached. Models made before incarnations were kept have none ('').
+        self.incarnation = text(client.hget(self.shards[0].stats, "incarnation") or b"")
         self._write_rows_script = scripts.WRITE_ROWS.register(client)
         self._delete_rows_script = scripts.DELETE_ROWS.register(client)
         self._write_string_script = scripts.WRITE_STRING.register(client)
@@ -231,6 +236,7 @@ class RedisStore:
             tags = shard_tags(name, shards)
             zero_gramian = np.zeros((k, k), dtype=GRAMIAN_DTYPE).tobytes() if mode == "implicit" else b""
             open_shard = scripts.OPEN_SHARD.register(client)
+            incarnation = uuid.uuid4().hex
             for shard in [keys.shard(tag) for tag in tags] if shards > 1 else [keys]:
                 open_shard(
                     keys=scripts.OPEN_SHARD.key_list(
@@ -240,7 +246,7 @@ class RedisStore:
                         v1_gram_items=shard.gramian(1, "items"),
                         v1_gram_users=shard.gramian(1, "users"),
                     ),
-                    args=scripts.OPEN_SHARD.arg_list(zero_gramian=zero_gramian),
+                    args=scripts.OPEN_SHARD.arg_list(zero_gramian=zero_gramian, incarnation=incarnation),
                 )
             scripts.OPEN.register(client)(
                 keys=scripts.OPEN.key_list(
@@ -514,6 +520,7 @@ class RedisStore:
             gram_after = item_rows_after(update).astype(ROW_DTYPE).tobytes()
         args = scripts.APPLY.arg_list(
             _offset_triples(update.offsets),
+            incarnation=self.incarnation,
             finishing=int(finishing),
             version=update.version,
             k=k,
@@ -597,8 +604,10 @@ class RedisStore:
                 # start before it again.
                 for shard in self.shards:
                     self._advance_offsets_script(
-                        keys=scripts.ADVANCE_OFFSETS.key_list(offsets=shard.item_offsets),
-                        args=scripts.ADVANCE_OFFSETS.arg_list(_offset_triples(offsets or {})),
+                        keys=scripts.ADVANCE_OFFSETS.key_list(offsets=shard.item_offsets, stats=shard.stats),
+                        args=scripts.ADVANCE_OFFSETS.arg_list(
+                            _offset_triples(offsets or {}), incarnation=self.incarnation
+                        ),
                     )
             if outcome is not ApplyOutcome.STALE_VERSION:
                 return outcome
@@ -628,6 +637,7 @@ class RedisStore:
                     ),
                     args=scripts.FORGET_STATS.arg_list(
                         _offset_triples(offsets),
+                        incarnation=self.incarnation,
                         version=version,
                         implicit=int(self._model.mode == "implicit"),
                         value_sum=repr(value_sum),
@@ -664,6 +674,7 @@ class RedisStore:
         )
         args = scripts.FORGET_USER.arg_list(
             [*versions, *_offset_triples(offsets)],
+            incarnation=self.incarnation,
             user=user,
             k=self._model.k,
             implicit=int(self._model.mode == "implicit"),

@@ -70,7 +70,10 @@ LEASE = _script("lease", "lease", "owner ttl_ms", prelude=False)
 RELEASE_LEASE = _script("release_lease", "lease", "owner", prelude=False)
 SCAN_ROWS = _script("scan_rows", "meta rows", "cursor count row_bytes")
 OPEN_SHARD = _script(
-    "open_shard", "current stats v1_meta v1_gram_items v1_gram_users", "zero_gramian", prelude=False
+    "open_shard",
+    "current stats v1_meta v1_gram_items v1_gram_users",
+    "zero_gramian incarnation",
+    prelude=False,
 )
 OPEN = _script("open", "meta current next_version", "mode k hyper shards shard_tags", prelude=False)
 # Tail: KEYS inter:<user> of each batch user, then of each other pair user.
@@ -86,19 +89,24 @@ APPLY = _script(
     "apply",
     """current offsets meta users items item_counts stats gram_items gram_users changed_users changed_items
     popularity""",
-    """finishing version k additive n_users n_items n_pairs value_sum_delta value_count_delta events_applied
-    users user_rows items item_base item_deltas item_expected_mask item_expected_rows item_new_rows
-    n_count_items count_items count_deltas pair_items pair_inter_keys pair_values item_gramian_delta
-    user_gramian_delta item_gramian_expected item_gramian_sum user_gramian_expected user_gramian_sum
-    max_abs_factor item_popularity popularity_half_life item_gram_before item_gram_after""",
+    """incarnation finishing version k additive n_users n_items n_pairs value_sum_delta value_count_delta
+    events_applied users user_rows items item_base item_deltas item_expected_mask item_expected_rows
+    item_new_rows n_count_items count_items count_deltas pair_items pair_inter_keys pair_values
+    item_gramian_delta user_gramian_delta item_gramian_expected item_gramian_sum user_gramian_expected
+    user_gramian_sum max_abs_factor item_popularity popularity_half_life item_gram_before
+    item_gram_after""",
 )
 # Tails: KEYS per version (v:meta, v:users, v:gram:users, v:changed:users); ARGV the version numbers, then
 # (partition, first, next) triples.
-FORGET_USER = _script("forget_user", "current offsets inter item_counts stats", "user k implicit n_versions")
+FORGET_USER = _script(
+    "forget_user", "current offsets inter item_counts stats", "incarnation user k implicit n_versions"
+)
 # Tail: ARGV (partition, first, next) triples.
-FORGET_STATS = _script("forget_stats", "current meta offsets stats", "version implicit value_sum value_count")
+FORGET_STATS = _script(
+    "forget_stats", "current meta offsets stats", "incarnation version implicit value_sum value_count"
+)
 # ARGV: (partition, first, next) triples.
-ADVANCE_OFFSETS = _script("advance_offsets", "offsets", "", prelude=False)
+ADVANCE_OFFSETS = _script("advance_offsets", "offsets stats", "incarnation")
 WRITE_ROWS = _script("write_rows", "meta rows", "n ids rows row_bytes")
 DELETE_ROWS = _script("delete_rows", "meta rows", "n ids")
 WRITE_STRING = _script("write_string", "meta target", "value")

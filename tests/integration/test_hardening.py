@@ -21,8 +21,9 @@ import redis
 from streammf.client import StreamMFClient
 from streammf.config import ModelSettings, RedisSettings, Settings
 from streammf.store.contract import StoreLostStateError, StoreUnsafeError
-from streammf.store.layout import ModelKeys, model_exists
+from streammf.store.layout import ModelKeys, delete_model, model_exists
 from streammf.store.memory import MemoryStore
+from streammf.store.redis_store import RedisStore
 from streammf.stream.learner import LearnerParams
 from streammf.tools.evaluate import evaluate
 from streammf.tools.ratings import RatingsLog
@@ -62,6 +63,16 @@ def _assert_sound(redis_client: redis.Redis, name: str) -> None:
         rows = np.array(list(_stored_rows(redis_client, name, side).values()))
         assert np.isfinite(rows).all(), f"{side}: non-finite rows"
         assert np.abs(rows).max() <= MAX_ABS, f"{side}: a coordinate beyond {MAX_ABS}"
+
+
+def _synthetic_ratings(n: int, seed: int) -> list[tuple[bytes, bytes]]:
+    rng = np.random.default_rng(seed)
+    return [
+        (f"u{u}".encode(), json.dumps({"user_id": f"u{u}", "item_id": f"i{i}", "value": int(v)}).encode())
+        for u, i, v in zip(
+            rng.integers(200, size=n), rng.integers(300, size=n), rng.integers(1, 6, size=n), strict=True
+        )
+    ]
 
 
 def _reference(log: RatingsLog, n: int, model_settings: ModelSettings | None = None) -> MemoryStore:
@@ -152,16 +163,7 @@ def test_a_stream_of_diverging_events_is_dead_lettered_at_the_daemons_pace(
     now leaves them out as it goes (about 4 s, printed). The timeout is a guard far above that."""
     topic = make_topic(topic_name, 1)
     make_topic(f"{topic}.dlq", 1)
-    rng = np.random.default_rng(11)
-    valid = [
-        (f"u{u}".encode(), json.dumps({"user_id": f"u{u}", "item_id": f"i{i}", "value": int(v)}).encode())
-        for u, i, v in zip(
-            rng.integers(200, size=4000),
-            rng.integers(300, size=4000),
-            rng.integers(1, 6, size=4000),
-            strict=True,
-        )
-    ]
+    valid = _synthetic_ratings(4000, seed=11)
     hot = [
         (
             b"hot",
@@ -292,6 +294,28 @@ def test_a_store_that_lost_its_state_is_refused_until_an_operator_rebuilds_it(
         _wait_for(lambda: _applied(client, model) >= len(payloads), 120, "all events applied again")
     assert _applied(client, model) == len(payloads)
     _assert_same_factors(client, model, _reference(movielens, len(payloads)))
+
+
+def test_a_replica_still_running_when_another_rebuilds_the_model_writes_nothing_into_it(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model
+):
+    """An operator runs `streammf run --rebuild` with another replica still up: the rebuild deletes the
+    model and creates it again. The old replica's next batch must not land in the new model (its offsets
+    from the middle of the partition would make the rebuild skip everything before them): it is refused
+    as the store's lost state, and the replica stops."""
+    topic = make_topic(topic_name, 1)
+    payloads = _synthetic_ratings(4000, seed=5)
+    _produce(kafka_bootstrap, topic, payloads[:3000])
+    settings = _settings(kafka_bootstrap, redis_url, topic, model, _free_port())
+    with Daemon(settings) as daemon:
+        _wait_for(lambda: _applied(redis_client, model) >= 3000, 120, "first events applied")
+        # What `run --rebuild` does in the other replica before it consumes from the earliest offset.
+        delete_model(redis_client, model)
+        rebuilt = RedisStore.open(redis_client, model, "explicit", settings.model.factors)
+        _produce(kafka_bootstrap, topic, payloads[3000:])
+        error = daemon.wait_for_exit(60)
+    assert isinstance(error, StoreLostStateError) and "created again" in str(error), repr(error)
+    assert rebuilt.events_applied() == 0 and rebuilt.applied_offsets() == {}
 
 
 def test_a_redis_that_may_evict_our_keys_is_refused_at_start(

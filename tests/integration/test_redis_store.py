@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import redis
 
-from streammf.store.contract import ApplyOutcome, BatchUpdate, StoreError
-from streammf.store.layout import ModelKeys
+from streammf.store.contract import ApplyOutcome, BatchUpdate, StoreError, StoreLostStateError
+from streammf.store.layout import ModelKeys, delete_model
 from streammf.store.redis_store import ModelMismatchError, RedisStore
 
 K = 4
@@ -328,3 +328,38 @@ def _wait_for_server_time(client: redis.Redis, at: float, timeout_s: float = 10.
             return
         time.sleep(0.05)
     raise AssertionError(f"the Redis server's clock did not pass {at} within {timeout_s} s")
+
+
+@pytest.mark.parametrize("where", ["redis", "redis-3-shards", "cluster-3-shards"])
+def test_a_writer_of_a_model_deleted_and_created_again_is_refused(
+    request: pytest.FixtureRequest, where: str
+) -> None:
+    """A replica still running while another one rebuilds the model (`streammf run --rebuild` deletes it
+    and starts again from the earliest offsets): its next batch must not land in the new model, where
+    its offsets would pass for the new model's own (the new model would then skip every event before
+    them). Each creation of a model gets an incarnation; every write script checks it."""
+    cluster = where == "cluster-3-shards"
+    client: redis.Redis = request.getfixturevalue("redis_cluster_client" if cluster else "redis_client")
+    name: str = request.getfixturevalue("cluster_model_name" if cluster else "model_name")
+    shards = 1 if where == "redis" else 3
+    old = RedisStore.open(client, name, "explicit", K, shards=shards)
+    assert (
+        old.apply(update_at({0: (0, 1)}, ["x"], np.ones((1, K + 1)), users=("alice",)))
+        is ApplyOutcome.APPLIED
+    )
+    delete_model(client, name)
+    new = RedisStore.open(client, name, "explicit", K, shards=shards)
+    assert new.incarnation and new.incarnation != old.incarnation
+    before = dump_model(client, name) if not cluster else None
+    with pytest.raises(StoreLostStateError, match="created again"):
+        old.apply(update_at({0: (1, 2)}, ["x"], np.ones((1, K + 1)), users=("bob",)))
+    with pytest.raises(StoreLostStateError, match="created again"):
+        old.forget_user("alice", {0: (2, 3)})
+    if before is not None:
+        assert dump_model(client, name) == before  # nothing written
+    assert new.applied_offsets() == {}
+    assert (
+        new.apply(update_at({0: (0, 1)}, ["x"], np.ones((1, K + 1)), users=("alice",)))
+        is ApplyOutcome.APPLIED
+    )
+    assert RedisStore.attach(client, name).incarnation == new.incarnation  # a reader sees the new one

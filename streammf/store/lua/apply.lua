@@ -4,6 +4,8 @@ if current ~= ARGV[A.version] then return 'stale_version' end
 if redis.call('EXISTS', KEYS[K.meta]) == 0 then
   return lost(KEYS[K.meta], 'is missing: ' .. KEYS[K.current] .. ' names a version without meta')
 end
+local other = foreign(KEYS[K.stats], ARGV[A.incarnation])
+if other then return other end
 local tracking = redis.call('HGET', KEYS[K.meta], 'tracking')
 -- A batch already begun on other shards (a model of several shards: the writer says so) finishes through
 -- a pause: the refresh waits for such batches before it takes the changes, so none is left half applied.

@@ -3,6 +3,8 @@
 local current = redis.call('GET', KEYS[K.current])
 if not current then return lost(KEYS[K.current], 'is missing: the model has no current version') end
 if current ~= ARGV[A.version] then return 'stale_version' end
+local other = foreign(KEYS[K.stats], ARGV[A.incarnation])
+if other then return other end
 local refused = fence(KEYS[K.offsets], NA + 1)
 if refused then return refused end
 if paused(KEYS[K.meta]) then return 'paused' end

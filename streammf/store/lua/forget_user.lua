@@ -1,5 +1,7 @@
 local current = redis.call('GET', KEYS[K.current])
 if not current then return lost(KEYS[K.current], 'is missing: the model has no current version') end
+local other = foreign(KEYS[K.stats], ARGV[A.incarnation])
+if other then return other end
 local user, k, implicit, n = ARGV[A.user], tonumber(ARGV[A.k]), ARGV[A.implicit] == '1', tonumber(ARGV[A.n_versions])
 local live = nil
 for v = 1, n do if ARGV[NA + v] == current then live = v end end

@@ -3,7 +3,8 @@ if redis.call('EXISTS', KEYS[K.current]) == 1 then return 0 end
 local t = redis.call('TIME')
 local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
 redis.call('SET', KEYS[K.current], '1')
-redis.call('HSET', KEYS[K.stats], 'value_sum', '0', 'value_count', '0', 'events_applied', '0')
+redis.call('HSET', KEYS[K.stats], 'value_sum', '0', 'value_count', '0', 'events_applied', '0',
+           'incarnation', ARGV[A.incarnation])
 redis.call('HSET', KEYS[K.v1_meta], 'created_at', now, 'source', 'sgd', 'state', 'live', 'published_at', now)
 if ARGV[A.zero_gramian] ~= '' then
   redis.call('SET', KEYS[K.v1_gram_items], ARGV[A.zero_gramian])

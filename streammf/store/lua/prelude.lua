@@ -32,6 +32,15 @@ local function fence(offsets_key, from)
   if behind then return 'duplicate' end
   return nil
 end
+-- A writer writes only into the model it attached to: not into one deleted and created again since
+-- (`streammf run --rebuild` started elsewhere), where its offsets and rows would pass for the new
+-- model's own. Models made before incarnations were kept have none: '' on both sides.
+local function foreign(stats_key, incarnation)
+  local stored = redis.call('HGET', stats_key, 'incarnation') or ''
+  if stored == incarnation then return nil end
+  return lost(stats_key, "field incarnation: '" .. stored .. "', not '" .. incarnation ..
+              "' as when this writer attached: the model was deleted and created again since")
+end
 local function building(meta_key)  -- a version a refresh is still writing
   return redis.call('HGET', meta_key, 'state') == 'building'
 end

@@ -127,6 +127,11 @@ class ModelKeys:
     def inter(self, user: str) -> str:
         return self.inter_prefix + user
 
+    def inter_keys(self, users: Sequence[str]) -> list[str]:
+        """`inter(user)` of each user, the prefix built once (a batch names a few thousand users)."""
+        prefix = self.inter_prefix
+        return [prefix + user for user in users]
+
     def version_meta(self, version: int) -> str:
         return f"{self.prefix}v{version}:meta"
 

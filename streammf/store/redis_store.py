@@ -96,11 +96,6 @@ def _tail_positions(script: scripts.LuaScript, ids: Sequence[str]) -> dict[str, 
     return positions
 
 
-def _inter_keys(keys: ModelKeys, users: Sequence[str]) -> list[str]:
-    prefix = keys.inter_prefix  # built once: a batch names a few thousand users
-    return [prefix + user for user in users]
-
-
 def _pair_values(keys: ModelKeys, pairs: list[tuple[str, str]], joined: bytes) -> np.ndarray:
     """The read script's ','-joined pair values ('' for a pair not stored) as floats, NaN for absent.
     The script has checked each with Lua's tonumber; one that Python reads otherwise (hex, spaces) is
@@ -372,7 +367,7 @@ class RedisStore:
         try:
             reply = self._read_script(
                 keys=scripts.READ_STATE.key_list(
-                    _inter_keys(keys, inter_users),
+                    keys.inter_keys(inter_users),
                     current=keys.current,
                     meta=keys.version_meta(version),
                     users=keys.rows(version, "users"),
@@ -562,7 +557,7 @@ class RedisStore:
             item_gram_after=gram_after,
         )
         script_keys = scripts.APPLY.key_list(
-            _inter_keys(keys, pair_users),
+            keys.inter_keys(pair_users),
             current=keys.current,
             offsets=keys.item_offsets if part == "items" else keys.offsets,
             meta=keys.version_meta(update.version),

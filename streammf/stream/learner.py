@@ -266,6 +266,7 @@ class Learner:
         item_gram = np.zeros((k, k)) if state.item_gramian is None else state.item_gramian.copy()
         user_gram = np.zeros((k, k)) if state.user_gramian is None else state.user_gramian.copy()
 
+        stored_new = np.isnan(state.pair_values)  # no value stored for the pair before the batch
         batch = SgdBatch(
             user_rows=user_rows,
             user_bias=user_bias,
@@ -278,7 +279,7 @@ class Learner:
             event_pair=plan.event_pair,
             event_value=plan.values,
             event_weight=plan.weights,
-            pair_new=np.isnan(state.pair_values),
+            pair_new=stored_new.copy(),  # the kernel clears a pair's flag when one of its events applies
             # A row absent from the store enters the Gramians at its first applied event, not earlier: so
             # batch boundaries don't matter.
             user_entered=user_ok.copy(),
@@ -320,7 +321,7 @@ class Learner:
             popularity_half_life=self.params.popularity_half_life,
             user_rows_before=user_rows_before,
             item_rows_before=item_rows_before,
-            pair_new=np.isnan(state.pair_values),
+            pair_new=stored_new,
         )
         return update, predictions
 

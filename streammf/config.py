@@ -54,6 +54,10 @@ class RedisSettings(_Section):
     socket_timeout_s: float = Field(5.0, gt=0)
     # Refused by default: a policy that may evict our keys silently deletes parts of the model.
     allow_eviction: bool = False
+    # A writer keeps a copy of the users it wrote (rows and interactions; streammf.store.user_cache), so a
+    # batch reads only users it has not seen: at most this many interactions (~100 bytes each), 0 for none.
+    # Models of one shard only.
+    user_cache_pairs: int = Field(1_000_000, ge=0)
 
 
 # Default input bounds per mode: (value_min, value_max, weight_max). Explicit values are ratings (any

@@ -21,7 +21,8 @@ counts, popularity and offsets, and a full copy of `stats`.
     inter:<user>                hash    item -> value (text; implicit: summed strength, explicit: rating)
     item_counts                 hash    item -> observed entries m_j (n_i of a user is HLEN inter:<user>)
     stats                       hash    value_sum (decimal text), value_count, events_applied,
-                                        popularity_origin, popularity_half_life (0: no decay)
+                                        popularity_origin, popularity_half_life (0: no decay),
+                                        incarnation, writer (stamp of the last write of users)
     popularity                  zset    item -> forward-decay score S_j (cold start; see README)
     offsets                     hash    Kafka partition -> next offset to consume
     item_offsets                hash    the same, for the item part of batches (models of S > 1 shards)

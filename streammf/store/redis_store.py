@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import json
 import logging
 import math
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import numpy as np
@@ -62,6 +63,13 @@ from streammf.store.layout import (
     text,
 )
 from streammf.store.shards import shard_indices, shard_of, shard_tags
+from streammf.store.user_cache import (
+    DEFAULT_USER_CACHE_PAIRS,
+    NO_WHOLE_USERS,
+    BatchIds,
+    UserCache,
+    WholeUsers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +89,19 @@ class _LastRead:
     item_present: np.ndarray
     item_gramian: bytes
     user_gramian: bytes
+    writer: str  # the writer stamp the read found (streammf.store.user_cache)
+    whole: WholeUsers  # users read whole (every interaction, up to the script's whole_limit)
+
+
+@dataclass(frozen=True)
+class _CachedRead:
+    """How the last batch read used the writer's copy of its users, for the apply that follows it."""
+
+    version: int
+    stamp: str  # the writer stamp the read found
+    strict: bool  # users were taken from the copy: apply only if the stamp is unchanged
+    whole: WholeUsers  # users read from the store whose every interaction the read saw
+    ids: BatchIds | None  # the batch's ids in the copy
 
 
 class ModelMismatchError(ValueError):
@@ -111,6 +132,53 @@ def _pair_values(keys: ModelKeys, pairs: list[tuple[str, str]], joined: bytes) -
             ],
             dtype=np.float64,
         )
+
+
+def _whole_users(
+    users: list[str], counts: np.ndarray, mask: bytes, items: bytes, values: bytes
+) -> WholeUsers:
+    """The read script's users read whole: each user's count and interactions, users in order."""
+    if b"1" not in mask:
+        return NO_WHOLE_USERS
+    whole = [
+        (user, count) for user, flag, count in zip(users, mask, counts.tolist(), strict=True) if flag == 49
+    ]
+    owners = list(itertools.chain.from_iterable(itertools.repeat(user, count) for user, count in whole))
+    all_items = items.decode().split("\0") if items else []
+    try:  # the script checked each with Lua's tonumber; Python may read some otherwise (hex): keep none
+        all_values = (
+            np.array(values.split(b",") if values else [], dtype=np.bytes_).astype(np.float64).tolist()
+        )
+    except ValueError:
+        return NO_WHOLE_USERS
+    return WholeUsers(dict(whole), dict(zip(zip(owners, all_items, strict=True), all_values, strict=True)))
+
+
+def _with_cached_users(
+    part: BatchState, cache: UserCache, ids: BatchIds, hits: np.ndarray, pair_hits: np.ndarray
+) -> BatchState:
+    """The batch state of the users and pairs of `ids` from `part` (read for the users not in the copy and
+    their pairs) and the copy (the others)."""
+    n, k = len(hits), part.item_rows.shape[1]
+    rows, counts = cache.rows_of(ids.user_ids[hits])
+    user_rows = np.zeros((n, k), dtype=part.user_rows.dtype)
+    user_bias = np.zeros(n, dtype=part.user_bias.dtype)
+    user_rows[~hits], user_bias[~hits] = part.user_rows, part.user_bias
+    user_rows[hits], user_bias[hits] = rows[:, :k], rows[:, k]
+    user_present = hits.copy()
+    user_present[~hits] = part.user_present
+    user_counts = np.zeros(n, dtype=np.int64)
+    user_counts[~hits], user_counts[hits] = part.user_counts, counts
+    pair_values = cache.values_of(ids.pair_keys)
+    pair_values[~pair_hits] = part.pair_values
+    return replace(
+        part,
+        user_rows=user_rows,
+        user_bias=user_bias,
+        user_present=user_present,
+        user_counts=user_counts,
+        pair_values=pair_values,
+    )
 
 
 def _offset_triples(offsets: dict[int, tuple[int, int]]) -> list[int]:
@@ -209,6 +277,14 @@ class RedisStore:
         self._release_lease_script = scripts.RELEASE_LEASE.register(client)
         self._scan_rows_script = scripts.SCAN_ROWS.register(client)
         self._last_read: dict[int, _LastRead] = {}  # shard -> its part of the last batch read
+        # One shard only: a model of several shards reads every user (its batches have several parts).
+        self.user_cache: UserCache | None = None
+        self._cached_read: _CachedRead | None = None
+        self.cache_users(DEFAULT_USER_CACHE_PAIRS)
+
+    def cache_users(self, max_pairs: int) -> None:
+        """Keep a copy of the users this store writes, of at most `max_pairs` interactions (0: none)."""
+        self.user_cache = UserCache(max_pairs) if max_pairs > 0 and len(self.shards) == 1 else None
 
     @classmethod
     def open(
@@ -300,12 +376,55 @@ class RedisStore:
         for _ in range(_SNAPSHOT_ATTEMPTS):
             version = self.current_version()
             if len(self.shards) == 1:
-                state = self._read_snapshot(0, version, users, items, pairs)
+                state = self._read_one_shard(version, users, items, pairs)
             else:
                 state = self._read_sharded(version, users, items, pairs)
             if state is not None:
                 return state
         raise StoreError(f"{self.keys.current} moved on each of {_SNAPSHOT_ATTEMPTS} snapshot attempts")
+
+    def _read_one_shard(
+        self, version: int, users: list[str], items: list[str], pairs: list[tuple[str, str]]
+    ) -> BatchState | None:
+        """The batch state, users this store holds a valid copy of taken from it (`UserCache`): the read
+        script reads the others (whole, for the copy, when they have few interactions) and the items, and
+        tells whose stamp the model bears. If it is not this store's own, the copy is dropped and the
+        batch read again in full."""
+        cache = self.user_cache
+        self._cached_read = None
+        if cache is None:
+            return self._read_snapshot(0, version, users, items, pairs)
+        cache.follow(version)
+        ids = cache.ids_of(users, pairs)
+        hits = cache.held(ids)
+        if not hits.any():
+            state = self._read_snapshot(0, version, users, items, pairs, whole_limit=cache.whole_limit)
+            if state is not None:
+                last = self._last_read[0]
+                if last.writer != cache.stamp:  # users outside this batch may have been written too
+                    cache.clear(version)
+                    ids = cache.ids_of(users, pairs)
+                self._cached_read = _CachedRead(version, last.writer, False, last.whole, ids)
+            return state
+        pair_hits = cache.pairs_held(ids)
+        part = self._read_snapshot(
+            0,
+            version,
+            list(itertools.compress(users, ~hits)),
+            items,
+            list(itertools.compress(pairs, ~pair_hits)),
+            whole_limit=cache.whole_limit,
+        )
+        if part is None:
+            return None
+        last = self._last_read[0]
+        if last.writer != cache.stamp:
+            log.debug("another writer wrote since this one's last batch: its copy of users is dropped")
+            cache.found_stale(version)
+            return self._read_one_shard(version, users, items, pairs)
+        cache.found_valid()
+        self._cached_read = _CachedRead(version, last.writer, True, last.whole, ids)
+        return _with_cached_users(part, cache, ids, hits, pair_hits)
 
     def _read_sharded(
         self, version: int, users: list[str], items: list[str], pairs: list[tuple[str, str]]
@@ -354,8 +473,10 @@ class RedisStore:
         items: list[str],
         pairs: list[tuple[str, str]],
         count_items: list[str] | None = None,
+        whole_limit: int = -1,
     ) -> BatchState | None:
-        """Shard `s`'s part of a batch state; item counts are of `count_items` (default `items`)."""
+        """Shard `s`'s part of a batch state; item counts are of `count_items` (default `items`); users
+        with at most `whole_limit` interactions are read whole (`_LastRead.whole`)."""
         count_items = items if count_items is None else count_items
         keys, k = self.shards[s], self._model.k
         implicit = self._model.mode == "implicit"
@@ -391,6 +512,7 @@ class RedisStore:
                     n_count_items=len(count_items),
                     # One shard: the batch's own items (the same bytes, split once in the script).
                     count_items=joined_items if count_items is items else join_ids(count_items),
+                    whole_limit=whole_limit,
                 ),
             )
         except redis.ResponseError as exc:
@@ -402,9 +524,11 @@ class RedisStore:
                 f"{keys.version_meta(version)} is missing: {keys.current} names a version without meta"
             )
         (user_blob, user_mask, user_counts, item_blob, item_mask, item_counts, pair_values, value_sum,
-         value_count, item_gramian, user_gramian) = reply  # fmt: skip
+         value_count, item_gramian, user_gramian, writer, whole_mask, whole_items,
+         whole_values) = reply  # fmt: skip
         user_rows, user_present = rows_from_blob(user_blob, user_mask, len(users), k)
         item_rows, item_present = rows_from_blob(item_blob, item_mask, len(items), k)
+        counts = np.array(split_numbers(user_counts, len(users)), dtype=np.int64)
         self._last_read[s] = _LastRead(
             version=version,
             item_index={item: r for r, item in enumerate(items)},
@@ -412,6 +536,8 @@ class RedisStore:
             item_present=item_present,
             item_gramian=item_gramian or b"",
             user_gramian=user_gramian or b"",
+            writer=text(writer),
+            whole=_whole_users(users, counts, whole_mask, whole_items, whole_values),
         )
         gramians = (
             (
@@ -426,7 +552,7 @@ class RedisStore:
             user_rows=user_rows[:, :k].copy(),
             user_bias=user_rows[:, k].copy(),
             user_present=user_present,
-            user_counts=np.array(split_numbers(user_counts, len(users)), dtype=np.int64),
+            user_counts=counts,
             item_rows=item_rows[:, :k].copy(),
             item_bias=item_rows[:, k].copy(),
             item_present=item_present,
@@ -446,8 +572,7 @@ class RedisStore:
         count is, the replay finds the same pairs new and counts stay exact. The first outcome other than
         applied or duplicate is returned at once (the caller retries, or re-reads and recomputes)."""
         if len(self.shards) == 1:
-            counts = (update.items, np.asarray(update.item_count_delta))
-            return self._apply_shard(0, update, "all", counts, finishing=False)
+            return self._apply_one_shard(update)
         applied = begun = False
         item_parts, user_parts, counts_by_shard = shard_parts(update, len(self.shards), self._model.k)
         no_counts: Counts = ([], np.zeros(0, dtype=np.int64))
@@ -464,8 +589,55 @@ class RedisStore:
             begun = True
         return ApplyOutcome.APPLIED if applied else ApplyOutcome.DUPLICATE
 
+    def _apply_one_shard(self, update: BatchUpdate) -> ApplyOutcome:
+        """One script; the writer's copy of its users follows what it wrote, or is dropped on any other
+        outcome (nothing written, or not known whether it was)."""
+        counts = (update.items, np.asarray(update.item_count_delta))
+        cache, read = self.user_cache, self._cached_read
+        if cache is None:
+            return self._apply_shard(0, update, "all", counts, finishing=False)
+        if read is None or read.version != update.version:
+            read = _CachedRead(update.version, "", False, NO_WHOLE_USERS, None)  # not from the last read
+        stamp = cache.next_stamp()
+        outcome = None
+        try:
+            outcome = self._apply_shard(
+                0, update, "all", counts, finishing=False, stamp=(read.stamp, stamp, read.strict)
+            )
+        finally:
+            if outcome is ApplyOutcome.APPLIED:
+                k = self._model.k
+                rows = np.column_stack(
+                    [
+                        np.asarray(update.user_rows, dtype=ROW_DTYPE).reshape(len(update.users), k),
+                        np.asarray(update.user_bias, dtype=ROW_DTYPE).reshape(len(update.users)),
+                    ]
+                )
+                cache.record(
+                    update.version,
+                    stamp,
+                    read.ids,
+                    update.users,
+                    rows.astype(ROW_DTYPE),
+                    read.whole,
+                    update.pair_users,
+                    update.pair_items,
+                    np.asarray(update.pair_values, dtype=np.float64),
+                    additive=self._model.mode == "implicit",
+                )
+            elif outcome is not ApplyOutcome.PAUSED:  # paused: nothing written, the same update comes again
+                cache.clear(update.version)
+                self._cached_read = None
+        return outcome
+
     def _apply_shard(
-        self, s: int, update: BatchUpdate, part: str, counts: Counts, finishing: bool
+        self,
+        s: int,
+        update: BatchUpdate,
+        part: str,
+        counts: Counts,
+        finishing: bool,
+        stamp: tuple[str, str, bool] = ("", "", False),
     ) -> ApplyOutcome:
         """One script: `part` 'all' (the whole batch, one shard), or the batch's 'items' or 'users' part
         on shard `s`, fenced on `item_offsets` or `offsets`; `counts`: (items, increments) of the shard's
@@ -555,6 +727,10 @@ class RedisStore:
             ),
             item_gram_before=gram_before,
             item_gram_after=gram_after,
+            # (stamp the read found, this apply's stamp, refuse if the stamp changed): see `UserCache`.
+            stamp_expected=stamp[0],
+            stamp_new=stamp[1],
+            stamp_strict=int(stamp[2]),
         )
         script_keys = scripts.APPLY.key_list(
             keys.inter_keys(pair_users),

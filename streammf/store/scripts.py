@@ -81,7 +81,7 @@ READ_STATE = _script(
     "read_state",
     "current meta users items item_counts stats gram_items gram_users",
     """version implicit k n_users n_items n_pairs users items pair_items pair_inter_keys n_count_items
-    count_items""",
+    count_items whole_limit""",
 )
 # Tails: KEYS inter:<user> of each distinct pair user; ARGV (partition, first, next) triples. finishing:
 # '1' for the parts of a batch already begun on other shards (they pass a pause).
@@ -94,7 +94,7 @@ APPLY = _script(
     item_new_rows n_count_items count_items count_deltas pair_items pair_inter_keys pair_values
     item_gramian_delta user_gramian_delta item_gramian_expected item_gramian_sum user_gramian_expected
     user_gramian_sum max_abs_factor item_popularity popularity_half_life item_gram_before
-    item_gram_after""",
+    item_gram_after stamp_expected stamp_new stamp_strict""",
 )
 # Tails: KEYS per version (v:meta, v:users, v:gram:users, v:changed:users); ARGV the version numbers, then
 # (partition, first, next) triples.

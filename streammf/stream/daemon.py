@@ -51,7 +51,10 @@ def open_store(settings: Settings, client: redis.Redis) -> RedisStore:
     """The configured model, created if absent (the daemon: a first run starts an empty model)."""
     model = settings.model
     hyper = model.model_dump(exclude={"name", "mode", "factors"})
-    return RedisStore.open(client, model.name, model.mode, model.factors, hyper, shards=settings.redis.shards)
+    shards = settings.redis.shards
+    store = RedisStore.open(client, model.name, model.mode, model.factors, hyper, shards=shards)
+    store.cache_users(settings.redis.user_cache_pairs)
+    return store
 
 
 def attach_store(settings: Settings, client: redis.Redis) -> RedisStore:

@@ -13,6 +13,11 @@ local tracking = redis.call('HGET', KEYS[K.meta], 'tracking')
 local refused = fence(KEYS[K.offsets], NA + 1)
 if refused then return refused end
 if paused(KEYS[K.meta]) and ARGV[A.finishing] ~= '1' then return 'paused' end
+-- The writer stamp (streammf.store.user_cache): a writer that took users from its own copy applies only if
+-- nobody wrote since its read; every apply leaves its own stamp, or '' when another write came in between.
+local stamp_before = redis.call('HGET', KEYS[K.stats], 'writer') or ''
+local stamp_kept = stamp_before == ARGV[A.stamp_expected]
+if ARGV[A.stamp_strict] == '1' and not stamp_kept then return 'stale_version' end
 
 local k = tonumber(ARGV[A.k])
 local additive = ARGV[A.additive] == '1'
@@ -259,6 +264,7 @@ end
 redis.call('HSET', KEYS[K.stats], 'value_sum', string.format('%.17g', value_sum + tonumber(ARGV[A.value_sum_delta])))
 redis.call('HINCRBY', KEYS[K.stats], 'value_count', ARGV[A.value_count_delta])
 redis.call('HINCRBY', KEYS[K.stats], 'events_applied', ARGV[A.events_applied])
+redis.call('HSET', KEYS[K.stats], 'writer', stamp_kept and ARGV[A.stamp_new] or '')
 for _, g in ipairs(gramians) do redis.call('SET', g[1], g[2]) end
 for o = NA + 1, #ARGV, 3 do redis.call('HSET', KEYS[K.offsets], ARGV[o], ARGV[o + 2]) end
 if popularity then

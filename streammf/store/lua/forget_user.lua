@@ -52,6 +52,7 @@ for f = 1, #interactions, 2 do
   end
 end
 redis.call('DEL', KEYS[K.inter])
+redis.call('HSET', KEYS[K.stats], 'writer', '')  -- a writer's copy of this user is stale (user_cache)
 if not implicit and #interactions > 0 then
   local value_sum = (tonumber(stats_sum) or 0) - value_sum_delta
   redis.call('HSET', KEYS[K.stats], 'value_sum', string.format('%.17g', value_sum))

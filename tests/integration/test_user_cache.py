@@ -1,0 +1,188 @@
+"""A writer's copy of its users (streammf.store.user_cache) on a real Redis: a model written by writers
+that keep one is byte for byte the model written by writers that read everything, whatever else writes
+in between (another writer, a forgotten user, a refresh), and the copy is really used."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from streammf.model.factors import LossParams
+from streammf.model.sgd import SgdParams
+from streammf.store.contract import ApplyOutcome, BatchUpdate
+from streammf.store.layout import ModelKeys, delete_model
+from streammf.store.redis_store import RedisStore
+from streammf.stream.events import Event
+from streammf.stream.learner import Learner, LearnerParams
+from streammf.stream.refresh import refresh
+
+K = 6
+# Fields a run sets differently however the model was written: the creation's id, the writer stamps,
+# clock times and names.
+_RUN_FIELDS = {b"incarnation", b"writer", b"name", b"shard_tags"}
+
+
+@pytest.fixture
+def plain_name(redis_client: redis.Redis, model_name: str) -> Iterator[str]:
+    """A second model, written by writers without a copy, to compare with."""
+    name = model_name + "-plain"
+    yield name
+    delete_model(redis_client, name)
+
+
+def model_contents(client: redis.Redis, name: str) -> dict[str, object]:
+    """Every key of the model (its name cut out) with its content; stats without the run's own fields."""
+    prefix = ModelKeys(name).prefix
+    out: dict[str, object] = {}
+    for key in client.scan_iter(match=prefix + "*"):
+        kind = client.type(key)
+        if kind == b"hash":
+            hash_ = client.hgetall(key).items()
+            value: object = {f: v for f, v in hash_ if f not in _RUN_FIELDS and not f.endswith(b"_at")}
+        elif kind == b"zset":  # `retired` scores versions by the time they were
+            value = client.zrange(key, 0, -1, withscores=not key.endswith(b":retired"))
+        elif kind == b"set":
+            value = client.smembers(key)
+        else:
+            value = client.get(key)
+        out[key.decode()[len(prefix) :]] = value
+    return out
+
+
+def batches(mode: str, seed: int) -> list[list[Event]]:
+    """Batches over few users and items: users come back, pairs repeat (implicit strengths add up)."""
+    rng = np.random.default_rng(seed)
+    value = (lambda: float(rng.integers(1, 6))) if mode == "explicit" else (lambda: float(rng.integers(1, 4)))
+    return [
+        [
+            Event(user_id=f"u{rng.integers(25)}", item_id=f"i{rng.integers(15)}", value=value())
+            for _ in range(40)
+        ]
+        for _ in range(12)
+    ]
+
+
+def params(mode: str) -> LearnerParams:
+    return LearnerParams(SgdParams(LossParams(mode), 0.05, 0.02), seed=3, max_abs_factor=100.0)
+
+
+def run(client: redis.Redis, name: str, mode: str, cache: bool, script: list[tuple[Any, ...]]) -> list[int]:
+    """Carry out `script` on model `name` with two writers (each its own store, as two replicas), a
+    forgetting tool and a refresher; returns how many users writer 0 held in its copy before each step."""
+    RedisStore.open(client, name, mode, K)
+    stores = [RedisStore.attach(client, name) for _ in range(2)]
+    for store in stores:
+        store.cache_users(10_000 if cache else 0)
+    learners = [Learner(store, params(mode)) for store in stores]
+    next_offset = [0, 0]
+    held = []
+    for step in script:
+        cached = stores[0].user_cache
+        held.append(len(cached) if cached is not None else 0)
+        if step[0] == "learn":
+            writer, events = step[1], step[2]
+            first = next_offset[writer]
+            next_offset[writer] = first + len(events)
+            result = learners[writer].learn(events, {writer: (first, first + len(events))})
+            assert result.outcome is ApplyOutcome.APPLIED
+        elif step[0] == "forget":
+            assert RedisStore.attach(client, name).forget_user(step[1]) is ApplyOutcome.APPLIED
+        elif step[0] == "refresh":
+            assert refresh(RedisStore.attach(client, name), params(mode), 2).published
+    return held
+
+
+@pytest.mark.parametrize("mode", ["explicit", "implicit"])
+def test_one_writer_with_a_copy_writes_what_a_writer_without_one_writes(
+    redis_client: redis.Redis, model_name: str, plain_name: str, mode: str
+) -> None:
+    script = [("learn", 0, batch) for batch in batches(mode, seed=1)]
+    held = run(redis_client, model_name, mode, True, script)
+    run(redis_client, plain_name, mode, False, script)
+    assert max(held) > 0, "the writer never held a user: the copy was not exercised"
+    assert held == sorted(held), "one writer alone should never lose its copy"
+    assert model_contents(redis_client, model_name) == model_contents(redis_client, plain_name)
+
+
+@pytest.mark.parametrize("mode", ["explicit", "implicit"])
+def test_other_writes_in_between_leave_no_stale_copy(
+    redis_client: redis.Redis, model_name: str, plain_name: str, mode: str
+) -> None:
+    """Another writer touching the same users (events keyed wrongly), a forgotten user and a refresh
+    between writer 0's batches: its copy is dropped each time, and the model is the same as without it."""
+    b = batches(mode, seed=2)
+    forgotten = b[1][0].user_id
+    script: list[tuple[Any, ...]] = [
+        ("learn", 0, b[0]),
+        ("learn", 0, b[1]),
+        ("learn", 1, b[2]),  # the same users, another writer
+        ("learn", 0, b[3]),
+        ("learn", 0, b[4]),
+        ("forget", forgotten),
+        ("learn", 0, b[5] + [Event(user_id=forgotten, item_id="i1", value=2.0)]),
+        ("learn", 0, b[6]),
+        ("refresh",),
+        ("learn", 0, b[7]),
+        ("learn", 0, b[8]),
+        ("learn", 1, b[9]),
+        ("learn", 0, b[10]),
+    ]
+    held = run(redis_client, model_name, mode, True, script)
+    run(redis_client, plain_name, mode, False, script)
+    # Before steps 3, 5, 6, 9 the copy is full; after another write it is dropped by the next read.
+    assert held[3] > 0 and held[4] > 0 and held[6] > 0 and held[9] > 0
+    assert model_contents(redis_client, model_name) == model_contents(redis_client, plain_name)
+
+
+class _Interloped:
+    """A store whose next apply is preceded by another writer's batch (between the read and the apply)."""
+
+    def __init__(self, store: RedisStore, interloper: Any) -> None:
+        self._store = store
+        self._interloper = interloper
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def apply(self, update: BatchUpdate) -> ApplyOutcome:
+        if self._interloper is not None:
+            interloper, self._interloper = self._interloper, None
+            interloper()
+        return self._store.apply(update)
+
+
+def test_a_write_between_a_cached_read_and_its_apply_makes_the_batch_recompute(
+    redis_client: redis.Redis, model_name: str, plain_name: str
+) -> None:
+    mode = "explicit"
+    b = batches(mode, seed=4)
+    RedisStore.open(redis_client, model_name, mode, K)
+    mine, other = RedisStore.attach(redis_client, model_name), RedisStore.attach(redis_client, model_name)
+    assert Learner(mine, params(mode)).learn(b[0], {0: (0, 40)}).outcome is ApplyOutcome.APPLIED
+    assert mine.user_cache is not None and len(mine.user_cache) > 0
+    applies: list[ApplyOutcome] = []
+    real_apply = mine.apply
+
+    def counted_apply(update: BatchUpdate) -> ApplyOutcome:
+        applies.append(real_apply(update))
+        return applies[-1]
+
+    mine.apply = counted_apply  # type: ignore[method-assign]
+    interloper = lambda: Learner(other, params(mode)).learn(b[0][:20], {1: (0, 20)})  # noqa: E731
+    learner = Learner(_Interloped(mine, interloper), params(mode))  # type: ignore[arg-type]
+    assert learner.learn(b[1] + b[0][:5], {0: (40, 85)}).outcome is ApplyOutcome.APPLIED
+    assert applies == [ApplyOutcome.STALE_VERSION, ApplyOutcome.APPLIED]
+
+    # The same three batches in the order they took effect, without copies.
+    RedisStore.open(redis_client, plain_name, mode, K)
+    plain = RedisStore.attach(redis_client, plain_name)
+    plain.cache_users(0)
+    plain_learner = Learner(plain, params(mode))
+    plain_learner.learn(b[0], {0: (0, 40)})
+    plain_learner.learn(b[0][:20], {1: (0, 20)})
+    plain_learner.learn(b[1] + b[0][:5], {0: (40, 85)})
+    assert model_contents(redis_client, model_name) == model_contents(redis_client, plain_name)

@@ -376,6 +376,11 @@ def rows_from_blob(blob: bytes, mask: bytes, n: int, k: int) -> tuple[np.ndarray
     return rows, np.frombuffer(mask, dtype=np.uint8) == ord("1")
 
 
+def value_texts(values: Sequence[float]) -> list[str]:
+    """Numbers as the scripts write them (Lua's string.format('%.17g'): exact, and the same text)."""
+    return list(map("%.17g".__mod__, values))
+
+
 def split_numbers(joined: bytes, n: int) -> list[bytes]:
     """A script's ','-joined numbers ('' for absent) as n raw values."""
     return joined.split(b",") if n else []  # the scripts return only validated numbers: no ',' inside

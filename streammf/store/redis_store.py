@@ -61,6 +61,7 @@ from streammf.store.layout import (
     split_numbers,
     store_error_from,
     text,
+    value_texts,
 )
 from streammf.store.shards import shard_indices, shard_of, shard_tags
 from streammf.store.user_cache import (
@@ -102,6 +103,7 @@ class _CachedRead:
     strict: bool  # users were taken from the copy: apply only if the stamp is unchanged
     whole: WholeUsers  # users read from the store whose every interaction the read saw
     ids: BatchIds | None  # the batch's ids in the copy
+    state: BatchState | None  # what the read returned (stored counts and pair values)
 
 
 class ModelMismatchError(ValueError):
@@ -179,6 +181,46 @@ def _with_cached_users(
         user_counts=user_counts,
         pair_values=pair_values,
     )
+
+
+def _read_pair_values(read: _CachedRead | None, update: BatchUpdate) -> np.ndarray | None:
+    """The stored values of the update's pairs as its read saw them (NaN: none), if the update is of the
+    batch read (the usual case: no event was left out)."""
+    if read is None or read.state is None or read.ids is None or read.ids.users is not update.users:
+        return None
+    values = read.state.pair_values
+    return values if len(values) == len(update.pair_users) else None
+
+
+def _read_counts(read: _CachedRead | None, update: BatchUpdate, counts: Counts) -> np.ndarray | None:
+    """The stored counts of the update's items as its read saw them, if they are the batch's items."""
+    if read is None or read.state is None or counts[0] is not update.items:
+        return None
+    stored = read.state.item_counts
+    return stored if len(stored) == len(update.items) else None
+
+
+def _pair_writes(
+    update: BatchUpdate, key_index: np.ndarray, stored: np.ndarray | None, additive: bool
+) -> tuple[list[str], bytes, bytes]:
+    """The values to store per pair as apply.lua's ARGV tail: (item, value text) pairs grouped by the
+    user's inter hash (KEYS index and count per group). Ratings replace: always; strengths add to the
+    stored value: only from the values read (`stored`). Empty when the script makes them itself (also
+    for a pair twice in one update)."""
+    n = len(update.pair_users)
+    if n == 0 or (additive and stored is None):
+        return [], b"", b""
+    if len(set(zip(update.pair_users, update.pair_items, strict=True))) != n:
+        return [], b"", b""
+    values = np.asarray(update.pair_values, dtype=np.float64)
+    if additive and stored is not None:  # as the script: the stored strength (or 0) plus the batch's
+        values = np.where(np.isnan(stored), 0.0, stored) + values
+    order = np.argsort(key_index, kind="stable")
+    groups, sizes = np.unique(key_index[order], return_counts=True)
+    items = [update.pair_items[j] for j in order.tolist()]
+    texts = value_texts(values[order].tolist())
+    tail = list(itertools.chain.from_iterable(zip(items, texts, strict=True)))
+    return tail, groups.astype("<u4").tobytes(), sizes.astype("<u4").tobytes()
 
 
 def _offset_triples(offsets: dict[int, tuple[int, int]]) -> list[int]:
@@ -404,7 +446,7 @@ class RedisStore:
                 if last.writer != cache.stamp:  # users outside this batch may have been written too
                     cache.clear(version)
                     ids = cache.ids_of(users, pairs)
-                self._cached_read = _CachedRead(version, last.writer, False, last.whole, ids)
+                self._cached_read = _CachedRead(version, last.writer, False, last.whole, ids, state)
             return state
         pair_hits = cache.pairs_held(ids)
         part = self._read_snapshot(
@@ -423,8 +465,9 @@ class RedisStore:
             cache.found_stale(version)
             return self._read_one_shard(version, users, items, pairs)
         cache.found_valid()
-        self._cached_read = _CachedRead(version, last.writer, True, last.whole, ids)
-        return _with_cached_users(part, cache, ids, hits, pair_hits)
+        state = _with_cached_users(part, cache, ids, hits, pair_hits)
+        self._cached_read = _CachedRead(version, last.writer, True, last.whole, ids, state)
+        return state
 
     def _read_sharded(
         self, version: int, users: list[str], items: list[str], pairs: list[tuple[str, str]]
@@ -597,12 +640,14 @@ class RedisStore:
         if cache is None:
             return self._apply_shard(0, update, "all", counts, finishing=False)
         if read is None or read.version != update.version:
-            read = _CachedRead(update.version, "", False, NO_WHOLE_USERS, None)  # not from the last read
+            read = _CachedRead(
+                update.version, "", False, NO_WHOLE_USERS, None, None
+            )  # not from the last read
         stamp = cache.next_stamp()
         outcome = None
         try:
             outcome = self._apply_shard(
-                0, update, "all", counts, finishing=False, stamp=(read.stamp, stamp, read.strict)
+                0, update, "all", counts, finishing=False, stamp=(read.stamp, stamp, read.strict), read=read
             )
         finally:
             if outcome is ApplyOutcome.APPLIED:
@@ -638,6 +683,7 @@ class RedisStore:
         counts: Counts,
         finishing: bool,
         stamp: tuple[str, str, bool] = ("", "", False),
+        read: _CachedRead | None = None,
     ) -> ApplyOutcome:
         """One script: `part` 'all' (the whole batch, one shard), or the batch's 'items' or 'users' part
         on shard `s`, fenced on `item_offsets` or `offsets`; `counts`: (items, increments) of the shard's
@@ -685,8 +731,12 @@ class RedisStore:
         if implicit and update.item_gramian_delta is not None and update.item_rows_before is not None:
             gram_before = np.asarray(update.item_rows_before, dtype=ROW_DTYPE).reshape(n_items, k).tobytes()
             gram_after = item_rows_after(update).astype(ROW_DTYPE).tobytes()
+        key_index = np.array([inter_index[u] for u in update.pair_users], dtype=np.int64)
+        stored = _read_pair_values(read, update)
+        pair_tail, group_keys, group_sizes = _pair_writes(update, key_index, stored, implicit)
+        read_counts = _read_counts(read, update, counts)
         args = scripts.APPLY.arg_list(
-            _offset_triples(update.offsets),
+            [*pair_tail, *_offset_triples(update.offsets)],
             incarnation=self.incarnation,
             finishing=int(finishing),
             version=update.version,
@@ -710,7 +760,7 @@ class RedisStore:
             count_items=joined_items if counts[0] is update.items else join_ids(counts[0]),
             count_deltas=np.asarray(counts[1]).astype("<i8").tobytes(),
             pair_items=join_ids(update.pair_items),
-            pair_inter_keys=np.array([inter_index[u] for u in update.pair_users], dtype="<u4").tobytes(),
+            pair_inter_keys=key_index.astype("<u4").tobytes(),
             pair_values=np.asarray(update.pair_values, dtype="<f8").tobytes(),
             item_gramian_delta=item_gramian_delta,
             user_gramian_delta=user_gramian_delta,
@@ -731,6 +781,13 @@ class RedisStore:
             stamp_expected=stamp[0],
             stamp_new=stamp[1],
             stamp_strict=int(stamp[2]),
+            # The counts and the interactions to store, for when nothing was written since the read.
+            count_texts=b""
+            if read_counts is None
+            else join_ids([str(c) for c in (read_counts + np.asarray(counts[1], dtype=np.int64)).tolist()]),
+            n_pair_args=len(pair_tail),
+            pair_group_keys=group_keys,
+            pair_group_sizes=group_sizes,
         )
         script_keys = scripts.APPLY.key_list(
             keys.inter_keys(pair_users),

@@ -83,7 +83,9 @@ READ_STATE = _script(
     """version implicit k n_users n_items n_pairs users items pair_items pair_inter_keys n_count_items
     count_items whole_limit""",
 )
-# Tails: KEYS inter:<user> of each distinct pair user; ARGV (partition, first, next) triples. finishing:
+# Tails: KEYS inter:<user> of each distinct pair user; ARGV n_pair_args (item, value) texts of the pairs
+# grouped per user (pair_group_keys/sizes: u32 KEYS index and count per group), then (partition, first,
+# next) triples. finishing:
 # '1' for the parts of a batch already begun on other shards (they pass a pause).
 APPLY = _script(
     "apply",
@@ -94,7 +96,8 @@ APPLY = _script(
     item_new_rows n_count_items count_items count_deltas pair_items pair_inter_keys pair_values
     item_gramian_delta user_gramian_delta item_gramian_expected item_gramian_sum user_gramian_expected
     user_gramian_sum max_abs_factor item_popularity popularity_half_life item_gram_before
-    item_gram_after stamp_expected stamp_new stamp_strict""",
+    item_gram_after stamp_expected stamp_new stamp_strict count_texts n_pair_args pair_group_keys
+    pair_group_sizes""",
 )
 # Tails: KEYS per version (v:meta, v:users, v:gram:users, v:changed:users); ARGV the version numbers, then
 # (partition, first, next) triples.

@@ -14,7 +14,7 @@ import redis
 from streammf.model.factors import LossParams
 from streammf.model.sgd import SgdParams
 from streammf.store.contract import ApplyOutcome, BatchUpdate
-from streammf.store.layout import ModelKeys, delete_model
+from streammf.store.layout import ModelKeys, delete_model, value_texts
 from streammf.store.redis_store import RedisStore
 from streammf.stream.events import Event
 from streammf.stream.learner import Learner, LearnerParams
@@ -186,3 +186,25 @@ def test_a_write_between_a_cached_read_and_its_apply_makes_the_batch_recompute(
     plain_learner.learn(b[0][:20], {1: (0, 20)})
     plain_learner.learn(b[1] + b[0][:5], {0: (40, 85)})
     assert model_contents(redis_client, model_name) == model_contents(redis_client, plain_name)
+
+
+def test_values_formatted_by_the_writer_are_the_texts_the_script_would_write(
+    redis_client: redis.Redis,
+) -> None:
+    """apply.lua stores what the writer formatted when it can (ratings; strengths once settled) and
+    formats them itself otherwise: both must give the same text, or a model's bytes would depend on it."""
+    rng = np.random.default_rng(1)
+    values = np.concatenate(
+        [
+            rng.normal(size=3000) * 10.0 ** rng.integers(-30, 30, 3000),
+            rng.integers(1, 6, 100).astype(float),
+            [0.0, -0.0, 4.5, 1e16, 2.5e-308, 5e-324, 1.7976931348623157e308, 0.1, 1 / 3],
+        ]
+    )
+    lua = (
+        "local out = {} for i = 1, #ARGV[1] / 8 do "
+        "out[i] = string.format('%.17g', struct.unpack('<d', ARGV[1], 8 * i - 7)) end "
+        "return table.concat(out, ',')"
+    )
+    by_lua = redis_client.eval(lua, 0, values.astype("<f8").tobytes()).decode().split(",")
+    assert by_lua == value_texts(values.tolist())

@@ -10,7 +10,10 @@ local tracking = redis.call('HGET', KEYS[K.meta], 'tracking')
 -- A batch already begun on other shards (a model of several shards: the writer says so) finishes through
 -- a pause: the refresh waits for such batches before it takes the changes, so none is left half applied.
 -- Fenced before the pause: a batch already applied (or in conflict) writes nothing, so it need not wait.
-local refused = fence(KEYS[K.offsets], NA + 1)
+-- ARGV tail: the interactions as (item, value) pairs grouped per user (pair_group_keys, pair_group_sizes),
+-- then the (partition, first, next) offset triples.
+local offsets_from = NA + tonumber(ARGV[A.n_pair_args]) + 1
+local refused = fence(KEYS[K.offsets], offsets_from)
 if refused then return refused end
 if paused(KEYS[K.meta]) and ARGV[A.finishing] ~= '1' then return 'paused' end
 -- The writer stamp (streammf.store.user_cache): a writer that took users from its own copy applies only if
@@ -18,11 +21,14 @@ if paused(KEYS[K.meta]) and ARGV[A.finishing] ~= '1' then return 'paused' end
 local stamp_before = redis.call('HGET', KEYS[K.stats], 'writer') or ''
 local stamp_kept = stamp_before == ARGV[A.stamp_expected]
 if ARGV[A.stamp_strict] == '1' and not stamp_kept then return 'stale_version' end
+-- Settled: nothing was written since the writer's read (its own stamp, still there), so the counts and
+-- strengths it computed from that read are the stored ones plus its changes: taken as sent.
+local settled = ARGV[A.stamp_expected] ~= '' and stamp_kept
 
 local k = tonumber(ARGV[A.k])
 local additive = ARGV[A.additive] == '1'
 local n_users, n_items, n_pairs = tonumber(ARGV[A.n_users]), tonumber(ARGV[A.n_items]), tonumber(ARGV[A.n_pairs])
-local users, items, pair_items = split(ARGV[A.users], n_users), split(ARGV[A.items], n_items), split(ARGV[A.pair_items], n_pairs)
+local users, items = split(ARGV[A.users], n_users), split(ARGV[A.items], n_items)
 
 local row_f = '<' .. string.rep('f', k + 1)
 local row_d = '<' .. string.rep('d', k + 1)
@@ -119,45 +125,58 @@ for i, item in ipairs(item_order) do new_rows[i] = item_rows[item] end
 -- (where a pair's newness is known), so the count of j is the sum over the shards.
 -- One shard sends the batch's items again (the same string): not split twice.
 local count_items = ARGV[A.count_items] == ARGV[A.items] and items or split(ARGV[A.count_items], tonumber(ARGV[A.n_count_items]))
-local count_order, count_add = {}, {}
-for r, item in ipairs(count_items) do
-  if count_add[item] == nil then
-    count_order[#count_order + 1] = item
-    count_add[item] = 0
+local count_order, new_counts = count_items, nil
+if settled and ARGV[A.count_texts] ~= '' then  -- distinct items, their counts as the writer summed them
+  new_counts = split(ARGV[A.count_texts], #count_items)
+else
+  local count_add = {}
+  count_order = {}
+  for r, item in ipairs(count_items) do
+    if count_add[item] == nil then
+      count_order[#count_order + 1] = item
+      count_add[item] = 0
+    end
+    count_add[item] = count_add[item] + struct.unpack('<i8', ARGV[A.count_deltas], (r - 1) * 8 + 1)
   end
-  count_add[item] = count_add[item] + struct.unpack('<i8', ARGV[A.count_deltas], (r - 1) * 8 + 1)
-end
-local counts = hmget_many(KEYS[K.item_counts], count_order)
-local new_counts = {}
-for i, item in ipairs(count_order) do
-  local count = counts[i]
-  if count and not is_int(count) then
-    return bad(KEYS[K.item_counts], 'field ' .. item .. ': not an integer: ' .. count)
+  local counts = hmget_many(KEYS[K.item_counts], count_order)
+  new_counts = {}
+  for i, item in ipairs(count_order) do
+    local count = counts[i]
+    if count and not is_int(count) then
+      return bad(KEYS[K.item_counts], 'field ' .. item .. ': not an integer: ' .. count)
+    end
+    new_counts[i] = string.format('%d', (tonumber(count) or 0) + count_add[item])
   end
-  new_counts[i] = string.format('%d', (tonumber(count) or 0) + count_add[item])
 end
 
 -- Interactions: implicit strengths add, explicit ratings replace; a pair repeated in one update
--- builds on its own earlier value. One HMGET (implicit) and one HSET per user's inter hash.
-local pair_groups, inter_order = pairs_by_inter(n_pairs, ARGV[A.pair_inter_keys])
-for _, key in ipairs(inter_order) do
-  local group = {values = {}, order = {}, added = {}}
-  for _, p in ipairs(pair_groups[key]) do
-    local item, value = pair_items[p], struct.unpack('<d', ARGV[A.pair_values], 8 * p - 7)
-    if group.values[item] == nil then
-      group.order[#group.order + 1] = item
-      group.values[item] = 0
+-- builds on its own earlier value. The writer sends the values to store, grouped per user (ratings
+-- always; strengths summed from its read when settled): one HSET per user, no Lua per pair. Otherwise
+-- one HMGET (implicit) and one HSET per user's inter hash, values made here.
+local sent_pairs = ARGV[A.pair_group_keys] ~= '' and (settled or not additive)
+local pair_groups, inter_order = {}, {}
+if not sent_pairs then
+  local pair_items = split(ARGV[A.pair_items], n_pairs)
+  pair_groups, inter_order = pairs_by_inter(n_pairs, ARGV[A.pair_inter_keys])
+  for _, key in ipairs(inter_order) do
+    local group = {values = {}, order = {}, added = {}}
+    for _, p in ipairs(pair_groups[key]) do
+      local item, value = pair_items[p], struct.unpack('<d', ARGV[A.pair_values], 8 * p - 7)
+      if group.values[item] == nil then
+        group.order[#group.order + 1] = item
+        group.values[item] = 0
+      end
+      if additive then  -- added in stream order, as the twin does: float addition is not associative
+        group.added[item] = group.added[item] or {}
+        table.insert(group.added[item], value)
+      else
+        group.values[item] = value
+      end
     end
-    if additive then  -- added in stream order, as the twin does: float addition is not associative
-      group.added[item] = group.added[item] or {}
-      table.insert(group.added[item], value)
-    else
-      group.values[item] = value
-    end
+    pair_groups[key] = group
   end
-  pair_groups[key] = group
 end
-if additive then
+if additive and not sent_pairs then
   for _, key in ipairs(inter_order) do
     local group = pair_groups[key]
     local stored = hmget_many(key, group.order)
@@ -256,6 +275,17 @@ for u = 1, n_users do user_rows[u] = string.sub(ARGV[A.user_rows], (u - 1) * row
 hset_many(KEYS[K.users], users, user_rows)
 hset_many(KEYS[K.items], item_order, new_rows)
 hset_many(KEYS[K.item_counts], count_order, new_counts)
+if sent_pairs then
+  local groups, group_sizes, at = ARGV[A.pair_group_keys], ARGV[A.pair_group_sizes], NA + 1
+  for g = 1, #groups / 4 do
+    local key = KEYS[struct.unpack('<I4', groups, 4 * g - 3)]
+    local last = at + 2 * struct.unpack('<I4', group_sizes, 4 * g - 3) - 1
+    for first = at, last, 2 * CHUNK do
+      redis.call('HSET', key, unpack(ARGV, first, math.min(first + 2 * CHUNK - 1, last)))
+    end
+    at = last + 1
+  end
+end
 for _, key in ipairs(inter_order) do
   local group, texts = pair_groups[key], {}
   for i, item in ipairs(group.order) do texts[i] = string.format('%.17g', group.values[item]) end
@@ -266,7 +296,7 @@ redis.call('HINCRBY', KEYS[K.stats], 'value_count', ARGV[A.value_count_delta])
 redis.call('HINCRBY', KEYS[K.stats], 'events_applied', ARGV[A.events_applied])
 redis.call('HSET', KEYS[K.stats], 'writer', stamp_kept and ARGV[A.stamp_new] or '')
 for _, g in ipairs(gramians) do redis.call('SET', g[1], g[2]) end
-for o = NA + 1, #ARGV, 3 do redis.call('HSET', KEYS[K.offsets], ARGV[o], ARGV[o + 2]) end
+for o = offsets_from, #ARGV, 3 do redis.call('HSET', KEYS[K.offsets], ARGV[o], ARGV[o + 2]) end
 if popularity then
   if pop_shrink ~= 1 then  -- rare (every 60 half-lives): one pass over the catalogue
     local scored = redis.call('ZRANGE', KEYS[K.popularity], 0, -1, 'WITHSCORES')

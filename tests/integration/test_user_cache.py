@@ -130,6 +130,10 @@ def test_other_writes_in_between_leave_no_stale_copy(
         ("learn", 0, b[8]),
         ("learn", 1, b[9]),
         ("learn", 0, b[10]),
+        # An event left out (it would throw its rows out of bounds) as the first of its item: the batch is
+        # recomputed from the others, its items in another order than read.
+        ("learn", 0, [Event(user_id="u1", item_id="i99", value=5.0, weight=1e30), *b[11], *b[11][:3]]),
+        ("learn", 0, [*b[11][3:], Event(user_id="u2", item_id="i99", value=1.0)]),
     ]
     held = run(redis_client, model_name, mode, True, script)
     run(redis_client, plain_name, mode, False, script)

@@ -26,7 +26,6 @@ import redis
 from redis.cluster import RedisCluster
 
 from streammf.model.factors import Mode
-from streammf.model.popularity import batch_scale
 from streammf.store import scripts
 from streammf.store.batch_split import BatchSplit, Counts, shard_parts
 from streammf.store.contract import (
@@ -93,16 +92,6 @@ class _LastRead:
     user_gramian: bytes
     writer: str  # the writer stamp the read found (streammf.store.user_cache)
     whole: WholeUsers  # users read whole (every interaction, up to the script's whole_limit)
-    popularity: _ReadPopularity | None  # when asked for
-
-
-@dataclass(frozen=True)
-class _ReadPopularity:
-    """The batch items' popularity as read, for the apply's sums (used when nothing was written since)."""
-
-    scores: np.ndarray  # (n_items,) float64, NaN for an item without a score
-    events_applied: float
-    origin: float
 
 
 @dataclass(frozen=True)
@@ -116,7 +105,6 @@ class _CachedRead:
     ids: BatchIds | None  # the batch's ids in the copy
     items: list[str] | None  # the very list of items read (an update of a part of the batch has another)
     state: BatchState | None  # what the read returned (stored counts and pair values)
-    popularity: _ReadPopularity | None
 
 
 class ModelMismatchError(ValueError):
@@ -205,34 +193,12 @@ def _read_pair_values(read: _CachedRead | None, update: BatchUpdate) -> np.ndarr
     return values if len(values) == len(update.pair_users) else None
 
 
-def _read_counts(read: _CachedRead | None, update: BatchUpdate, counts: Counts) -> np.ndarray | None:
-    """The stored counts of the update's items as its read saw them, if they are the items read."""
+def _read_counts(read: _CachedRead | None, counts: Counts) -> np.ndarray | None:
+    """The stored counts of the update's items as its read saw them, if they are the very items read (an
+    update recomputed without some events may list the same items in another order)."""
     if read is None or read.state is None or read.items is None or counts[0] is not read.items:
         return None
     return read.state.item_counts
-
-
-def _scores(joined: bytes, n: int) -> np.ndarray:
-    """The read script's ','-joined scores ('' for none; nothing at all without a zset) as floats."""
-    if not joined:
-        return np.full(n, np.nan)
-    return np.array([value or b"nan" for value in joined.split(b",")], dtype=np.bytes_).astype(np.float64)
-
-
-def _popularity_writes(read: _CachedRead | None, update: BatchUpdate) -> list[str]:
-    """apply.lua's ZADD arguments (score, item) for the update's items: the scores read plus the batch's
-    weights, as the script's ZINCRBYs would leave them (`batch_scale`; the memory twin's arithmetic).
-    Empty when they cannot be known: not the items read, no popularity read, or a rescale."""
-    pop = read.popularity if read is not None else None
-    if pop is None or update.item_popularity is None or read is None or update.items is not read.items:
-        return []
-    half_life = update.popularity_half_life
-    shrink, _, scale = batch_scale(pop.events_applied + update.events_applied - 1, pop.origin, half_life)
-    if shrink != 1.0:
-        return []
-    weights = np.asarray(update.item_popularity, dtype=np.float64) * scale
-    scores = np.where(np.isnan(pop.scores), 0.0, pop.scores) + weights
-    return list(itertools.chain.from_iterable(zip(value_texts(scores.tolist()), update.items, strict=True)))
 
 
 def _pair_writes(
@@ -475,17 +441,13 @@ class RedisStore:
         ids = cache.ids_of(users, pairs)
         hits = cache.held(ids)
         if not hits.any():
-            state = self._read_snapshot(
-                0, version, users, items, pairs, whole_limit=cache.whole_limit, with_popularity=True
-            )
+            state = self._read_snapshot(0, version, users, items, pairs, whole_limit=cache.whole_limit)
             if state is not None:
                 last = self._last_read[0]
                 if last.writer != cache.stamp:  # users outside this batch may have been written too
                     cache.clear(version)
                     ids = cache.ids_of(users, pairs)
-                self._cached_read = _CachedRead(
-                    version, last.writer, False, last.whole, ids, items, state, last.popularity
-                )
+                self._cached_read = _CachedRead(version, last.writer, False, last.whole, ids, items, state)
             return state
         pair_hits = cache.pairs_held(ids)
         part = self._read_snapshot(
@@ -495,7 +457,6 @@ class RedisStore:
             items,
             list(itertools.compress(pairs, ~pair_hits)),
             whole_limit=cache.whole_limit,
-            with_popularity=True,
         )
         if part is None:
             return None
@@ -506,9 +467,7 @@ class RedisStore:
             return self._read_one_shard(version, users, items, pairs)
         cache.found_valid()
         state = _with_cached_users(part, cache, ids, hits, pair_hits)
-        self._cached_read = _CachedRead(
-            version, last.writer, True, last.whole, ids, items, state, last.popularity
-        )
+        self._cached_read = _CachedRead(version, last.writer, True, last.whole, ids, items, state)
         return state
 
     def _read_sharded(
@@ -559,7 +518,6 @@ class RedisStore:
         pairs: list[tuple[str, str]],
         count_items: list[str] | None = None,
         whole_limit: int = -1,
-        with_popularity: bool = False,
     ) -> BatchState | None:
         """Shard `s`'s part of a batch state; item counts are of `count_items` (default `items`); users
         with at most `whole_limit` interactions are read whole (`_LastRead.whole`)."""
@@ -583,7 +541,6 @@ class RedisStore:
                     stats=keys.stats,
                     gram_items=keys.gramian(version, "items"),
                     gram_users=keys.gramian(version, "users"),
-                    popularity=keys.popularity,
                 ),
                 args=scripts.READ_STATE.arg_list(
                     version=version,
@@ -600,7 +557,6 @@ class RedisStore:
                     # One shard: the batch's own items (the same bytes, split once in the script).
                     count_items=joined_items if count_items is items else join_ids(count_items),
                     whole_limit=whole_limit,
-                    with_popularity=int(with_popularity),
                 ),
             )
         except redis.ResponseError as exc:
@@ -613,7 +569,7 @@ class RedisStore:
             )
         (user_blob, user_mask, user_counts, item_blob, item_mask, item_counts, pair_values, value_sum,
          value_count, item_gramian, user_gramian, writer, whole_mask, whole_items,
-         whole_values, scores, events_applied, origin) = reply  # fmt: skip
+         whole_values) = reply  # fmt: skip
         user_rows, user_present = rows_from_blob(user_blob, user_mask, len(users), k)
         item_rows, item_present = rows_from_blob(item_blob, item_mask, len(items), k)
         counts = np.array(split_numbers(user_counts, len(users)), dtype=np.int64)
@@ -626,13 +582,6 @@ class RedisStore:
             user_gramian=user_gramian or b"",
             writer=text(writer),
             whole=_whole_users(users, counts, whole_mask, whole_items, whole_values),
-            popularity=_ReadPopularity(
-                _scores(scores, len(items)),
-                float(events_applied or 0),
-                float(origin or 0),
-            )
-            if with_popularity
-            else None,
         )
         gramians = (
             (
@@ -692,7 +641,7 @@ class RedisStore:
         if cache is None:
             return self._apply_shard(0, update, "all", counts, finishing=False)
         if read is None or read.version != update.version:
-            read = _CachedRead(update.version, "", False, NO_WHOLE_USERS, None, None, None, None)
+            read = _CachedRead(update.version, "", False, NO_WHOLE_USERS, None, None, None)
         stamp = cache.next_stamp()
         outcome = None
         try:
@@ -784,10 +733,9 @@ class RedisStore:
         key_index = np.array([inter_index[u] for u in update.pair_users], dtype=np.int64)
         stored = _read_pair_values(read, update)
         pair_tail, group_keys, group_sizes = _pair_writes(update, key_index, stored, implicit)
-        read_counts = _read_counts(read, update, counts)
-        popularity_tail = _popularity_writes(read, update)
+        read_counts = _read_counts(read, counts)
         args = scripts.APPLY.arg_list(
-            [*pair_tail, *popularity_tail, *_offset_triples(update.offsets)],
+            [*pair_tail, *_offset_triples(update.offsets)],
             incarnation=self.incarnation,
             finishing=int(finishing),
             version=update.version,
@@ -837,7 +785,6 @@ class RedisStore:
             if read_counts is None
             else join_ids([str(c) for c in (read_counts + np.asarray(counts[1], dtype=np.int64)).tolist()]),
             n_pair_args=len(pair_tail),
-            n_popularity_args=len(popularity_tail),
             pair_group_keys=group_keys,
             pair_group_sizes=group_sizes,
         )

@@ -79,13 +79,13 @@ OPEN = _script("open", "meta current next_version", "mode k hyper shards shard_t
 # Tail: KEYS inter:<user> of each batch user, then of each other pair user.
 READ_STATE = _script(
     "read_state",
-    "current meta users items item_counts stats gram_items gram_users popularity",
+    "current meta users items item_counts stats gram_items gram_users",
     """version implicit k n_users n_items n_pairs users items pair_items pair_inter_keys n_count_items
-    count_items whole_limit with_popularity""",
+    count_items whole_limit""",
 )
 # Tails: KEYS inter:<user> of each distinct pair user; ARGV n_pair_args (item, value) texts of the pairs
-# grouped per user (pair_group_keys/sizes: u32 KEYS index and count per group), n_popularity_args (score,
-# item) texts, then (partition, first, next) triples. finishing:
+# grouped per user (pair_group_keys/sizes: u32 KEYS index and count per group), then (partition, first,
+# next) triples. finishing:
 # '1' for the parts of a batch already begun on other shards (they pass a pause).
 APPLY = _script(
     "apply",
@@ -97,7 +97,7 @@ APPLY = _script(
     item_gramian_delta user_gramian_delta item_gramian_expected item_gramian_sum user_gramian_expected
     user_gramian_sum max_abs_factor item_popularity popularity_half_life item_gram_before
     item_gram_after stamp_expected stamp_new stamp_strict count_texts n_pair_args pair_group_keys
-    pair_group_sizes n_popularity_args""",
+    pair_group_sizes""",
 )
 # Tails: KEYS per version (v:meta, v:users, v:gram:users, v:changed:users); ARGV the version numbers, then
 # (partition, first, next) triples.

@@ -12,8 +12,7 @@ local tracking = redis.call('HGET', KEYS[K.meta], 'tracking')
 -- Fenced before the pause: a batch already applied (or in conflict) writes nothing, so it need not wait.
 -- ARGV tail: the interactions as (item, value) pairs grouped per user (pair_group_keys, pair_group_sizes),
 -- then the (partition, first, next) offset triples.
-local popularity_from = NA + tonumber(ARGV[A.n_pair_args]) + 1
-local offsets_from = popularity_from + tonumber(ARGV[A.n_popularity_args])
+local offsets_from = NA + tonumber(ARGV[A.n_pair_args]) + 1
 local refused = fence(KEYS[K.offsets], offsets_from)
 if refused then return refused end
 if paused(KEYS[K.meta]) and ARGV[A.finishing] ~= '1' then return 'paused' end
@@ -310,15 +309,9 @@ if popularity then
       redis.call('ZADD', KEYS[K.popularity], unpack(args))
     end
   end
-  if settled and pop_shrink == 1 and offsets_from > popularity_from then  -- the writer's sums
-    for first = popularity_from, offsets_from - 1, 2 * CHUNK do
-      redis.call('ZADD', KEYS[K.popularity], unpack(ARGV, first, math.min(first + 2 * CHUNK - 1, offsets_from - 1)))
-    end
-  else
-    for r = 1, n_items do
-      local weight = struct.unpack('<d', ARGV[A.item_popularity], 8 * r - 7) * pop_scale
-      redis.call('ZINCRBY', KEYS[K.popularity], string.format('%.17g', weight), items[r])
-    end
+  for r = 1, n_items do
+    local weight = struct.unpack('<d', ARGV[A.item_popularity], 8 * r - 7) * pop_scale
+    redis.call('ZINCRBY', KEYS[K.popularity], string.format('%.17g', weight), items[r])
   end
   redis.call('HSET', KEYS[K.stats], 'popularity_origin', string.format('%.17g', pop_origin),
              'popularity_half_life', ARGV[A.popularity_half_life])

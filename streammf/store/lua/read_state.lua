@@ -62,16 +62,7 @@ for _, key in ipairs(inter_order) do
     pair_values[p] = value or ''
   end
 end
-local stats = redis.call('HMGET', KEYS[K.stats], 'value_sum', 'value_count', 'writer', 'events_applied',
-                         'popularity_origin')
--- The items' popularity scores, for a writer that may send its sums (apply.lua, `settled`).
-local scores = {}
-if ARGV[A.with_popularity] == '1' and n_items > 0 and redis.call('TYPE', KEYS[K.popularity])['ok'] == 'zset' then
-  for first = 1, n_items, CHUNK do
-    local got = redis.call('ZMSCORE', KEYS[K.popularity], unpack(items, first, math.min(first + CHUNK - 1, n_items)))
-    for i = 1, #got do scores[first + i - 1] = got[i] or '' end
-  end
-end
+local stats = redis.call('HMGET', KEYS[K.stats], 'value_sum', 'value_count', 'writer')
 local item_gramian, user_gramian = false, false
 if ARGV[A.implicit] == '1' then
   item_gramian = redis.call('GET', KEYS[K.gram_items]) or false
@@ -80,4 +71,4 @@ end
 return {user_rows, user_mask, table.concat(user_counts, ','), item_rows, item_mask,
         table.concat(item_counts, ','), table.concat(pair_values, ','), stats[1], stats[2],
         item_gramian, user_gramian, stats[3] or '', table.concat(whole_mask), table.concat(whole_items, NUL),
-        table.concat(whole_values, ','), table.concat(scores, ','), stats[4] or '', stats[5] or ''}
+        table.concat(whole_values, ',')}

@@ -140,21 +140,22 @@ def _pair_values(keys: ModelKeys, pairs: list[tuple[str, str]], joined: bytes) -
 def _whole_users(
     users: list[str], counts: np.ndarray, mask: bytes, items: bytes, values: bytes
 ) -> WholeUsers:
-    """The read script's users read whole: each user's count and interactions, users in order."""
+    """The read script's users read whole: each user's count and interactions, users in order. Data that
+    Python reads otherwise than the script (a value in hex, an item name holding NUL) keeps no user
+    whole: they are then read pair by pair, as without a copy."""
     if b"1" not in mask:
         return NO_WHOLE_USERS
-    whole = [
-        (user, count) for user, flag, count in zip(users, mask, counts.tolist(), strict=True) if flag == 49
-    ]
-    owners = list(itertools.chain.from_iterable(itertools.repeat(user, count) for user, count in whole))
-    all_items = items.decode().split("\0") if items else []
-    try:  # the script checked each with Lua's tonumber; Python may read some otherwise (hex): keep none
-        all_values = (
-            np.array(values.split(b",") if values else [], dtype=np.bytes_).astype(np.float64).tolist()
-        )
+    read = zip(users, mask, counts.tolist(), strict=True)
+    whole = [(user, count) for user, flag, count in read if flag == ord("1")]
+    owners = itertools.chain.from_iterable(itertools.repeat(user, count) for user, count in whole)
+    try:
+        all_items = items.decode().split("\0") if items else []
+        texts = values.split(b",") if values else []
+        all_values = np.array(texts, dtype=np.bytes_).astype(np.float64).tolist()
+        pairs = zip(owners, all_items, strict=True)
+        return WholeUsers(dict(whole), dict(zip(pairs, all_values, strict=True)))
     except ValueError:
         return NO_WHOLE_USERS
-    return WholeUsers(dict(whole), dict(zip(zip(owners, all_items, strict=True), all_values, strict=True)))
 
 
 def _with_cached_users(

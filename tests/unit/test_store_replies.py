@@ -1,4 +1,4 @@
-"""How the Redis store reads its scripts' replies, without a server: pair values."""
+"""How the Redis store reads its scripts' replies, without a server: pair values, users read whole."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 
 from streammf.store.contract import StoreError
 from streammf.store.layout import ModelKeys
-from streammf.store.redis_store import _pair_values
+from streammf.store.redis_store import _pair_values, _whole_users
+from streammf.store.user_cache import NO_WHOLE_USERS
 
 
 def test_pair_values_read_as_floats_nan_for_absent_and_a_value_python_cannot_read_named() -> None:
@@ -19,3 +20,14 @@ def test_pair_values_read_as_floats_nan_for_absent_and_a_value_python_cannot_rea
     # Lua's tonumber (which checked every value of the reply) reads hex; Python's float does not.
     with pytest.raises(StoreError, match=r"inter:bob field 'z': not a number: b'0x10'"):
         _pair_values(keys, pairs, b"4,,1,0x10")
+
+
+def test_users_read_whole_are_split_by_their_counts_and_unreadable_data_keeps_none() -> None:
+    users, counts = ["a", "b", "c"], np.array([2, 7, 1])
+    whole = _whole_users(users, counts, b"101", b"x\0y\0z", b"4,2.5,1")  # b has too many to read whole
+    assert whole.counts == {"a": 2, "c": 1}
+    assert whole.pairs == {("a", "x"): 4.0, ("a", "y"): 2.5, ("c", "z"): 1.0}
+    assert _whole_users(users, counts, b"000", b"", b"") is NO_WHOLE_USERS
+    # Lua's tonumber reads hex, Python does not; an item name holding NUL splits into one name too many.
+    assert _whole_users(users, counts, b"101", b"x\0y\0z", b"4,0x10,1") is NO_WHOLE_USERS
+    assert _whole_users(users, counts, b"101", b"x\0y\0z\0w", b"4,2.5,1") is NO_WHOLE_USERS

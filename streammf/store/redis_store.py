@@ -102,8 +102,9 @@ class _CachedRead:
     stamp: str  # the writer stamp the read found
     strict: bool  # users were taken from the copy: apply only if the stamp is unchanged
     whole: WholeUsers  # users read from the store whose every interaction the read saw
-    ids: BatchIds | None  # the batch's ids in the copy
-    items: list[str] | None  # the very list of items read (an update of a part of the batch has another)
+    ids: BatchIds | None  # the batch's ids in the copy (None: read without the copy)
+    users: list[str] | None  # the very lists of users and items read (an update of a part of the batch
+    items: list[str] | None  # has others)
     state: BatchState | None  # what the read returned (stored counts and pair values)
 
 
@@ -188,7 +189,7 @@ def _with_cached_users(
 def _read_pair_values(read: _CachedRead | None, update: BatchUpdate) -> np.ndarray | None:
     """The stored values of the update's pairs as its read saw them (NaN: none), if the update is of the
     batch read (the usual case: no event was left out)."""
-    if read is None or read.state is None or read.ids is None or read.ids.users is not update.users:
+    if read is None or read.state is None or read.users is not update.users:
         return None
     values = read.state.pair_values
     return values if len(values) == len(update.pair_users) else None
@@ -439,16 +440,25 @@ class RedisStore:
         if cache is None:
             return self._read_snapshot(0, version, users, items, pairs)
         cache.follow(version)
+        if not cache.trusting():  # another writer wrote lately: read as without a copy
+            state = self._read_snapshot(0, version, users, items, pairs)
+            if state is not None:  # the stamp still serves the settled sums
+                writer = self._last_read[0].writer
+                self._cached_read = _CachedRead(
+                    version, writer, False, NO_WHOLE_USERS, None, users, items, state
+                )
+            return state
         ids = cache.ids_of(users, pairs)
         hits = cache.held(ids)
         if not hits.any():
             state = self._read_snapshot(0, version, users, items, pairs, whole_limit=cache.whole_limit)
             if state is not None:
                 last = self._last_read[0]
-                if last.writer != cache.stamp:  # users outside this batch may have been written too
-                    cache.clear(version)
-                    ids = cache.ids_of(users, pairs)
-                self._cached_read = _CachedRead(version, last.writer, False, last.whole, ids, items, state)
+                whole = last.whole
+                if last.writer != cache.stamp:  # another writer wrote (users outside this batch too)
+                    cache.found_stale(version)
+                    ids, whole = cache.ids_of(users, pairs), NO_WHOLE_USERS
+                self._cached_read = _CachedRead(version, last.writer, False, whole, ids, users, items, state)
             return state
         pair_hits = cache.pairs_held(ids)
         part = self._read_snapshot(
@@ -468,7 +478,7 @@ class RedisStore:
             return self._read_one_shard(version, users, items, pairs)
         cache.found_valid()
         state = _with_cached_users(part, cache, ids, hits, pair_hits)
-        self._cached_read = _CachedRead(version, last.writer, True, last.whole, ids, items, state)
+        self._cached_read = _CachedRead(version, last.writer, True, last.whole, ids, users, items, state)
         return state
 
     def _read_sharded(
@@ -642,7 +652,7 @@ class RedisStore:
         if cache is None:
             return self._apply_shard(0, update, "all", counts, finishing=False)
         if read is None or read.version != update.version:
-            read = _CachedRead(update.version, "", False, NO_WHOLE_USERS, None, None, None)
+            read = _CachedRead(update.version, "", False, NO_WHOLE_USERS, None, None, None, None)
         stamp = cache.next_stamp()
         outcome = None
         try:
@@ -650,7 +660,9 @@ class RedisStore:
                 0, update, "all", counts, finishing=False, stamp=(read.stamp, stamp, read.strict), read=read
             )
         finally:
-            if outcome is ApplyOutcome.APPLIED:
+            if outcome is ApplyOutcome.APPLIED and read.ids is None:
+                cache.applied_without(update.version, stamp)
+            elif outcome is ApplyOutcome.APPLIED:
                 k = self._model.k
                 rows = np.column_stack(
                     [

@@ -30,9 +30,9 @@ DEFAULT_USER_CACHE_PAIRS = 1_000_000
 # A user read from the store with at most this many interactions is read whole (one HGETALL), so the copy
 # can keep them; one with more is read pair by pair each batch, as without a copy.
 WHOLE_READ_LIMIT = 500
-# After finding the copy stale (another writer on the same model, e.g. a second replica), batches read
-# every user for 2, 4, ... up to this many batches before trusting a copy again: two writers taking turns
-# would otherwise pay two reads per batch.
+# After finding the copy stale (another writer on the same model, e.g. a second replica), batches do
+# without it (no copy, no whole reads) for 2, 4, ... up to this many batches before trying again: two
+# writers taking turns would otherwise pay the copy's reads for nothing.
 MAX_DISTRUST_BATCHES = 64
 
 
@@ -90,13 +90,26 @@ class UserCache:
         self._pairs.clear()
 
     def found_stale(self, version: int) -> None:
-        """The store bore another writer's stamp: drop the copy, and read in full for a while."""
+        """The store bore another writer's stamp: drop the copy, and do without one for a while (2, 4, ...
+        batches): two writers of one model would otherwise pay the copy's reads for nothing."""
         self.clear(version)
         self._stale_runs += 1
         self._distrust = min(2**self._stale_runs, MAX_DISTRUST_BATCHES)
 
     def found_valid(self) -> None:
         self._stale_runs = 0
+
+    def trusting(self) -> bool:
+        """Whether this batch uses the copy (not while distrusted); counts the batch."""
+        if self._distrust > 0:
+            self._distrust -= 1
+            return False
+        return True
+
+    def applied_without(self, version: int, stamp: str) -> None:
+        """A batch applied without the copy under `stamp` (the copy is empty then)."""
+        self.clear(version)
+        self.stamp = stamp
 
     def next_stamp(self) -> str:
         """A stamp no other writer ever sets (this writer's id and its apply count)."""
@@ -119,10 +132,7 @@ class UserCache:
         return BatchIds(users, user_ids, (pair_users << 32) | item_ids)
 
     def held(self, ids: BatchIds) -> np.ndarray:
-        """Per user: held in the copy (none while distrusted). Call `follow` first."""
-        if self._distrust > 0:
-            self._distrust -= 1
-            return np.zeros(len(ids.user_ids), dtype=bool)
+        """Per user: held in the copy. Call `follow` first."""
         return self._held[ids.user_ids]
 
     def follow(self, version: int) -> None:

@@ -80,13 +80,19 @@ def test_past_its_bound_the_copy_is_emptied() -> None:
     assert held(cache, ["u"]) == [False]
 
 
-def test_a_copy_found_stale_is_not_trusted_for_a_while_then_is() -> None:
+def test_a_copy_found_stale_is_not_used_for_longer_each_time_then_is() -> None:
     cache = UserCache(max_pairs=100)
     cache.follow(1)
-    cache.found_stale(1)
     record(cache, ["u"], [("u", "a")], [1], WholeUsers({"u": 0}, {}))
-    assert held(cache, ["u"]) == [False]  # 2 batches distrusted
-    assert held(cache, ["u"]) == [False]
+    cache.found_stale(1)
+    assert held(cache, ["u"]) == [False]  # dropped
+    assert [cache.trusting() for _ in range(3)] == [False, False, True]
+    cache.found_stale(1)
+    assert [cache.trusting() for _ in range(5)] == [False] * 4 + [True]
+    cache.found_valid()
+    cache.found_stale(1)
+    assert [cache.trusting() for _ in range(3)] == [False, False, True]
+    record(cache, ["u"], [("u", "a")], [1], WholeUsers({"u": 0}, {}))
     assert held(cache, ["u"]) == [True]
     cache.follow(2)  # another version: nothing held
     assert held(cache, ["u"]) == [False]

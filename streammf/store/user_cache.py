@@ -182,12 +182,7 @@ class UserCache:
         self._rows[ids.user_ids[mine]] = rows[mine]
         keys = ids.pair_keys
         mine = self._held[keys >> 32]
-        keys, values = keys[mine], np.asarray(pair_values, dtype=np.float64)[mine]
-        if len(np.unique(keys)) != len(keys):  # a pair twice in one update: step by step, as the script does
-            for key, value in zip(keys, values, strict=True):
-                self._record_pairs(key[None], value[None], additive)
-        else:
-            self._record_pairs(keys, values, additive)
+        self._record_pairs(keys[mine], np.asarray(pair_values, dtype=np.float64)[mine], additive)
         if len(self._pairs) > self.max_pairs or len(self._user_ids) > self.max_pairs:
             self.clear(version)
 
@@ -213,13 +208,21 @@ class UserCache:
             self._pairs.update(zip(keys, [value for _, value in known], strict=True))
 
     def _record_pairs(self, keys: np.ndarray, values: np.ndarray, additive: bool) -> None:
-        """Distinct pairs of held users: stored values, and one more interaction per new pair."""
-        listed = keys.tolist()
+        """Pairs of held users: stored values, and one more interaction per new pair. A pair twice in one
+        update builds on its own earlier value, as in the script: strengths are added one after the other
+        in stream order (np.add.at is unbuffered), a rating's last value stays."""
+        distinct, inverse = np.unique(keys, return_inverse=True)
+        listed = distinct.tolist()
         stored = np.array(list(map(self._pairs.__contains__, listed)), dtype=bool)
-        np.add.at(self._counts, keys[~stored] >> 32, 1)
+        np.add.at(self._counts, distinct[~stored] >> 32, 1)
         if additive:  # the script adds to the stored strength, or to 0
-            values = np.array(list(map(self._pairs.get, listed, repeat(0.0))), dtype=np.float64) + values
-        self._pairs.update(zip(listed, values.tolist(), strict=True))
+            sums = np.array(list(map(self._pairs.get, listed, repeat(0.0))), dtype=np.float64)
+            np.add.at(sums, inverse, values)
+        else:
+            last = np.zeros(len(distinct), dtype=np.int64)
+            np.maximum.at(last, inverse, np.arange(len(keys)))
+            sums = values[last]
+        self._pairs.update(zip(listed, sums.tolist(), strict=True))
 
     @staticmethod
     def _assigned_ids(mapping: dict[str, int], names: Sequence[str]) -> np.ndarray:

@@ -103,9 +103,9 @@ class _CachedRead:
     strict: bool  # users were taken from the copy: apply only if the stamp is unchanged
     whole: WholeUsers  # users read from the store whose every interaction the read saw
     ids: BatchIds | None  # the batch's ids in the copy (None: read without the copy)
-    users: list[str] | None  # the very lists of users and items read (an update of a part of the batch
-    items: list[str] | None  # has others)
-    state: BatchState | None  # what the read returned (stored counts and pair values)
+    users: list[str]  # the very lists of users and items read (an update of a part of the batch has
+    items: list[str]  # others)
+    state: BatchState  # what the read returned (stored counts and pair values)
 
 
 class ModelMismatchError(ValueError):
@@ -186,10 +186,17 @@ def _with_cached_users(
     )
 
 
+def _user_rows(update: BatchUpdate, k: int) -> np.ndarray:
+    """The update's user rows as stored: (n, k + 1) float32, factors then bias."""
+    n = len(update.users)
+    rows = [np.asarray(update.user_rows).reshape(n, k), np.asarray(update.user_bias).reshape(n)]
+    return np.column_stack(rows).astype(ROW_DTYPE)
+
+
 def _read_pair_values(read: _CachedRead | None, update: BatchUpdate) -> np.ndarray | None:
     """The stored values of the update's pairs as its read saw them (NaN: none), if the update is of the
     batch read (the usual case: no event was left out)."""
-    if read is None or read.state is None or read.users is not update.users:
+    if read is None or read.users is not update.users:
         return None
     values = read.state.pair_values
     return values if len(values) == len(update.pair_users) else None
@@ -198,7 +205,7 @@ def _read_pair_values(read: _CachedRead | None, update: BatchUpdate) -> np.ndarr
 def _read_counts(read: _CachedRead | None, counts: Counts) -> np.ndarray | None:
     """The stored counts of the update's items as its read saw them, if they are the very items read (an
     update recomputed without some events may list the same items in another order)."""
-    if read is None or read.state is None or read.items is None or counts[0] is not read.items:
+    if read is None or counts[0] is not read.items:
         return None
     return read.state.item_counts
 
@@ -329,7 +336,8 @@ class RedisStore:
 
     def cache_users(self, max_pairs: int) -> None:
         """Keep a copy of the users this store writes, of at most `max_pairs` interactions (0: none)."""
-        self.user_cache = UserCache(max_pairs) if max_pairs > 0 and len(self.shards) == 1 else None
+        one_shard = max_pairs > 0 and len(self.shards) == 1
+        self.user_cache = UserCache(max_pairs, self._model.k + 1) if one_shard else None
 
     @classmethod
     def open(
@@ -651,31 +659,25 @@ class RedisStore:
         cache, read = self.user_cache, self._cached_read
         if cache is None:
             return self._apply_shard(0, update, "all", counts, finishing=False)
-        if read is None or read.version != update.version:
-            read = _CachedRead(update.version, "", False, NO_WHOLE_USERS, None, None, None, None)
+        if read is not None and read.version != update.version:
+            read = None  # not computed from the last read
         stamp = cache.next_stamp()
+        expected, strict = (read.stamp, read.strict) if read is not None else ("", False)
         outcome = None
         try:
             outcome = self._apply_shard(
-                0, update, "all", counts, finishing=False, stamp=(read.stamp, stamp, read.strict), read=read
+                0, update, "all", counts, finishing=False, stamp=(expected, stamp, strict), read=read
             )
         finally:
-            if outcome is ApplyOutcome.APPLIED and read.ids is None:
+            if outcome is ApplyOutcome.APPLIED and (read is None or read.ids is None):
                 cache.applied_without(update.version, stamp)
-            elif outcome is ApplyOutcome.APPLIED:
-                k = self._model.k
-                rows = np.column_stack(
-                    [
-                        np.asarray(update.user_rows, dtype=ROW_DTYPE).reshape(len(update.users), k),
-                        np.asarray(update.user_bias, dtype=ROW_DTYPE).reshape(len(update.users)),
-                    ]
-                )
+            elif outcome is ApplyOutcome.APPLIED and read is not None:
                 cache.record(
                     update.version,
                     stamp,
                     read.ids,
                     update.users,
-                    rows.astype(ROW_DTYPE),
+                    _user_rows(update, self._model.k),
                     read.whole,
                     update.pair_users,
                     update.pair_items,
@@ -721,9 +723,7 @@ class RedisStore:
             return total.tobytes()
 
         n_users, n_items = len(update.users), len(update.items)
-        user_rows = np.column_stack(
-            [np.asarray(update.user_rows).reshape(n_users, k), np.asarray(update.user_bias).reshape(n_users)]
-        )
+        user_rows = _user_rows(update, k)
         item_deltas = np.column_stack(
             [
                 np.asarray(update.item_delta, dtype=np.float64).reshape(n_items, k),
@@ -761,7 +761,7 @@ class RedisStore:
             value_count_delta=int(update.value_count_delta),
             events_applied=int(update.events_applied),
             users=join_ids(update.users),
-            user_rows=user_rows.astype(ROW_DTYPE).tobytes(),
+            user_rows=user_rows.tobytes(),
             items=joined_items,
             item_base=item_base.tobytes(),
             item_deltas=item_deltas.astype(GRAMIAN_DTYPE).tobytes(),

@@ -62,7 +62,8 @@ class UserCache:
     C-level map/update calls, not Python loops over its pairs (this copy must cost the daemon's
     interpreter less than the reads it saves it)."""
 
-    def __init__(self, max_pairs: int, whole_limit: int = WHOLE_READ_LIMIT) -> None:
+    def __init__(self, max_pairs: int, row_width: int, whole_limit: int = WHOLE_READ_LIMIT) -> None:
+        """`row_width`: floats per stored row (k factors and the bias)."""
         self.max_pairs = max_pairs
         self.whole_limit = whole_limit
         self.version = 0
@@ -74,7 +75,7 @@ class UserCache:
         self._user_ids: dict[str, int] = {}
         self._item_ids: dict[str, int] = {}
         self._held = np.zeros(0, dtype=bool)  # per user id: every interaction known, row as stored
-        self._rows = np.zeros((0, 0), dtype=np.float32)  # per user id: factors then bias
+        self._rows = np.zeros((0, row_width), dtype=np.float32)  # per user id: factors then bias
         self._counts = np.zeros(0, dtype=np.int64)  # per user id: interactions
         self._pairs: dict[int, float] = {}  # user id << 32 | item id -> stored value (held users only)
 
@@ -176,8 +177,6 @@ class UserCache:
         else:  # a part of the batch read (some events were left out): its own ids
             ids = self.ids_of(users, list(zip(pair_users, pair_items, strict=True)))
         self._join(whole)
-        if self._rows.shape[1] != rows.shape[1]:
-            self._rows = np.zeros((len(self._held), rows.shape[1]), dtype=np.float32)
         mine = self._held[ids.user_ids]
         self._rows[ids.user_ids[mine]] = rows[mine]
         keys = ids.pair_keys

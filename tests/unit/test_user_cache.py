@@ -42,7 +42,7 @@ def held(cache: UserCache, users: list[str]) -> list[bool]:
 
 
 def test_a_user_is_kept_only_when_every_interaction_is_known() -> None:
-    cache = UserCache(max_pairs=100)
+    cache = UserCache(max_pairs=100, row_width=K + 1)
     cache.follow(1)
     whole = WholeUsers({"new": 0, "known": 1}, {("known", "a"): 4.0})
     record(
@@ -59,7 +59,7 @@ def test_a_user_is_kept_only_when_every_interaction_is_known() -> None:
 
 def test_strengths_add_up_and_ratings_replace_as_the_apply_script_does() -> None:
     for additive, expected in ((True, [1.5 + 2.25 + 4.0]), (False, [4.0])):
-        cache = UserCache(max_pairs=100)
+        cache = UserCache(max_pairs=100, row_width=K + 1)
         cache.follow(1)
         record(cache, ["u"], [("u", "i")], [1.5], WholeUsers({"u": 0}, {}), additive)
         # One pair twice in an update (the contract allows it): one step after the other.
@@ -72,7 +72,7 @@ def test_strengths_add_up_and_ratings_replace_as_the_apply_script_does() -> None
 
 
 def test_past_its_bound_the_copy_is_emptied() -> None:
-    cache = UserCache(max_pairs=3)
+    cache = UserCache(max_pairs=3, row_width=K + 1)
     cache.follow(1)
     record(cache, ["u"], [("u", "a"), ("u", "b")], [1, 1], WholeUsers({"u": 0}, {}))
     assert held(cache, ["u"]) == [True]
@@ -81,7 +81,7 @@ def test_past_its_bound_the_copy_is_emptied() -> None:
 
 
 def test_a_copy_found_stale_is_not_used_for_longer_each_time_then_is() -> None:
-    cache = UserCache(max_pairs=100)
+    cache = UserCache(max_pairs=100, row_width=K + 1)
     cache.follow(1)
     record(cache, ["u"], [("u", "a")], [1], WholeUsers({"u": 0}, {}))
     cache.found_stale(1)
@@ -99,6 +99,6 @@ def test_a_copy_found_stale_is_not_used_for_longer_each_time_then_is() -> None:
 
 
 def test_stamps_are_this_writers_own() -> None:
-    one, other = UserCache(10), UserCache(10)
+    one, other = UserCache(10, K + 1), UserCache(10, K + 1)
     stamps = {one.next_stamp(), one.next_stamp(), other.next_stamp()}
     assert len(stamps) == 3

@@ -103,8 +103,8 @@ class _CachedRead:
     strict: bool  # users were taken from the copy: apply only if the stamp is unchanged
     whole: WholeUsers  # users read from the store whose every interaction the read saw
     ids: BatchIds | None  # the batch's ids in the copy (None: read without the copy)
-    users: list[str]  # the very lists of users and items read (an update of a part of the batch has
-    items: list[str]  # others)
+    users: list[str]  # the very list of users read (an update of a part of the batch has another)
+    count_items: list[str]  # the items whose counts were read, in the order of `state.item_counts`
     state: BatchState  # what the read returned (stored counts and pair values)
 
 
@@ -203,11 +203,16 @@ def _read_pair_values(read: _CachedRead | None, update: BatchUpdate) -> np.ndarr
 
 
 def _read_counts(read: _CachedRead | None, counts: Counts) -> np.ndarray | None:
-    """The stored counts of the update's items as its read saw them, if they are the very items read (an
-    update recomputed without some events may list the same items in another order)."""
-    if read is None or counts[0] is not read.items:
+    """The stored counts of the items of `counts` as the update's read saw them; None if one was not read.
+    Looked up by name unless they are the very list read: an update recomputed without some events may
+    list the same items in another order, and a shard's user part counts only some of them."""
+    if read is None:
         return None
-    return read.state.item_counts
+    if counts[0] is read.count_items:
+        return read.state.item_counts
+    index = dict(zip(read.count_items, range(len(read.count_items)), strict=True))
+    at = list(map(index.get, counts[0], itertools.repeat(-1)))
+    return None if -1 in at else read.state.item_counts[np.array(at, dtype=np.int64)]
 
 
 def _pair_writes(
@@ -329,15 +334,24 @@ class RedisStore:
         self._release_lease_script = scripts.RELEASE_LEASE.register(client)
         self._scan_rows_script = scripts.SCAN_ROWS.register(client)
         self._last_read: dict[int, _LastRead] = {}  # shard -> its part of the last batch read
-        # One shard only: a model of several shards reads every user (its batches have several parts).
-        self.user_cache: UserCache | None = None
-        self._cached_read: _CachedRead | None = None
+        # Per shard, a copy of the users it holds that this store wrote, with its own stamp (a batch's user
+        # part on each shard is a write of its own); [] for none.
+        self.user_caches: list[UserCache] = []
+        self._cached_reads: dict[int, _CachedRead] = {}  # shard -> how its part of the last read used it
+        self._batch_read: tuple[list[str], list[str], int] | None = None  # last sharded read's batch
         self.cache_users(DEFAULT_USER_CACHE_PAIRS)
 
     def cache_users(self, max_pairs: int) -> None:
-        """Keep a copy of the users this store writes, of at most `max_pairs` interactions (0: none)."""
-        one_shard = max_pairs > 0 and len(self.shards) == 1
-        self.user_cache = UserCache(max_pairs, self._model.k + 1) if one_shard else None
+        """Keep a copy of the users this store writes, of at most `max_pairs` interactions over all
+        shards (0: none)."""
+        n = len(self.shards)
+        per_shard = -(-max_pairs // n)
+        self.user_caches = [UserCache(per_shard, self._model.k + 1) for _ in range(n if max_pairs > 0 else 0)]
+        self._cached_reads.clear()
+
+    def users_held(self) -> int:
+        """Users in this store's copies (streammf.store.user_cache)."""
+        return sum(len(cache) for cache in self.user_caches)
 
     @classmethod
     def open(
@@ -429,64 +443,74 @@ class RedisStore:
         for _ in range(_SNAPSHOT_ATTEMPTS):
             version = self.current_version()
             if len(self.shards) == 1:
-                state = self._read_one_shard(version, users, items, pairs)
+                state = self._read_part(0, version, users, items, pairs)
             else:
                 state = self._read_sharded(version, users, items, pairs)
             if state is not None:
                 return state
         raise StoreError(f"{self.keys.current} moved on each of {_SNAPSHOT_ATTEMPTS} snapshot attempts")
 
-    def _read_one_shard(
-        self, version: int, users: list[str], items: list[str], pairs: list[tuple[str, str]]
+    def _read_part(
+        self,
+        s: int,
+        version: int,
+        users: list[str],
+        items: list[str],
+        pairs: list[tuple[str, str]],
+        count_items: list[str] | None = None,
     ) -> BatchState | None:
-        """The batch state, users this store holds a valid copy of taken from it (`UserCache`): the read
-        script reads the others (whole, for the copy, when they have few interactions) and the items, and
-        tells whose stamp the model bears. If it is not this store's own, the copy is dropped and the
-        batch read again in full."""
-        cache = self.user_cache
-        self._cached_read = None
-        if cache is None:
-            return self._read_snapshot(0, version, users, items, pairs)
+        """Shard `s`'s part of the batch state (`_read_snapshot`), users this store holds a valid copy of
+        taken from it (`UserCache`): the read script reads the others (whole, for the copy, when they have
+        few interactions) and the items, and tells whose stamp the shard bears. If it is not this store's
+        own, the copy is dropped and the part read again in full."""
+        self._cached_reads.pop(s, None)
+        if not self.user_caches:
+            return self._read_snapshot(s, version, users, items, pairs, count_items)
+        cache = self.user_caches[s]
+        count_items = items if count_items is None else count_items
         cache.follow(version)
+
+        def remember(state: BatchState, strict: bool, whole: WholeUsers, ids: BatchIds | None) -> None:
+            stamp = self._last_read[s].writer
+            self._cached_reads[s] = _CachedRead(version, stamp, strict, whole, ids, users, count_items, state)
+
         if not cache.trusting():  # another writer wrote lately: read as without a copy
-            state = self._read_snapshot(0, version, users, items, pairs)
+            state = self._read_snapshot(s, version, users, items, pairs, count_items)
             if state is not None:  # the stamp still serves the settled sums
-                writer = self._last_read[0].writer
-                self._cached_read = _CachedRead(
-                    version, writer, False, NO_WHOLE_USERS, None, users, items, state
-                )
+                remember(state, False, NO_WHOLE_USERS, None)
             return state
         ids = cache.ids_of(users, pairs)
         hits = cache.held(ids)
         if not hits.any():
-            state = self._read_snapshot(0, version, users, items, pairs, whole_limit=cache.whole_limit)
+            state = self._read_snapshot(
+                s, version, users, items, pairs, count_items, whole_limit=cache.whole_limit
+            )
             if state is not None:
-                last = self._last_read[0]
-                whole = last.whole
-                if last.writer != cache.stamp:  # another writer wrote (users outside this batch too)
+                whole = self._last_read[s].whole
+                if self._last_read[s].writer != cache.stamp:  # another writer wrote (other users too)
                     cache.found_stale(version)
                     ids, whole = cache.ids_of(users, pairs), NO_WHOLE_USERS
-                self._cached_read = _CachedRead(version, last.writer, False, whole, ids, users, items, state)
+                remember(state, False, whole, ids)
             return state
         pair_hits = cache.pairs_held(ids)
         part = self._read_snapshot(
-            0,
+            s,
             version,
             list(itertools.compress(users, ~hits)),
             items,
             list(itertools.compress(pairs, ~pair_hits)),
+            count_items,
             whole_limit=cache.whole_limit,
         )
         if part is None:
             return None
-        last = self._last_read[0]
-        if last.writer != cache.stamp:
+        if self._last_read[s].writer != cache.stamp:
             log.debug("another writer wrote since this one's last batch: its copy of users is dropped")
             cache.found_stale(version)
-            return self._read_one_shard(version, users, items, pairs)
+            return self._read_part(s, version, users, items, pairs, count_items)
         cache.found_valid()
         state = _with_cached_users(part, cache, ids, hits, pair_hits)
-        self._cached_read = _CachedRead(version, last.writer, True, last.whole, ids, users, items, state)
+        remember(state, True, self._last_read[s].whole, ids)
         return state
 
     def _read_sharded(
@@ -494,10 +518,11 @@ class RedisStore:
     ) -> BatchState | None:
         """Each shard's part, merged in the order asked; None when a shard is not at `version` (rolled
         forward first if it lags behind a publish)."""
+        self._batch_read = None
         split = BatchSplit.of(len(self.shards), users, items, [user for user, _ in pairs])
         parts: list[BatchState] = []
         for s in range(len(self.shards)):
-            part = self._read_snapshot(
+            part = self._read_part(
                 s,
                 version,
                 [users[i] for i in split.users[s]],
@@ -509,6 +534,7 @@ class RedisStore:
                 self._roll_forward(s, version)
                 return None
             parts.append(part)
+        self._batch_read = (users, items, len(pairs))
         return split.merge(version, parts, self._model.k)
 
     def _roll_forward(self, s: int, version: int) -> None:
@@ -635,16 +661,22 @@ class RedisStore:
         count is, the replay finds the same pairs new and counts stay exact. The first outcome other than
         applied or duplicate is returned at once (the caller retries, or re-reads and recomputes)."""
         if len(self.shards) == 1:
-            return self._apply_one_shard(update)
+            counts = (update.items, np.asarray(update.item_count_delta))
+            read = self._cached_reads.get(0)
+            return self._apply_users(0, update, "all", counts, finishing=False, read=read)
         applied = begun = False
         item_parts, user_parts, counts_by_shard = shard_parts(update, len(self.shards), self._model.k)
+        reads = self._part_reads(update, user_parts)
         no_counts: Counts = ([], np.zeros(0, dtype=np.int64))
         steps = [(s, part, "items", no_counts) for s, part in enumerate(item_parts)]
         steps += [(s, part, "users", counts_by_shard[s]) for s, part in enumerate(user_parts)]
         for s, part, which, shard_counts in steps:
             # Once one part is in (applied now or before), the batch is begun: its other parts pass a
             # refresh's pause, which waits for them (pause_writes), so no batch stays half applied.
-            outcome = self._apply_shard(s, part, which, shard_counts, finishing=begun)
+            if which == "items":
+                outcome = self._apply_shard(s, part, which, shard_counts, finishing=begun)
+            else:
+                outcome = self._apply_users(s, part, which, shard_counts, finishing=begun, read=reads[s])
             if outcome is ApplyOutcome.APPLIED:
                 applied = True
             elif outcome is not ApplyOutcome.DUPLICATE:
@@ -652,13 +684,37 @@ class RedisStore:
             begun = True
         return ApplyOutcome.APPLIED if applied else ApplyOutcome.DUPLICATE
 
-    def _apply_one_shard(self, update: BatchUpdate) -> ApplyOutcome:
-        """One script; the writer's copy of its users follows what it wrote, or is dropped on any other
-        outcome (nothing written, or not known whether it was)."""
-        counts = (update.items, np.asarray(update.item_count_delta))
-        cache, read = self.user_cache, self._cached_read
-        if cache is None:
-            return self._apply_shard(0, update, "all", counts, finishing=False)
+    def _part_reads(self, update: BatchUpdate, user_parts: list[BatchUpdate]) -> list[_CachedRead | None]:
+        """Per shard, how the last read's part of this batch used the copy, if the update is of the very
+        batch read; the user parts then list the users as read (the same names, split the same way)."""
+        batch = self._batch_read
+        reads: list[_CachedRead | None] = [None] * len(self.shards)
+        if batch is None or batch[0] is not update.users or batch[1] is not update.items:
+            return reads
+        if batch[2] != len(update.pair_users):
+            return reads
+        for s, read in self._cached_reads.items():
+            reads[s] = read
+            user_parts[s] = replace(user_parts[s], users=read.users)
+        return reads
+
+    def _apply_users(
+        self,
+        s: int,
+        update: BatchUpdate,
+        part: str,
+        counts: Counts,
+        finishing: bool,
+        read: _CachedRead | None,
+    ) -> ApplyOutcome:
+        """A write of users on shard `s` (`part` 'all': the whole batch on one shard; 'users': the batch's
+        user part), under a stamp of this writer's: its copy of the shard's users follows what it wrote,
+        or is dropped on any other outcome (nothing written, or not known whether it was). On a model of
+        several shards, a batch refused here (another writer wrote the shard's users since the read) has
+        its item parts in already; its recomputation finds them applied, as after a crash between parts."""
+        if not self.user_caches:
+            return self._apply_shard(s, update, part, counts, finishing=finishing)
+        cache = self.user_caches[s]
         if read is not None and read.version != update.version:
             read = None  # not computed from the last read
         stamp = cache.next_stamp()
@@ -666,7 +722,7 @@ class RedisStore:
         outcome = None
         try:
             outcome = self._apply_shard(
-                0, update, "all", counts, finishing=False, stamp=(expected, stamp, strict), read=read
+                s, update, part, counts, finishing=finishing, stamp=(expected, stamp, strict), read=read
             )
         finally:
             if outcome is ApplyOutcome.APPLIED and (read is None or read.ids is None):
@@ -686,7 +742,7 @@ class RedisStore:
                 )
             elif outcome is not ApplyOutcome.PAUSED:  # paused: nothing written, the same update comes again
                 cache.clear(update.version)
-                self._cached_read = None
+                self._cached_reads.pop(s, None)
         return outcome
 
     def _apply_shard(

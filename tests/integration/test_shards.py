@@ -64,11 +64,11 @@ def _crash_after_shards(store: RedisStore, n: int) -> Callable[[], None]:
     real = store._apply_shard
     done = [0]
 
-    def apply_shard(s: int, update: Any, part: str, counts: Any, finishing: bool) -> ApplyOutcome:
+    def apply_shard(s: int, update: Any, part: str, counts: Any, **options: Any) -> ApplyOutcome:
         if done[0] >= n:
             raise _Crash
         done[0] += 1
-        return real(s, update, part, counts, finishing=finishing)
+        return real(s, update, part, counts, **options)
 
     store._apply_shard = apply_shard  # type: ignore[method-assign]
     return lambda: setattr(store, "_apply_shard", real)

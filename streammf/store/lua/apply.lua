@@ -17,10 +17,13 @@ local refused = fence(KEYS[K.offsets], offsets_from)
 if refused then return refused end
 if paused(KEYS[K.meta]) and ARGV[A.finishing] ~= '1' then return 'paused' end
 -- The writer stamp (streammf.store.user_cache): a writer that took users from its own copy applies only if
--- nobody wrote since its read; every apply leaves its own stamp, or '' when another write came in between.
+-- nobody wrote since its read; every apply of users leaves its own stamp, or '' when another write came in
+-- between. The stamp guards the users' rows, their interactions and the item counts: the item part of a
+-- batch on a model of several shards touches none of them, and leaves it as it is.
 local stamp_before = redis.call('HGET', KEYS[K.stats], 'writer') or ''
 local stamp_kept = stamp_before == ARGV[A.stamp_expected]
 if ARGV[A.stamp_strict] == '1' and not stamp_kept then return 'stale_version' end
+local touches_users = ARGV[A.n_users] ~= '0' or ARGV[A.n_pairs] ~= '0' or ARGV[A.n_count_items] ~= '0'
 -- Settled: nothing was written since the writer's read (its own stamp, still there), so the counts and
 -- strengths it computed from that read are the stored ones plus its changes: taken as sent.
 local settled = ARGV[A.stamp_expected] ~= '' and stamp_kept
@@ -294,7 +297,7 @@ end
 redis.call('HSET', KEYS[K.stats], 'value_sum', string.format('%.17g', value_sum + tonumber(ARGV[A.value_sum_delta])))
 redis.call('HINCRBY', KEYS[K.stats], 'value_count', ARGV[A.value_count_delta])
 redis.call('HINCRBY', KEYS[K.stats], 'events_applied', ARGV[A.events_applied])
-redis.call('HSET', KEYS[K.stats], 'writer', stamp_kept and ARGV[A.stamp_new] or '')
+if touches_users then redis.call('HSET', KEYS[K.stats], 'writer', stamp_kept and ARGV[A.stamp_new] or '') end
 for _, g in ipairs(gramians) do redis.call('SET', g[1], g[2]) end
 for o = offsets_from, #ARGV, 3 do redis.call('HSET', KEYS[K.offsets], ARGV[o], ARGV[o + 2]) end
 if popularity then

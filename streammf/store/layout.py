@@ -27,6 +27,9 @@ counts, popularity and offsets, and a full copy of `stats`.
     offsets                     hash    Kafka partition -> next offset to consume
     item_offsets                hash    the same, for the item part of batches (models of S > 1 shards)
 
+One key sits outside a model's prefix, so that deleting the model keeps it: ``streammf:rebuild:{<name>}``,
+the lease of the one replica that deletes and creates a lost model again (`streammf run --rebuild`).
+
 Floats stored as text are written with 17 significant digits, so they read back as the exact float64.
 """
 
@@ -100,6 +103,12 @@ class ModelKeys:
     @property
     def refresh_lease(self) -> str:
         return self.prefix + "refresh_lease"
+
+    @property
+    def rebuild_lease(self) -> str:
+        """Held by the one replica that deletes and creates a lost model again (`streammf run
+        --rebuild`): outside the model's prefix, so deleting the model keeps it; in the control slot."""
+        return f"{KEY_ROOT}:rebuild:{{{self.name}}}"
 
     @property
     def item_counts(self) -> str:
@@ -243,6 +252,18 @@ def read_current_version(client: redis.Redis, keys: ModelKeys) -> int:
 
 def model_exists(client: redis.Redis, name: str) -> bool:
     return bool(client.exists(ModelKeys(name).meta))
+
+
+def hold_rebuild_lease(client: redis.Redis, name: str, owner: str, ttl_s: float) -> bool:
+    """Take or extend the lease on rebuilding model `name` (True if `owner` holds it)."""
+    take = scripts.LEASE.register(client)
+    keys = scripts.LEASE.key_list(lease=ModelKeys(name).rebuild_lease)
+    return bool(take(keys=keys, args=scripts.LEASE.arg_list(owner=owner, ttl_ms=max(1, int(ttl_s * 1000)))))
+
+
+def release_rebuild_lease(client: redis.Redis, name: str, owner: str) -> None:
+    keys = scripts.RELEASE_LEASE.key_list(lease=ModelKeys(name).rebuild_lease)
+    scripts.RELEASE_LEASE.register(client)(keys=keys, args=scripts.RELEASE_LEASE.arg_list(owner=owner))
 
 
 def read_popular_items(

@@ -18,7 +18,15 @@ from prometheus_client import CollectorRegistry, GCCollector
 from streammf.config import KafkaSettings, Settings
 from streammf.store.connect import redis_client
 from streammf.store.contract import StoreLostStateError
-from streammf.store.layout import delete_model, model_exists, require_no_eviction
+from streammf.store.layout import (
+    ModelKeys,
+    delete_model,
+    hold_rebuild_lease,
+    model_exists,
+    release_rebuild_lease,
+    require_no_eviction,
+    text,
+)
 from streammf.store.redis_store import RedisStore
 from streammf.store.timed import TimedStore
 from streammf.stream.consumer import ConsumeLoop, LoopSettings
@@ -29,6 +37,9 @@ from streammf.stream.refresh import PeriodicRefresh
 
 log = logging.getLogger(__name__)
 
+# How long a replica may hold the lease on deleting and creating a lost model again before another one
+# may take over (it lets go as soon as the model exists; a replica that died holding it delays the others).
+REBUILD_LEASE_S = 300.0
 # Young objects the collector lets accumulate before it scans them (CPython's default: 700).
 GC_YOUNG_THRESHOLD = 50_000
 
@@ -84,14 +95,8 @@ def run_daemon(
             return
         client = redis_client(settings)
         require_no_eviction(client, settings.redis.allow_eviction)
-        try:
-            _check_store_kept_state(client, consumer, settings)
-        except StoreLostStateError as exc:
-            if not rebuild:
-                raise
-            log.warning("rebuilding model %s: %s", settings.model.name, exc)
-            deleted = delete_model(client, settings.model.name)
-            log.warning("deleted %d remaining keys of model %s", deleted, settings.model.name)
+        if not _model_kept_or_rebuilt(client, consumer, settings, rebuild, stop):
+            return
         producer = kafka_producer(settings.kafka)
         _run_loop(settings, params, stop, rebuild, client, consumer, producer, metrics, heartbeat)
     except StoreLostStateError as exc:
@@ -158,6 +163,46 @@ def _confluent_client() -> ModuleType:
             "STREAMMF_KAFKA__CLIENT=confluent needs confluent-kafka: pip install 'streammf[confluent]'"
         ) from None
     return confluent_client
+
+
+def _model_kept_or_rebuilt(
+    client: redis.Redis, consumer: Any, settings: Settings, rebuild: bool, stop: threading.Event
+) -> bool:
+    """Whether the loop may start: the store kept the model (`_check_store_kept_state`), or it lost it and
+    `rebuild` lets this replica delete what is left and create it empty. Several replicas started with
+    --rebuild after a loss: one takes the rebuild lease, the others wait until the model exists and join
+    it (their partitions are consumed again from the earliest offset), so none deletes a model another
+    is already rebuilding. False: stopped while waiting."""
+    name, owner = settings.model.name, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    waiting = False
+    while True:
+        try:
+            _check_store_kept_state(client, consumer, settings)
+            return True
+        except StoreLostStateError as exc:
+            if not rebuild:
+                raise
+            if hold_rebuild_lease(client, name, owner, REBUILD_LEASE_S):
+                try:
+                    _check_store_kept_state(client, consumer, settings)  # rebuilt by another meanwhile?
+                except StoreLostStateError:
+                    log.warning("rebuilding model %s: %s", name, exc)
+                    deleted = delete_model(client, name)
+                    log.warning("deleted %d remaining keys of model %s", deleted, name)
+                    open_store(settings, client)  # before the lease goes: a replica waiting joins this one
+                finally:
+                    release_rebuild_lease(client, name, owner)
+                return True
+            if not waiting:
+                holder = client.get(ModelKeys(name).rebuild_lease)
+                log.warning(
+                    "another replica (%s) is rebuilding model %s: waiting for it to create the model",
+                    text(holder or b"?"),
+                    name,
+                )
+                waiting = True
+            if stop.wait(1.0):
+                return False
 
 
 def _check_store_kept_state(client: redis.Redis, consumer: Any, settings: Settings) -> None:

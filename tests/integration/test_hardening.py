@@ -21,7 +21,13 @@ import redis
 from streammf.client import StreamMFClient
 from streammf.config import ModelSettings, RedisSettings, Settings
 from streammf.store.contract import StoreLostStateError, StoreUnsafeError
-from streammf.store.layout import ModelKeys, delete_model, model_exists
+from streammf.store.layout import (
+    ModelKeys,
+    delete_model,
+    hold_rebuild_lease,
+    model_exists,
+    release_rebuild_lease,
+)
 from streammf.store.memory import MemoryStore
 from streammf.store.redis_store import RedisStore
 from streammf.stream.learner import LearnerParams
@@ -320,6 +326,62 @@ def test_a_replica_still_running_when_another_rebuilds_the_model_writes_nothing_
     assert isinstance(error, StoreLostStateError), repr(error)
     assert "created again" in str(error) or "lost the state of that partition" in str(error), repr(error)
     assert rebuilt.events_applied() == 0 and rebuilt.applied_offsets() == {}
+
+
+def _lose_the_model(kafka_bootstrap, redis_url, redis_client, topic, model, payloads) -> Settings:
+    """A model that applied `payloads` (the group committed) and then vanished from Redis."""
+    _produce(kafka_bootstrap, topic, payloads)
+    settings = _settings(kafka_bootstrap, redis_url, topic, model, _free_port())
+    with Daemon(settings):
+        _wait_for(lambda: _applied(redis_client, model) >= len(payloads), 120, "events applied")
+        _wait_for(
+            lambda: _group_committed(kafka_bootstrap, settings.kafka.group_id, topic), 30, "a kafka commit"
+        )
+    delete_model(redis_client, model)
+    return settings
+
+
+def test_a_replica_started_with_rebuild_waits_for_the_one_rebuilding_and_joins_it(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model
+):
+    """Every replica of a deployment started with --rebuild after a loss: only the lease holder deletes and
+    creates the model; another one waits for it, then consumes its partitions again from the earliest
+    offset into that model, which it does not delete again."""
+    topic = make_topic(topic_name, 1)
+    payloads = _synthetic_ratings(3000, seed=8)
+    settings = _lose_the_model(kafka_bootstrap, redis_url, redis_client, topic, model, payloads)
+    holder = "replica-a:1:0"
+    assert hold_rebuild_lease(redis_client, model, holder, 60.0)
+    with Daemon(settings, rebuild=True) as waiting:
+        time.sleep(4.0)
+        assert waiting.thread.is_alive(), "the waiting replica stopped"
+        assert not model_exists(redis_client, model), "it created the model while another held the lease"
+        # The holder creates the model and lets the lease go, as `streammf run --rebuild` does.
+        rebuilt = RedisStore.open(redis_client, model, "explicit", settings.model.factors)
+        release_rebuild_lease(redis_client, model, holder)
+        _wait_for(lambda: _applied(redis_client, model) >= len(payloads), 120, "all events applied again")
+    assert rebuilt.events_applied() == len(payloads)
+    assert rebuilt.applied_offsets() == {0: len(payloads)}
+    assert RedisStore.attach(redis_client, model).incarnation == rebuilt.incarnation, "deleted again"
+    assert redis_client.get(ModelKeys(model).rebuild_lease) is None
+
+
+def test_two_replicas_started_with_rebuild_together_rebuild_the_lost_model_once(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model
+):
+    topic = make_topic(topic_name, 2)
+    payloads = _synthetic_ratings(4000, seed=9)
+    settings = _lose_the_model(kafka_bootstrap, redis_url, redis_client, topic, model, payloads)
+    metrics = settings.metrics.model_copy(update={"port": _free_port()})
+    other = settings.model_copy(update={"metrics": metrics})
+    with Daemon(settings, rebuild=True) as first, Daemon(other, rebuild=True) as second:
+        _wait_for(lambda: _applied(redis_client, model) >= len(payloads), 120, "all events applied again")
+        time.sleep(2.0)  # a second deletion, had there been one, would show now
+        assert first.thread.is_alive() and second.thread.is_alive()
+    store = RedisStore.attach(redis_client, model)
+    assert store.events_applied() == len(payloads), "every event applied once"
+    assert sum(store.applied_offsets().values()) == len(payloads)
+    _assert_sound(redis_client, model)
 
 
 def test_a_redis_that_may_evict_our_keys_is_refused_at_start(

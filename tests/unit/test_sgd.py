@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -19,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streammf.model.factors import DTYPE, LossParams
-from streammf.model.sgd import SgdBatch, SgdParams, event_loss_reference, sgd_step
+from streammf.model.sgd import SgdBatch, SgdParams, _prox_row, event_loss_reference, sgd_step
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -555,3 +556,54 @@ def test_empty_batch_changes_nothing(case) -> None:
     ):  # fmt: skip
         np.testing.assert_array_equal(getattr(state, name), getattr(before, name), err_msg=name)
     assert (state.value_sum, state.value_count) == (before.value_sum, before.value_count)
+
+
+def _textbook_prox_row(
+    G: np.ndarray, c: float, x: np.ndarray, other: np.ndarray, a: float, b: float, shift: float
+) -> np.ndarray:
+    """`_prox_row`'s system solved by the textbook Cholesky (left-looking, one entry at a time)."""
+    k = len(x)
+    rhs = [x[f] + b * other[f] for f in range(k)]
+    m = [[c * G[f, h] + a * other[f] * other[h] for h in range(k)] for f in range(k)]
+    for f in range(k):
+        m[f][f] += 1.0 + shift
+    for j in range(k):
+        total = m[j][j]
+        for p in range(j):
+            total -= m[j][p] * m[j][p]
+        m[j][j] = math.sqrt(total)
+        for i in range(j + 1, k):
+            total = m[i][j]
+            for p in range(j):
+                total -= m[i][p] * m[j][p]
+            m[i][j] = total / m[j][j]
+    y = [0.0] * k
+    for i in range(k):
+        total = rhs[i]
+        for p in range(i):
+            total -= m[i][p] * y[p]
+        y[i] = total / m[i][i]
+    out = [0.0] * k
+    for i in range(k - 1, -1, -1):
+        total = y[i]
+        for p in range(i + 1, k):
+            total -= m[p][i] * out[p]
+        out[i] = total / m[i][i]
+    return np.array(out)
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 5, 32, 37])
+def test_the_proximal_solve_is_the_textbook_cholesky_to_the_bit(k: int) -> None:
+    """The kernel's Cholesky runs several entries side by side for speed; each must still take the
+    textbook form's operations in its order, or a model's bytes would depend on the loop layout."""
+    rng = np.random.default_rng(k)
+    rows = rng.normal(size=(50, k))
+    G = rows.T @ rows
+    x, other = rng.normal(size=k), rng.normal(size=k)
+    out, system, work = np.empty(k), np.empty((k, k)), np.empty(k)
+    _prox_row(G, 0.37, x, other, 0.81, 1.3, 0.02, out, system, work)
+    expected = _textbook_prox_row(G, 0.37, x, other, 0.81, 1.3, 0.02)
+    assert out.tobytes() == expected.tobytes()
+    np.testing.assert_allclose(
+        (np.eye(k) * 1.02 + 0.37 * G + 0.81 * np.outer(other, other)) @ out, x + 1.3 * other, rtol=1e-9
+    )

@@ -173,13 +173,13 @@ def _run_mode(
                 node: (usec_after.get(node, 0.0) - usec_before.get(node, 0.0)) / plan.events
                 for node in sorted(usec_before.keys() | usec_after.keys())
             }
-            before = sum_samples(daemons.scrape_each())
+            before = _samples_once_counted(daemons, plan.events)
             live = int(plan.offered_rate * plan.live_seconds)
             say(f"{name}: live, {live:,} events offered at {plan.offered_rate:,.0f}/s")
             _replay(env, live, rate=plan.offered_rate, partitions=None)
             _wait_applied(client, stats, plan.events + live, daemons, timeout_s=plan.live_seconds * 10 + 120)
+            after = _samples_once_counted(daemons, plan.events + live)
             by_replica = daemons.scrape_each()
-            after = sum_samples(by_replica)
         latency = _histogram_delta(before, after, "streammf_update_latency_seconds")
         freshness = _histogram_delta(before, after, "streammf_freshness_seconds")
         return BenchRun(
@@ -368,6 +368,20 @@ def _wait_applied(client: redis.Redis, stats: list[str], n: int, daemons: _Daemo
         if time.monotonic() > deadline:
             raise TimeoutError(f"the daemon applied {_applied(client, stats)} of {n} events")
         time.sleep(0.1)
+
+
+def _samples_once_counted(daemons: _Daemons, n: int, timeout_s: float = 30.0) -> dict[str, float]:
+    """The daemons' metrics summed, once they count `n` events applied (or after `timeout_s`, e.g. when
+    some events were dead-lettered): a batch is counted in the metrics just after Redis has it, and a
+    scrape in between would move that batch's freshness (its events waited in the backlog) into the live
+    phase's histograms."""
+    deadline = time.monotonic() + timeout_s
+    while (samples := sum_samples(daemons.scrape_each())).get("streammf_events_applied_total", 0) < n:
+        daemons.check()
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return samples
 
 
 def _nodes(client: RedisCluster) -> list[str]:

@@ -43,6 +43,7 @@ from tests.integration.test_daemon import (
     _produce,
     _ratings_payloads,
     _scrape,
+    _scrape_settled,
     _settings,
     _two_daemons_apply,
     _wait_for,
@@ -231,7 +232,7 @@ def test_replay_through_kafka_matches_evaluate_on_three_shards(
     settings = _cluster_settings(kafka_bootstrap, redis_cluster_url, topic, model, port)
     with _InProcessDaemon(settings):
         _wait_for(lambda: _applied(redis_cluster_client, model) >= len(movielens), 300, "all events applied")
-        metrics = _scrape(port)
+        metrics = _scrape_settled(port)
     store = _store(redis_cluster_client, model)
     _assert_spread_over_every_primary(redis_cluster_client, store)
     assert store.events_applied() == len(movielens)

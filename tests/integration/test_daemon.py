@@ -152,6 +152,35 @@ def _scrape(port: int) -> dict[str, float]:
     return samples
 
 
+# Series that move only when the loop accounts for a batch (or a record it dead-letters or forgets).
+_BATCH_SERIES = (
+    "streammf_events_",
+    "streammf_batches_total",
+    "streammf_prequential_",
+    "streammf_freshness_seconds_count",
+    "streammf_users_forgotten_total",
+)
+
+
+def _scrape_settled(port: int, timeout_s: float = 30.0) -> dict[str, float]:
+    """The daemon's metrics once its batch series stop moving. The worker applies a batch to Redis and
+    the loop counts it in the metrics at its next turn (after its next poll, up to poll_timeout_ms later),
+    so a scrape made as soon as Redis holds every event can miss the last batch."""
+
+    def batch_series(samples: dict[str, float]) -> dict[str, float]:
+        return {name: value for name, value in samples.items() if name.startswith(_BATCH_SERIES)}
+
+    last = _scrape(port)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = _scrape(port)
+        if batch_series(now) == batch_series(last):
+            return now
+        last = now
+    return last
+
+
 def _serving(port: int) -> bool:
     try:
         return "streammf_events_consumed_total" in _scrape(port)
@@ -239,7 +268,7 @@ def test_replay_through_kafka_matches_evaluate(
     settings = _settings(kafka_bootstrap, redis_url, topic, model, port, kafka_client)
     with _InProcessDaemon(settings):
         _wait_for(lambda: _applied(redis_client, model) >= len(movielens), 300, "all events applied")
-        metrics = _scrape(port)
+        metrics = _scrape_settled(port)
     _assert_same_factors(redis_client, model, evaluated)
     daemon_rmse = np.sqrt(
         metrics["streammf_prequential_squared_error_total"]
@@ -578,7 +607,7 @@ def test_freshness_measures_the_pipeline_not_the_age_of_the_data(
         _produce(kafka_bootstrap, topic, payloads, pause_every=300, pause_s=0.1)  # paced, about 1 s
         _wait_for(lambda: _applied(redis_client, model) >= len(payloads), 60, "all events applied")
         elapsed = time.time() - started
-        metrics = _scrape(port)
+        metrics = _scrape_settled(port)
     count = metrics["streammf_freshness_seconds_count"]
     assert count == len(payloads)
     bound = min(float(le) for le in _buckets(metrics, "streammf_freshness_seconds") if float(le) >= elapsed)

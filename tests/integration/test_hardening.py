@@ -41,6 +41,7 @@ from tests.integration.test_daemon import (
     _produce,
     _ratings_payloads,
     _scrape,
+    _scrape_settled,
     _settings,
     _stored_rows,
     _wait_for,
@@ -128,7 +129,7 @@ def test_huge_values_and_weights_are_dead_lettered_and_the_model_stays_finite(
     port = _free_port()
     with Daemon(_settings(kafka_bootstrap, redis_url, topic, model, port)):
         _wait_for(lambda: _applied(redis_client, model) >= len(valid), 120, "valid events applied")
-        metrics = _scrape(port)
+        metrics = _scrape_settled(port)
     assert _applied(redis_client, model) == len(valid)
     dead = _dead_letters(kafka_bootstrap, topic)
     assert sorted(r.value for r in dead) == sorted(poison)
@@ -190,7 +191,7 @@ def test_a_stream_of_diverging_events_is_dead_lettered_at_the_daemons_pace(
             "the whole stream consumed",
         )
         elapsed = time.monotonic() - started
-        metrics = _scrape(port)
+        metrics = _scrape_settled(port)
     print(f"{len(stream)} events ({len(hot)} on the diverging pair) consumed in {elapsed:.1f} s")
     dead = _dead_letters(kafka_bootstrap, topic)
     hot_applied = _applied(redis_client, model) - len(valid)
@@ -564,7 +565,7 @@ def test_a_seeded_hostile_mix_is_applied_or_dead_lettered_exactly_once(
     port = _free_port()
     with Daemon(_settings(kafka_bootstrap, redis_url, topic, model, port, kafka_client)):
         _wait_for(lambda: consumed() >= len(records), 120, "every record consumed")
-        metrics = _scrape(port)
+        metrics = _scrape_settled(port)
     dead = _dead_letters(kafka_bootstrap, topic)
     assert consumed() == len(records)
     assert _applied(redis_client, model) + len(dead) + forgets == len(records)

@@ -70,6 +70,13 @@ class Positions:
         handled stay waiting."""
         moved = set()
         for tp in sorted(self._unsynced, key=lambda tp: tp.partition):
+            # Not ours (any more): a resync after a conflict names the partitions of the batch in flight,
+            # which a rebalance may have taken away since, and a Kafka call below (`committed`) may run
+            # the rebalance listener itself. Seeking one raises in the client; its owner syncs it.
+            if tp not in self._unsynced or tp not in consumer.assignment():
+                self._unsynced.discard(tp)
+                self._resyncing.discard(tp)
+                continue
             self._reseek.pop(tp, None)
             if ahead and tp.partition in ahead:
                 self._cap[tp.partition] = ahead[tp.partition]

@@ -199,8 +199,12 @@ class FlakyStore:
 
 
 class SeekingConsumer(ScriptedConsumer):
-    def __init__(self) -> None:
+    def __init__(self, owned: frozenset[TopicPartition] = frozenset({TP})) -> None:
         super().__init__([], threading.Event())
+        self.owned = set(owned)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.owned)
 
 
 class FakeClock:
@@ -435,7 +439,7 @@ def test_a_torn_partition_is_completed_in_a_batch_of_its_own() -> None:
     # refuse it whole: so partition 1 waits (fetched again) until partition 0 is level.
     from streammf.stream.positions import Positions
 
-    positions, consumer = Positions(), SeekingConsumer()
+    positions, consumer = Positions(), SeekingConsumer(frozenset({TP, TP1}))
     positions.assigned([TP, TP1])
     positions.sync(consumer, {0: 5, 1: 7}, rebuild=False, ahead={0: 8})
     fresh = positions.drop_applied({TP: _records_of(TP, 5, 10), TP1: _records_of(TP1, 7, 3)})
@@ -451,9 +455,39 @@ def test_a_partition_resynced_with_nothing_applied_is_consumed_again_from_its_be
     # position past this partition's records; with no offset in the store they must be fetched again.
     from streammf.stream.positions import Positions
 
-    positions, consumer = Positions(), SeekingConsumer()
+    positions, consumer = Positions(), SeekingConsumer(frozenset({TP, TP1}))
     positions.assigned([TP, TP1])
     assert positions.sync(consumer, {}, rebuild=False) == set() and consumer.to_beginning == []
     positions.resync([TP, TP1])
     assert positions.sync(consumer, {1: 4}, rebuild=False) == {TP, TP1}
     assert consumer.to_beginning == [TP] and consumer.seeks == [(TP1, 4)]
+
+
+def test_a_resync_of_a_partition_taken_away_meanwhile_seeks_only_the_ones_still_assigned() -> None:
+    # Seen in `streammf bench --replicas 2`: a batch over partitions 0 and 1 was refused as a conflict
+    # after a rebalance had left this replica only partition 0; seeking partition 1 raised
+    # "Unassigned partition" in kafka-python and the replica died.
+    from streammf.stream.positions import Positions
+
+    positions, consumer = Positions(), SeekingConsumer()  # its assignment is {TP}
+    positions.assigned([TP])
+    positions.sync(consumer, {0: 3}, rebuild=False)
+    positions.resync([TP, TP1])
+    assert positions.sync(consumer, {0: 5, 1: 9}, rebuild=False) == {TP}
+    assert consumer.seeks == [(TP, 3), (TP, 5)] and not positions.needs_sync
+
+
+def test_a_partition_revoked_by_the_listener_during_a_sync_is_not_sought() -> None:
+    # `committed()` is a Kafka call, and kafka-python may run the rebalance listener inside it.
+    from streammf.stream.positions import Positions
+
+    class RevokingConsumer(SeekingConsumer):
+        def committed(self, tp: TopicPartition) -> int | None:
+            positions.revoked([TP1])
+            self.owned.discard(TP1)
+            return None
+
+    positions, consumer = Positions(), RevokingConsumer(frozenset({TP, TP1}))
+    positions.assigned([TP, TP1])
+    assert positions.sync(consumer, {1: 4}, rebuild=False) == set()
+    assert consumer.seeks == [] and not positions.needs_sync

@@ -268,6 +268,10 @@ def test_sigkill_restarts_on_three_shards_apply_every_event_exactly_once(
     topic = make_topic(topic_name, 1)
     _produce(kafka_bootstrap, topic, _ratings_payloads(movielens))
     settings = _cluster_settings(kafka_bootstrap, redis_cluster_url, topic, model, 0)
+    # Batches of 2,000 (not the default 10,000): five kills must land mid-stream, and between the shard
+    # writes of a batch now and then, however fast the daemon has become.
+    kafka = settings.kafka.model_copy(update={"max_poll_records": 2000})
+    settings = settings.model_copy(update={"kafka": kafka})
     rng = random.Random(11)
     log_path = tmp_path / "daemon.log"
     torn: list[tuple[int, dict[int, int], dict[int, int]]] = []  # kills that fell between shard writes

@@ -85,6 +85,7 @@ def _env(settings: Settings) -> dict[str, str]:
         STREAMMF_KAFKA__TOPIC=settings.kafka.topic,
         STREAMMF_KAFKA__GROUP_ID=settings.kafka.group_id,
         STREAMMF_KAFKA__SESSION_TIMEOUT_MS=str(settings.kafka.session_timeout_ms),
+        STREAMMF_KAFKA__MAX_POLL_RECORDS=str(settings.kafka.max_poll_records),
         STREAMMF_REDIS__URL=settings.redis.url,
         STREAMMF_MODEL__NAME=settings.model.name,
         STREAMMF_METRICS__HOST="127.0.0.1",

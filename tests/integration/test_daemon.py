@@ -539,7 +539,7 @@ def _two_daemons_apply(
         except AssertionError as stalled:  # say where each daemon stands, so a stall can be diagnosed
             tails = "\n".join(f"--- {log.name}\n{log.read_text()[-4000:]}" for log in logs)
             raise AssertionError(f"{stalled}: {applied()} of {len(payloads)} applied\n{tails}") from None
-        return [_scrape(int(env["STREAMMF_METRICS__PORT"])) for env in envs]
+        return [_scrape_settled(int(env["STREAMMF_METRICS__PORT"])) for env in envs]
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)

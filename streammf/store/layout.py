@@ -254,16 +254,19 @@ def model_exists(client: redis.Redis, name: str) -> bool:
     return bool(client.exists(ModelKeys(name).meta))
 
 
-def hold_rebuild_lease(client: redis.Redis, name: str, owner: str, ttl_s: float) -> bool:
-    """Take or extend the lease on rebuilding model `name` (True if `owner` holds it)."""
+def hold_lease(client: redis.Redis, key: str, owner: str, ttl_s: float) -> bool:
+    """Take or extend the lease at `key` (a refresh's, a rebuild's) for `ttl_s`; True if `owner` holds it."""
     take = scripts.LEASE.register(client)
-    keys = scripts.LEASE.key_list(lease=ModelKeys(name).rebuild_lease)
-    return bool(take(keys=keys, args=scripts.LEASE.arg_list(owner=owner, ttl_ms=max(1, int(ttl_s * 1000)))))
+    args = scripts.LEASE.arg_list(owner=owner, ttl_ms=max(1, int(ttl_s * 1000)))
+    return bool(take(keys=scripts.LEASE.key_list(lease=key), args=args))
 
 
-def release_rebuild_lease(client: redis.Redis, name: str, owner: str) -> None:
-    keys = scripts.RELEASE_LEASE.key_list(lease=ModelKeys(name).rebuild_lease)
-    scripts.RELEASE_LEASE.register(client)(keys=keys, args=scripts.RELEASE_LEASE.arg_list(owner=owner))
+def release_lease(client: redis.Redis, key: str, owner: str) -> bool:
+    """Give the lease at `key` up if `owner` holds it (True if it did)."""
+    args = scripts.RELEASE_LEASE.arg_list(owner=owner)
+    return bool(
+        scripts.RELEASE_LEASE.register(client)(keys=scripts.RELEASE_LEASE.key_list(lease=key), args=args)
+    )
 
 
 def read_popular_items(

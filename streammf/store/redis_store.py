@@ -46,12 +46,14 @@ from streammf.store.layout import (
     ModelKeys,
     StoredModel,
     decode_gramian,
+    hold_lease,
     join_ids,
     parse_float,
     parse_int,
     read_current_version,
     read_model_meta,
     read_popular_items,
+    release_lease,
     require_binary_client,
     require_no_eviction,
     rows_from_blob,
@@ -330,8 +332,6 @@ class RedisStore:
         self._switch_script = scripts.SWITCH.register(client)
         self._discard_script = scripts.DISCARD.register(client)
         self._handover_script = scripts.HANDOVER.register(client)
-        self._lease_script = scripts.LEASE.register(client)
-        self._release_lease_script = scripts.RELEASE_LEASE.register(client)
         self._scan_rows_script = scripts.SCAN_ROWS.register(client)
         self._last_read: dict[int, _LastRead] = {}  # shard -> its part of the last batch read
         # Per shard, a copy of the users it holds that this store wrote, with its own stamp (a batch's user
@@ -374,18 +374,31 @@ class RedisStore:
             tags = shard_tags(name, shards)
             zero_gramian = np.zeros((k, k), dtype=GRAMIAN_DTYPE).tobytes() if mode == "implicit" else b""
             open_shard = scripts.OPEN_SHARD.register(client)
-            incarnation = uuid.uuid4().hex
-            for shard in [keys.shard(tag) for tag in tags] if shards > 1 else [keys]:
-                open_shard(
-                    keys=scripts.OPEN_SHARD.key_list(
-                        current=shard.current,
-                        stats=shard.stats,
-                        v1_meta=shard.version_meta(1),
-                        v1_gram_items=shard.gramian(1, "items"),
-                        v1_gram_users=shard.gramian(1, "users"),
-                    ),
-                    args=scripts.OPEN_SHARD.arg_list(zero_gramian=zero_gramian, incarnation=incarnation),
+            # Creators racing on one model all adopt the incarnation the first shard holds, so its shards
+            # never end up marked by different creators (which would refuse one creator's writes).
+            incarnation = ""
+            for s, shard in enumerate([keys.shard(tag) for tag in tags] if shards > 1 else [keys]):
+                held = text(
+                    open_shard(
+                        keys=scripts.OPEN_SHARD.key_list(
+                            current=shard.current,
+                            stats=shard.stats,
+                            v1_meta=shard.version_meta(1),
+                            v1_gram_items=shard.gramian(1, "items"),
+                            v1_gram_users=shard.gramian(1, "users"),
+                        ),
+                        args=scripts.OPEN_SHARD.arg_list(
+                            zero_gramian=zero_gramian, incarnation=incarnation or uuid.uuid4().hex
+                        ),
+                    )
                 )
+                if s == 0:
+                    incarnation = held
+                elif held != incarnation:
+                    raise StoreError(
+                        f"model {name!r}: shard {s} holds keys of another creation than shard 0 "
+                        f"(incarnation {held!r}, not {incarnation!r}); delete the model and start again"
+                    )
             scripts.OPEN.register(client)(
                 keys=scripts.OPEN.key_list(
                     meta=keys.meta, current=keys.current, next_version=keys.next_version
@@ -1234,21 +1247,11 @@ class RedisStore:
 
     def hold_refresh_lease(self, owner: str, ttl_s: float) -> bool:
         """Take or extend the lease that lets one replica run the periodic refresh (True if held)."""
-        return bool(
-            self._lease_script(
-                keys=scripts.LEASE.key_list(lease=self.keys.refresh_lease),
-                args=scripts.LEASE.arg_list(owner=owner, ttl_ms=max(1, int(ttl_s * 1000))),
-            )
-        )
+        return hold_lease(self._client, self.keys.refresh_lease, owner, ttl_s)
 
     def release_refresh_lease(self, owner: str) -> bool:
         """Give the lease up if `owner` holds it (True if it did)."""
-        return bool(
-            self._release_lease_script(
-                keys=scripts.RELEASE_LEASE.key_list(lease=self.keys.refresh_lease),
-                args=scripts.RELEASE_LEASE.arg_list(owner=owner),
-            )
-        )
+        return release_lease(self._client, self.keys.refresh_lease, owner)
 
     def refresh_lease_holder(self) -> str | None:
         holder = self._client.get(self.keys.refresh_lease)

@@ -21,9 +21,9 @@ from streammf.store.contract import StoreLostStateError
 from streammf.store.layout import (
     ModelKeys,
     delete_model,
-    hold_rebuild_lease,
+    hold_lease,
     model_exists,
-    release_rebuild_lease,
+    release_lease,
     require_no_eviction,
     text,
 )
@@ -182,7 +182,7 @@ def _model_kept_or_rebuilt(
         except StoreLostStateError as exc:
             if not rebuild:
                 raise
-            if hold_rebuild_lease(client, name, owner, REBUILD_LEASE_S):
+            if hold_lease(client, ModelKeys(name).rebuild_lease, owner, REBUILD_LEASE_S):
                 try:
                     _check_store_kept_state(client, consumer, settings)  # rebuilt by another meanwhile?
                 except StoreLostStateError:
@@ -191,7 +191,7 @@ def _model_kept_or_rebuilt(
                     log.warning("deleted %d remaining keys of model %s", deleted, name)
                     open_store(settings, client)  # before the lease goes: a replica waiting joins this one
                 finally:
-                    release_rebuild_lease(client, name, owner)
+                    release_lease(client, ModelKeys(name).rebuild_lease, owner)
                 return True
             if not waiting:
                 holder = client.get(ModelKeys(name).rebuild_lease)

@@ -24,9 +24,9 @@ from streammf.store.contract import StoreLostStateError, StoreUnsafeError
 from streammf.store.layout import (
     ModelKeys,
     delete_model,
-    hold_rebuild_lease,
+    hold_lease,
     model_exists,
-    release_rebuild_lease,
+    release_lease,
 )
 from streammf.store.memory import MemoryStore
 from streammf.store.redis_store import RedisStore
@@ -352,14 +352,14 @@ def test_a_replica_started_with_rebuild_waits_for_the_one_rebuilding_and_joins_i
     payloads = _synthetic_ratings(3000, seed=8)
     settings = _lose_the_model(kafka_bootstrap, redis_url, redis_client, topic, model, payloads)
     holder = "replica-a:1:0"
-    assert hold_rebuild_lease(redis_client, model, holder, 60.0)
+    assert hold_lease(redis_client, ModelKeys(model).rebuild_lease, holder, 60.0)
     with Daemon(settings, rebuild=True) as waiting:
         time.sleep(4.0)
         assert waiting.thread.is_alive(), "the waiting replica stopped"
         assert not model_exists(redis_client, model), "it created the model while another held the lease"
         # The holder creates the model and lets the lease go, as `streammf run --rebuild` does.
         rebuilt = RedisStore.open(redis_client, model, "explicit", settings.model.factors)
-        release_rebuild_lease(redis_client, model, holder)
+        release_lease(redis_client, ModelKeys(model).rebuild_lease, holder)
         _wait_for(lambda: _applied(redis_client, model) >= len(payloads), 120, "all events applied again")
     assert rebuilt.events_applied() == len(payloads)
     assert rebuilt.applied_offsets() == {0: len(payloads)}

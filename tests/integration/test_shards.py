@@ -4,7 +4,9 @@ and S=3 stores fed the same events answer the same, and that the shards spread o
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -16,7 +18,8 @@ from streammf.cli import cli
 from streammf.client import StreamMFClient, VersionUnavailableError
 from streammf.model.factors import LossParams, Mode
 from streammf.model.sgd import SgdParams
-from streammf.store.contract import ApplyOutcome, RefreshableStore
+from streammf.store import scripts
+from streammf.store.contract import ApplyOutcome, RefreshableStore, StoreError
 from streammf.store.layout import ModelKeys, delete_model, read_model_meta
 from streammf.store.memory import MemoryStore
 from streammf.store.redis_store import ModelMismatchError, RedisStore
@@ -72,6 +75,76 @@ def _crash_after_shards(store: RedisStore, n: int) -> Callable[[], None]:
 
     store._apply_shard = apply_shard  # type: ignore[method-assign]
     return lambda: setattr(store, "_apply_shard", real)
+
+
+def _shard_incarnations(client: redis.Redis, name: str) -> list[bytes | None]:
+    keys = ModelKeys(name)
+    return [client.hget(keys.shard(tag).stats, "incarnation") for tag in shard_tags(name, 3)]
+
+
+def _learns_on_every_shard(store: RedisStore) -> None:
+    """A batch touching every shard is accepted: the store writes as the creation each shard holds."""
+    events = _events(200, seed=5)
+    Learner(store, _params("explicit")).learn(events, {0: (0, len(events))})
+    assert _interactions(store) == {(e.user_id, e.item_id): e.value for e in events}
+
+
+def _open_one_shard(client: redis.Redis, name: str, s: int, incarnation: str) -> None:
+    shard = ModelKeys(name).shard(shard_tags(name, 3)[s])
+    scripts.OPEN_SHARD.register(client)(
+        keys=scripts.OPEN_SHARD.key_list(
+            current=shard.current,
+            stats=shard.stats,
+            v1_meta=shard.version_meta(1),
+            v1_gram_items=shard.gramian(1, "items"),
+            v1_gram_users=shard.gramian(1, "users"),
+        ),
+        args=scripts.OPEN_SHARD.arg_list(zero_gramian=b"", incarnation=incarnation),
+    )
+
+
+def test_a_creator_that_finds_a_shard_opened_by_another_creator_joins_that_creation(where: Where) -> None:
+    """Another creator has opened shard 0 and not yet the others: this one adopts shard 0's incarnation
+    for every shard, so neither creator's writes are refused later as those of an older creation."""
+    client, name = where
+    _open_one_shard(client, name, 0, "the-other-creator")
+    store = RedisStore.open(client, name, "explicit", K, shards=3)
+    assert store.incarnation == "the-other-creator"
+    assert _shard_incarnations(client, name) == [b"the-other-creator"] * 3
+    late = RedisStore.open(client, name, "explicit", K, shards=3)  # the other creator finishing
+    assert late.incarnation == "the-other-creator"
+    _learns_on_every_shard(store)
+    _learns_on_every_shard(late)
+
+
+def test_creating_over_a_shard_left_by_another_creation_says_so_and_creates_nothing(where: Where) -> None:
+    client, name = where
+    _open_one_shard(client, name, 1, "an-older-creation")
+    with pytest.raises(StoreError, match="shard 1 holds keys of another creation"):
+        RedisStore.open(client, name, "explicit", K, shards=3)
+    assert not client.exists(ModelKeys(name).meta)
+
+
+def test_two_creators_of_a_sharded_model_at_the_same_moment_both_write_to_it(where: Where) -> None:
+    client, name = where
+    for round_ in range(10):
+        model = f"{name}-{round_}"
+        start = threading.Barrier(2)
+
+        def create(model: str = model, start: threading.Barrier = start) -> RedisStore:
+            start.wait()
+            return RedisStore.open(client, model, "explicit", K, shards=3)
+
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                stores = list(pool.map(lambda _: create(), range(2)))
+            held = _shard_incarnations(client, model)
+            assert len(set(held)) == 1 and held[0]
+            assert {s.incarnation.encode() for s in stores} == {held[0]}
+            for store in stores:
+                _learns_on_every_shard(store)
+        finally:
+            delete_model(client, model)
 
 
 def test_shard_tags_fall_in_equal_slot_ranges_and_ids_hash_by_crc32() -> None:

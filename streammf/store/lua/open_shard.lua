@@ -1,5 +1,8 @@
--- A shard's own keys of a new model: its copy of `current`, the stats, version 1. Idempotent.
-if redis.call('EXISTS', KEYS[K.current]) == 1 then return 0 end
+-- A shard's own keys of a new model: its copy of `current`, the stats, version 1. Idempotent: returns the
+-- incarnation the shard holds, so creators racing on a model of several shards all adopt the first shard's.
+if redis.call('EXISTS', KEYS[K.current]) == 1 then
+  return redis.call('HGET', KEYS[K.stats], 'incarnation') or ''
+end
 local t = redis.call('TIME')
 local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
 redis.call('SET', KEYS[K.current], '1')
@@ -10,4 +13,4 @@ if ARGV[A.zero_gramian] ~= '' then
   redis.call('SET', KEYS[K.v1_gram_items], ARGV[A.zero_gramian])
   redis.call('SET', KEYS[K.v1_gram_users], ARGV[A.zero_gramian])
 end
-return 1
+return ARGV[A.incarnation]

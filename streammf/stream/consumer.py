@@ -34,7 +34,15 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from streammf.config import KafkaSettings, Settings
 from streammf.store.contract import ApplyOutcome, StoreUnavailableError
-from streammf.stream.events import DEFAULT_LIMITS, Event, EventLimits, ForgetUser, Invalid, decode
+from streammf.stream.events import (
+    DEFAULT_LIMITS,
+    EventColumns,
+    EventLimits,
+    EventRow,
+    ForgetUser,
+    Invalid,
+    decode_row,
+)
 from streammf.stream.learner import DamagedGramianError, Learner, StepResult, VersionChurnError
 from streammf.stream.metrics import Heartbeat, Metrics
 from streammf.stream.positions import Positions
@@ -265,7 +273,8 @@ class ConsumeLoop:
         self.metrics.events_consumed.inc(sum(len(r) for r in polled.values()))
         max_bytes, limits = self.settings.max_record_bytes, self.settings.limits
         return {
-            tp: [(r, decode(r.value, max_bytes, limits)) for r in records] for tp, records in polled.items()
+            tp: [(r, decode_row(r.value, max_bytes, limits)) for r in records]
+            for tp, records in polled.items()
         }
 
     def _process_now(
@@ -305,22 +314,23 @@ class ConsumeLoop:
     ) -> _Learnt:
         """Dead-letter the invalid records, learn the events and record the metrics (on the worker, or
         inline); raises _Abandoned. Touches no consumer state: positions move on the loop's thread."""
-        events: list[Event] = []
+        rows: list[EventRow] = []
         sources: list[Any] = []  # the record of each event
         dead: list[tuple[Any, Invalid]] = []
         offsets: dict[int, tuple[int, int]] = {}
         for tp, pairs in decoded.items():
             offsets[tp.partition] = (pairs[0][0].offset, pairs[-1][0].offset + 1)
             for record, item in pairs:
-                if isinstance(item, Invalid):
+                if type(item) is tuple:  # an EventRow
+                    rows.append(item)
+                    sources.append(record)
+                else:  # forget_user records never reach here (see _process_now)
                     dead.append((record, item))
                     self.metrics.events_invalid.labels(item.reason).inc()
-                    continue
-                events.append(item)  # no timestamp: the record's stands in (below), without a copy
-                sources.append(record)
+        events = EventColumns.of_rows(rows)
 
         def dead_letter_diverged(positions: list[int]) -> None:
-            diverged = [(sources[t], _diverged(events[t])) for t in positions]
+            diverged = [(sources[t], _diverged(events.row(t))) for t in positions]
             self.metrics.events_invalid.labels("diverged").inc(len(diverged))
             self._dead_letter(diverged)
 
@@ -329,10 +339,7 @@ class ConsumeLoop:
         result = self._with_retry(
             lambda: self.learner.learn(events, offsets, dead_letter_diverged), stop, writes=True
         )
-        diverged = set(result.diverged)
-        self._observe(
-            result, [(sources[t], e) for t, e in enumerate(events) if t not in diverged], offsets, received
-        )
+        self._observe(result, events, sources, offsets, received)
         return _Learnt(result, offsets)
 
     def _forget(self, record: Any, forget: ForgetUser, stop: threading.Event) -> None:
@@ -352,12 +359,14 @@ class ConsumeLoop:
     def _observe(
         self,
         result: StepResult,
-        applied: list[tuple[Any, Event]],
+        events: EventColumns,
+        sources: list[Any],
         offsets: dict[int, tuple[int, int]],
         received: float,
     ) -> None:
-        """Metrics of one batch, as soon as its apply is acknowledged (`applied`: the applied events with
-        their records; `received`: when its poll returned)."""
+        """Metrics of one batch, as soon as its apply is acknowledged (`events` and their `sources`, the
+        records: those learnt, of which `result.diverged` were not applied; `received`: when its poll
+        returned)."""
         acknowledged, now = time.perf_counter(), self.clock()  # the effect is committed in Redis
         self.metrics.batches.labels(result.outcome.value).inc()
         if result.outcome is ApplyOutcome.CONFLICT:
@@ -367,17 +376,20 @@ class ConsumeLoop:
         if result.outcome is ApplyOutcome.DUPLICATE:
             log.info("batch already applied (replay after a restart): skipped", extra={"offsets": offsets})
             return
-        self.metrics.batch_size.observe(len(applied))
-        self.metrics.observe_errors(float((result.errors**2).sum()), len(applied))
+        applied = np.ones(len(events), dtype=bool)
+        applied[list(result.diverged)] = False
+        n_applied = int(applied.sum())
+        self.metrics.batch_size.observe(n_applied)
+        self.metrics.observe_errors(float((result.errors**2).sum()), n_applied)
         # Kafka timestamps in ms, -1 when absent; an event without its own time happened when it entered.
-        entered = np.array([r.timestamp if r.timestamp is not None else -1 for r, _ in applied], dtype=float)
-        entered = np.where(entered >= 0, entered / 1000.0, np.nan)
-        happened = np.array([np.nan if e.timestamp is None else e.timestamp for _, e in applied], dtype=float)
+        entered = np.array([r.timestamp if r.timestamp is not None else -1 for r in sources], dtype=float)
+        entered = np.where(entered >= 0, entered / 1000.0, np.nan)[applied]
+        happened = events.timestamps[applied]
         happened = np.where(np.isnan(happened), entered, happened)
         self.metrics.freshness.observe_many(np.maximum(0.0, now - entered[~np.isnan(entered)]))
         self.metrics.event_age.observe_many(np.maximum(0.0, now - happened[~np.isnan(happened)]))
         # Last: whoever sees the count (a scraper waiting for it, like the bench) sees the batch's histograms.
-        self.metrics.events_applied.inc(len(applied))
+        self.metrics.events_applied.inc(n_applied)
 
     def _advance(self, learnt: _Learnt) -> StepResult:
         """Positions after a learnt batch (on the loop's thread)."""
@@ -611,11 +623,12 @@ def _transient_kafka_error(exc: KafkaError) -> bool:
     return bool(getattr(exc, "retriable", False)) or isinstance(exc, KafkaTimeoutError)
 
 
-def _diverged(event: Event) -> Invalid:
+def _diverged(row: EventRow) -> Invalid:
+    user, item, value, weight, _ = row
     return Invalid(
         "diverged",
-        f"the update for user {event.user_id!r}, item {event.item_id!r} (value {event.value:g}, weight "
-        f"{event.weight:g}) would drive a row out of bounds (STREAMMF_MODEL__MAX_ABS_FACTOR): not applied",
+        f"the update for user {user!r}, item {item!r} (value {value:g}, weight {weight:g}) would drive "
+        "a row out of bounds (STREAMMF_MODEL__MAX_ABS_FACTOR): not applied",
     )
 
 

@@ -19,7 +19,7 @@ from streammf.model.factors import DEFAULTS, DTYPE, LossParams, init_rows
 from streammf.model.popularity import batch_item_weights
 from streammf.model.sgd import SgdBatch, SgdParams, sgd_step
 from streammf.store.contract import ApplyOutcome, BatchState, BatchUpdate, FactorStore
-from streammf.stream.events import Event
+from streammf.stream.events import Event, EventColumns
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class Learner:
 
     def learn(
         self,
-        events: Sequence[Event],
+        events: EventColumns | Sequence[Event],
         offsets: dict[int, tuple[int, int]],
         on_diverged: Callable[[list[int]], None] | None = None,
     ) -> StepResult:
@@ -125,6 +125,8 @@ class Learner:
         before anything is applied (the daemon dead-letters them there; if it raises, nothing is applied).
         A version flip means recomputing against the new version. A paused version (a refresh handing
         over, normally well under a second) means waiting; if the refresh then publishes, recomputing."""
+        if not isinstance(events, EventColumns):
+            events = EventColumns.of(events)
         plan = _BatchPlan.of(events)
         reported: set[int] = set()
         for _ in range(self.max_version_retries):
@@ -143,7 +145,7 @@ class Learner:
 
     def _compute_in_bounds(
         self,
-        events: Sequence[Event],
+        events: EventColumns,
         plan: _BatchPlan,
         state: BatchState,
         offsets: dict[int, tuple[int, int]],
@@ -190,13 +192,13 @@ class Learner:
 
     def _subset_in_bounds(
         self,
-        events: Sequence[Event],
+        events: EventColumns,
         plan: _BatchPlan,
         state: BatchState,
         offsets: dict[int, tuple[int, int]],
         positions: list[int],
     ) -> tuple[bool, BatchUpdate, np.ndarray]:
-        sub = _BatchPlan.of([events[t] for t in positions])
+        sub = _BatchPlan.of(events.take(positions))
         sub_state = _restricted(state, plan, sub)
         update, predictions = self.compute(sub, sub_state, offsets)
         return self._in_bounds(sub_state, update, predictions), update, predictions
@@ -385,13 +387,12 @@ class _BatchPlan:
     weights: np.ndarray
 
     @classmethod
-    def of(cls, events: Sequence[Event]) -> _BatchPlan:
+    def of(cls, events: EventColumns) -> _BatchPlan:
         # Local indices by dict look-ups in comprehensions, the rest in numpy: no per-event numpy stores.
         user_index: dict[str, int] = {}
         item_index: dict[str, int] = {}
         pair_index: dict[tuple[str, str], int] = {}
-        users = [event.user_id for event in events]
-        items = [event.item_id for event in events]
+        users, items = events.user_ids, events.item_ids
         ev_user = np.array([user_index.setdefault(u, len(user_index)) for u in users], dtype=np.int64)
         ev_item = np.array([item_index.setdefault(i, len(item_index)) for i in items], dtype=np.int64)
         ev_pair = np.array(
@@ -408,6 +409,6 @@ class _BatchPlan:
             event_pair=ev_pair,
             # Each pair's last event: its first occurrence in the reversed sequence.
             last_event_of_pair=(n - 1 - np.unique(ev_pair[::-1], return_index=True)[1]).astype(np.int64),
-            values=np.array([e.value for e in events], dtype=np.float64),
-            weights=np.array([e.weight for e in events], dtype=np.float64),
+            values=events.values,
+            weights=events.weights,
         )

@@ -24,7 +24,7 @@ from streammf.store.layout import ModelKeys, delete_model, read_model_meta
 from streammf.store.memory import MemoryStore
 from streammf.store.redis_store import ModelMismatchError, RedisStore
 from streammf.store.shards import shard_of, shard_tags
-from streammf.stream.events import Event
+from streammf.stream.events import Event, EventColumns
 from streammf.stream.learner import Learner, LearnerParams, _BatchPlan
 from streammf.stream.refresh import refresh
 
@@ -249,7 +249,7 @@ def test_a_refresh_publishes_on_every_shard_refuses_stale_writers_everywhere_and
     events = _events(900)
     learner = Learner(store, params)
     learner.learn(events[:300], {0: (0, 300)})
-    plan = _BatchPlan.of(events[300:310])
+    plan = _BatchPlan.of(EventColumns.of(events[300:310]))
     state = store.read_batch_state(plan.users, plan.items, plan.pairs)  # a writer reads version 1
     report = refresh(store, params, 2)
     assert report.published and report.version == 2

@@ -14,11 +14,15 @@ from streammf.stream.events import (
     INVALID_REASONS,
     MAX_ID_LENGTH,
     Event,
+    EventColumns,
     EventLimits,
     Invalid,
     _checked,
     _plain_event,
     decode,
+    decode_row,
+    event_row,
+    row_event,
 )
 
 _FAST = settings(max_examples=400, deadline=None)
@@ -182,10 +186,12 @@ def test_decode_never_raises_on_json_objects(payload: dict, limits: EventLimits)
             assert key not in payload or type(payload[key]) in (int, float), payload
         # null is "absent" for the optional fields (timestamp, event_type).
         assert type(payload.get("timestamp")) in (int, float, type(None)), payload
+        # What the producer meant, as JSON reads it: a surrogate pair in a Python str is one character.
+        sent = json.loads(raw)
         for key in ("user_id", "item_id"):
             assert type(payload[key]) in (int, str), payload
-            assert result.model_dump()[key] == str(payload[key])
-        assert payload.get("event_type") == result.event_type
+            assert result.model_dump()[key] == str(sent[key])
+        assert sent.get("event_type") == result.event_type
 
 
 @_FAST
@@ -252,6 +258,41 @@ def test_the_plain_path_accepts_only_what_the_full_checks_accept_and_builds_the_
     assert [type(getattr(plain, f)) for f in Event.model_fields] == [
         type(getattr(full, f)) for f in Event.model_fields
     ]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_events | _near_valid, _any_limits, st.booleans(), st.integers(min_value=0, max_value=400))
+def test_decode_row_is_decode_with_the_event_as_its_row(
+    payload: dict, limits: EventLimits, ascii_only: bool, max_bytes: int
+) -> None:
+    """The daemon decodes with decode_row: it must accept, reject and read exactly what decode does."""
+    raw = json.dumps(payload, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    full, row = decode(raw, max_bytes, limits), decode_row(raw, max_bytes, limits)
+    if not isinstance(full, Event):
+        assert row == full
+        return
+    assert type(row) is tuple
+    assert [type(x) for x in row] == [str, str, float, float, float]
+    assert row_event(row) == full.model_copy(update={"event_type": None})
+    assert _same_row(row, event_row(full))
+
+
+def _same_row(a: tuple, b: tuple) -> bool:
+    return all(x == y or (x != x and y != y) for x, y in zip(a, b, strict=True))  # NaN: no timestamp
+
+
+def test_event_columns_hold_rows_column_by_column_and_give_them_back() -> None:
+    rows = [("u1", "i1", 4.0, 1.0, 1.7e9), ("u2", "i1", 1.0, 2.5, math.nan), ("u1", "i3", -2.0, 0.0, 0.0)]
+    columns = EventColumns.of_rows(rows)
+    assert len(columns) == 3
+    assert list(columns.user_ids) == ["u1", "u2", "u1"] and list(columns.item_ids) == ["i1", "i1", "i3"]
+    assert columns.values.tolist() == [4.0, 1.0, -2.0] and columns.weights.tolist() == [1.0, 2.5, 0.0]
+    assert all(_same_row(columns.row(t), rows[t]) for t in range(3))
+    some = columns.take([2, 0])
+    assert [some.row(0), some.row(1)] == [rows[2], rows[0]]
+    assert len(EventColumns.of_rows([])) == 0 and len(EventColumns.of_rows([]).take([])) == 0
+    events = [row_event(r) for r in rows]
+    assert all(_same_row(EventColumns.of(events).row(t), rows[t]) for t in range(3))
 
 
 @_FAST

@@ -16,7 +16,7 @@ from streammf.model.factors import LossParams, init_rows
 from streammf.model.sgd import SgdParams
 from streammf.store.contract import ApplyOutcome, BatchState, fence
 from streammf.store.memory import MemoryStore
-from streammf.stream.events import Event
+from streammf.stream.events import Event, EventColumns
 from streammf.stream.learner import Learner, LearnerParams, VersionChurnError, _BatchPlan
 
 K = 4
@@ -419,7 +419,7 @@ def test_a_batch_plan_indexes_ids_in_first_seen_order_and_marks_each_pairs_last_
         Event(user_id=f"u{rng.integers(6)}", item_id=str(rng.integers(8)), value=float(v), weight=1.0 + v)
         for v in rng.random(int(rng.integers(0, 80)))
     ]
-    plan = _BatchPlan.of(events)
+    plan = _BatchPlan.of(EventColumns.of(events))
     users = list(dict.fromkeys(e.user_id for e in events))
     items = list(dict.fromkeys(e.item_id for e in events))
     pairs = list(dict.fromkeys((e.user_id, e.item_id) for e in events))

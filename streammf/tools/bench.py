@@ -9,7 +9,10 @@ Per mode (explicit, implicit), on a fresh topic and model:
    the exactly-once path; the rate counts from its first applied batch to the last (start-up and the
    group join are not the steady state), and Redis server time per event is the CPU time of each
    server's main thread (`INFO cpu`) over that phase: scripts, the commands they call, and the network
-   I/O of their arguments and replies, each counted once;
+   I/O of their arguments and replies, each counted once. Over the same steady phase, the CPU time per
+   event of each process doing the work (the daemons, each Redis server, the Kafka brokers running on
+   this machine), and the rate the machine's cores would allow were they busy with those alone: on a
+   shared box, where the end-to-end rate's limit is;
 4. live: the same daemon, fed at a fixed offered rate by another replay subprocess (now-stamped events);
    update latency p50/p99 and freshness p99 come from the daemon's own histograms, counting only the
    observations of this phase.
@@ -76,6 +79,11 @@ class BenchRun:
     update_latency_p99_ms: float
     freshness_p99_ms: float
     events_by_replica: list[int]  # events each replica applied, backlog and live phase together
+    # CPU per event of each process over the backlog's steady phase (µs; None: not measurable here).
+    cpu_us_per_event: dict[str, float | None]
+    cpu_cores: int
+    # The rate the machine's cores would allow were they all busy with these processes alone.
+    cpu_ceiling_events_per_s: float | None
 
 
 @dataclass(frozen=True)
@@ -167,7 +175,9 @@ def _run_mode(
         say(f"{name}: {runs} working off the backlog")
         usec_before = _redis_usec_by_node(client)
         with _Daemons(envs) as daemons:
-            applied_rate = _backlog_rate(client, stats, plan.events, daemons)
+            meter = _CpuMeter(client, [process.pid for process in daemons.processes])
+            applied_rate, steady_events = _backlog_rate(client, stats, plan.events, daemons, meter)
+            cpu = meter.per_event(steady_events)
             usec_after = _redis_usec_by_node(client)
             by_node = {
                 node: (usec_after.get(node, 0.0) - usec_before.get(node, 0.0)) / plan.events
@@ -201,6 +211,9 @@ def _run_mode(
             update_latency_p99_ms=1000 * _quantile(latency, 0.99),
             freshness_p99_ms=1000 * _quantile(freshness, 0.99),
             events_by_replica=[int(m.get("streammf_events_applied_total", 0)) for m in by_replica],
+            cpu_us_per_event=cpu,
+            cpu_cores=_cores(),
+            cpu_ceiling_events_per_s=_ceiling(cpu),
         )
     finally:
         _delete_bench_model(client, model, shards)
@@ -340,11 +353,14 @@ def _delete_bench_model(client: redis.Redis, model: str, shards: int) -> None:
             unlink_all(client, leftover[start : start + 1000])
 
 
-def _backlog_rate(client: redis.Redis, stats: list[str], n: int, daemons: _Daemons) -> float:
+def _backlog_rate(
+    client: redis.Redis, stats: list[str], n: int, daemons: _Daemons, meter: _CpuMeter
+) -> tuple[float, int]:
     """Events/s from the first applied batch (of every replica, once each has applied one) to the last
-    event of the backlog. A backlog applied before a second look (a small one) is timed from the
-    daemons' start instead, start-up included."""
+    event of the backlog, and the events counted. A backlog applied before a second look (a small one) is
+    timed from the daemons' start instead, start-up included. `meter` is started with the count."""
     started = time.perf_counter()
+    meter.start()
     deadline = time.monotonic() + 1800
     since: tuple[float, int] | None = None  # the first applied batch (of every replica)
     while time.monotonic() < deadline:
@@ -353,12 +369,90 @@ def _backlog_rate(client: redis.Redis, stats: list[str], n: int, daemons: _Daemo
         now = time.perf_counter()
         if since is None and 0 < applied < n and daemons.all_applied_some():
             since = (now, applied)
+            meter.start()
         if applied >= n:
+            meter.stop()
             if since is None or now <= since[0]:
-                return applied / (now - started)
-            return (applied - since[1]) / (now - since[0])
+                return applied / (now - started), applied
+            return (applied - since[1]) / (now - since[0]), applied - since[1]
         time.sleep(0.05)
     raise TimeoutError(f"the daemons applied {_applied(client, stats)} of {n} events in 30 minutes")
+
+
+class _CpuMeter:
+    """CPU time (user + system) of the processes doing the work: the daemons (/proc/<pid>/stat), Redis
+    (`INFO cpu` of every primary: the whole server, background threads included) and the Kafka brokers
+    running on this machine (found by their main class in /proc; none when Kafka runs elsewhere)."""
+
+    def __init__(self, client: redis.Redis, daemon_pids: list[int]) -> None:
+        self.client = client
+        self.daemon_pids = daemon_pids
+        self.broker_pids = _local_broker_pids()
+        self._start: dict[str, float | None] = {}
+        self._stop: dict[str, float | None] = {}
+
+    def _now(self) -> dict[str, float | None]:
+        brokers = [_process_cpu_s(pid) for pid in self.broker_pids]
+        daemons = [_process_cpu_s(pid) for pid in self.daemon_pids]
+        known_brokers = [b for b in brokers if b is not None]
+        return {
+            "daemon": None if None in daemons else sum(d for d in daemons if d is not None),
+            "redis": sum(_redis_process_cpu_s(self.client).values()),
+            "kafka_broker": sum(known_brokers) if known_brokers else None,
+        }
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def stop(self) -> None:
+        self._stop = self._now()
+
+    def per_event(self, events: int) -> dict[str, float | None]:
+        def us(name: str) -> float | None:
+            start, stop = self._start.get(name), self._stop.get(name)
+            return None if start is None or stop is None or events <= 0 else 1e6 * (stop - start) / events
+
+        return {name: us(name) for name in ("daemon", "redis", "kafka_broker")}
+
+
+def _ceiling(cpu: dict[str, float | None]) -> float | None:
+    if any(us is None for us in cpu.values()):
+        return None
+    total = sum(us for us in cpu.values() if us is not None)
+    return _cores() * 1e6 / total if total > 0 else None
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process of this machine (Linux), None if it cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _local_broker_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"kafka.Kafka" in command:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _redis_process_cpu_s(client: redis.Redis) -> dict[str, float]:
+    if isinstance(client, RedisCluster):
+        infos = {node.name: client.info("cpu", target_nodes=node) for node in client.get_primaries()}
+    else:
+        infos = {_server_name(client): client.info("cpu")}
+    return {name: float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]) for name, cpu in infos.items()}
 
 
 def _wait_applied(client: redis.Redis, stats: list[str], n: int, daemons: _Daemons, timeout_s: float) -> None:
@@ -538,12 +632,36 @@ def table(runs: list[BenchRun]) -> list[str]:
             for run in runs
         ]
         lines += _aligned(["mode", "shards", *nodes, "total"], node_cells)
-    return lines
+    return lines + _cpu_table(runs)
 
 
 _NODE_TABLE_TITLE = (
     "redis us/event on each server (share: of the same mode's 1-shard total on the same Redis)"
 )
+
+
+_CPU_TABLE_TITLE = (
+    "CPU us/event over the backlog's steady phase, by process (daemon: every replica; ceiling: the rate "
+    "these cores allow were they busy with these processes alone)"
+)
+
+
+def _cpu_table(runs: list[BenchRun]) -> list[str]:
+    def cell(us: float | None) -> str:
+        return "n/a" if us is None else f"{us:.1f}"
+
+    rows = []
+    for run in runs:
+        cpu = run.cpu_us_per_event
+        known = [us for us in cpu.values() if us is not None]
+        ceiling = run.cpu_ceiling_events_per_s
+        rows.append([run.mode, str(run.shards), str(run.replicas), cell(cpu.get("daemon")),
+                     cell(cpu.get("kafka_broker")), cell(cpu.get("redis")), f"{sum(known):.1f}",
+                     str(run.cpu_cores), "n/a" if ceiling is None else f"{ceiling:,.0f}",
+                     f"{run.daemon_events_per_s:,.0f}"])  # fmt: skip
+    headers = ["mode", "shards", "replicas", "daemon", "kafka broker", "redis", "total", "cores",
+               "ceiling/s", "daemon/s"]  # fmt: skip
+    return ["", _CPU_TABLE_TITLE, *_aligned(headers, rows)]
 
 
 def _node_cell(run: BenchRun, node: str) -> str:

@@ -45,6 +45,12 @@ def test_bench_prints_a_table_and_writes_every_figure(kafka_bootstrap, redis_url
         assert run["redis_share_of_single_by_node"] is None
         for field in FIELDS[2:-3]:
             assert math.isfinite(run[field]) and run[field] > 0, (run["mode"], field, run[field])
+        cpu = run["cpu_us_per_event"]
+        assert cpu["daemon"] > 0 and cpu["redis"] > 0, cpu
+        # The local stack's broker runs here; one given by address may run elsewhere (then: unknown).
+        assert cpu["kafka_broker"] is None or cpu["kafka_broker"] > 0, cpu
+        assert (run["cpu_ceiling_events_per_s"] is None) == (cpu["kafka_broker"] is None)
+    assert "CPU us/event" in result.output
 
 
 def test_bench_with_shards_on_a_cluster_gives_each_primary_its_figure(

@@ -4,11 +4,15 @@ per-server table (the figures themselves come from the integration test on the r
 from __future__ import annotations
 
 import math
+import os
+import time
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
 
 from streammf.cli import cli
+from streammf.tools import bench
 from streammf.tools.bench import BenchPlan, BenchRun, main_thread_cpu_us, sum_samples, table, with_shares
 
 NODES = ("10.0.0.1:7001", "10.0.0.2:7002", "10.0.0.3:7003")
@@ -21,6 +25,8 @@ def _run(mode: str, shards: int, by_node: dict[str, float]) -> BenchRun:
         redis_us_per_event=sum(by_node.values()), redis_us_per_event_by_node=by_node,
         redis_share_of_single_by_node=None, offered_events_per_s=1e3, live_events=100,
         update_latency_p50_ms=1.0, update_latency_p99_ms=2.0, freshness_p99_ms=3.0, events_by_replica=[1100],
+        cpu_us_per_event={"daemon": 20.0, "redis": 8.0, "kafka_broker": None}, cpu_cores=2,
+        cpu_ceiling_events_per_s=None,
     )  # fmt: skip
 
 
@@ -89,9 +95,42 @@ def test_the_table_gives_each_server_a_column_with_its_share():
     ]
 
 
-def test_one_server_and_one_shard_print_the_main_table_only():
-    lines = table(with_shares([_run("explicit", 1, {NODES[0]: 30.0})]))
-    assert len(lines) == 2 and lines[0].split()[:2] == ["mode", "shards"]
+def test_one_server_and_one_shard_print_the_main_table_and_the_cpu_table():
+    run = replace(
+        _run("explicit", 1, {NODES[0]: 30.0}),
+        cpu_us_per_event={"daemon": 25.0, "redis": 10.0, "kafka_broker": 5.0},
+        cpu_ceiling_events_per_s=50_000.0,
+    )
+    lines = table(with_shares([run]))
+    assert len(lines) == 6 and lines[0].split()[:2] == ["mode", "shards"]
+    assert lines[3].startswith("CPU us/event") and lines[4].split()[:4] == [
+        "mode",
+        "shards",
+        "replicas",
+        "daemon",
+    ]
+    assert lines[5].split() == ["explicit", "1", "1", "25.0", "5.0", "10.0", "40.0", "2", "50,000", "10,000"]
+    unknown = table([_run("explicit", 1, {NODES[0]: 30.0})])[-1].split()
+    assert unknown[4] == "n/a" and unknown[-2] == "n/a"  # no local broker: no ceiling
+
+
+def test_the_ceiling_is_the_cores_over_the_cpu_per_event_and_unknown_without_every_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bench, "_cores", lambda: 2)
+    assert bench._ceiling({"daemon": 25.0, "redis": 10.0, "kafka_broker": 5.0}) == 50_000.0
+    assert bench._ceiling({"daemon": 25.0, "redis": 10.0, "kafka_broker": None}) is None
+
+
+def test_a_process_cpu_time_is_read_from_proc_and_grows_with_work() -> None:
+    before = bench._process_cpu_s(os.getpid())
+    assert before is not None
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass
+    after = bench._process_cpu_s(os.getpid())
+    assert after is not None and after - before >= 0.1
+    assert bench._process_cpu_s(2**22 + 1) is None  # beyond pid_max: no such process
 
 
 def test_a_plan_with_more_replicas_than_partitions_is_refused():

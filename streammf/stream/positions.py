@@ -126,7 +126,10 @@ class Positions:
         fresh: dict[TopicPartition, list[Any]] = {}
         for tp, records in polled.items():
             applied_below = self._next.get(tp.partition)
-            kept = records if applied_below is None else [r for r in records if r.offset >= applied_below]
+            if applied_below is None or not records or records[0].offset >= applied_below:  # offsets ascend
+                kept = records
+            else:
+                kept = [r for r in records if r.offset >= applied_below]
             cap = self._cap.get(tp.partition)
             if cap is not None and kept and kept[-1].offset >= cap:
                 kept = [r for r in kept if r.offset < cap]

@@ -126,9 +126,9 @@ def run(settings: Settings, rebuild: bool) -> None:
     Exits with status 3 when the store lost state (see --rebuild) or may evict the model's keys.
     """
     from streammf.store.contract import StoreLostStateError, StoreUnsafeError
-    from streammf.stream.daemon import KafkaClientMissingError, run_daemon, tune_garbage_collector
+    from streammf.stream.daemon import KafkaClientMissingError, run_daemon, tune_interpreter
 
-    tune_garbage_collector()
+    tune_interpreter()
     try:
         run_daemon(settings, LearnerParams.from_settings(settings.model), rebuild=rebuild)
     except KafkaClientMissingError as exc:

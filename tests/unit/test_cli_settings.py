@@ -105,25 +105,27 @@ def test_recommend_and_similar_against_an_unreachable_redis(command: str) -> Non
     assert SECRET not in result.output
 
 
-def test_the_daemon_process_freezes_start_up_objects_and_collects_young_ones_rarely():
-    """`tune_garbage_collector` (called by `streammf run`) in a fresh interpreter: the GC state is the
-    process's, so not in this one."""
+def test_the_daemon_process_freezes_start_up_objects_collects_young_ones_rarely_and_switches_often():
+    """`tune_interpreter` (called by `streammf run`) in a fresh interpreter: the GC state and the switch
+    interval are the process's, so not in this one."""
     code = (
-        "import gc\n"
-        "from streammf.stream.daemon import GC_YOUNG_THRESHOLD, tune_garbage_collector\n"
+        "import gc, sys\n"
+        "from streammf.stream.daemon import GC_YOUNG_THRESHOLD, GIL_SWITCH_INTERVAL_S, tune_interpreter\n"
         "assert gc.get_freeze_count() == 0 and gc.get_threshold()[0] < GC_YOUNG_THRESHOLD\n"
-        "tune_garbage_collector()\n"
-        "print(gc.get_threshold()[0] == GC_YOUNG_THRESHOLD, gc.get_freeze_count())\n"
+        "assert sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S\n"
+        "tune_interpreter()\n"
+        "print(gc.get_threshold()[0] == GC_YOUNG_THRESHOLD, gc.get_freeze_count(), sys.getswitchinterval())\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    at_threshold, frozen = done.stdout.split()
+    at_threshold, frozen, interval = done.stdout.split()
     assert at_threshold == "True" and int(frozen) > 10_000  # modules, numpy, pydantic, numba: far more
+    assert abs(float(interval) - 0.0005) < 1e-9
 
 
-def test_streammf_run_tunes_the_collector_before_running_the_daemon(monkeypatch):
+def test_streammf_run_tunes_the_interpreter_before_running_the_daemon(monkeypatch):
     calls: list[str] = []
-    monkeypatch.setattr("streammf.stream.daemon.tune_garbage_collector", lambda: calls.append("tune"))
+    monkeypatch.setattr("streammf.stream.daemon.tune_interpreter", lambda: calls.append("tune"))
     monkeypatch.setattr("streammf.stream.daemon.run_daemon", lambda *a, **k: calls.append("run"))
     result = CliRunner().invoke(cli, ["run"])
     assert result.exit_code == 0, result.output

@@ -339,6 +339,7 @@ class RedisStore:
         self.user_caches: list[UserCache] = []
         self._cached_reads: dict[int, _CachedRead] = {}  # shard -> how its part of the last read used it
         self._batch_read: tuple[list[str], list[str], int] | None = None  # last sharded read's batch
+        self._version_read: int | None = None  # the version of the last batch read
         self.cache_users(DEFAULT_USER_CACHE_PAIRS)
 
     def cache_users(self, max_pairs: int) -> None:
@@ -453,14 +454,22 @@ class RedisStore:
     ) -> BatchState:
         """One atomic read (a Lua script per shard) of the version `current` named just before; read
         again if it moved in between."""
-        for _ in range(_SNAPSHOT_ATTEMPTS):
-            version = self.current_version()
+        # One shard: its script checks the one `current` itself, so the version the last read found is
+        # tried first (a stale guess costs one attempt) and a batch makes one round trip less. Several:
+        # the control `current` is read each time, since the shards' own may lag behind it (a torn
+        # publish is rolled forward from it).
+        version = self._version_read if len(self.shards) == 1 else None
+        for _ in range(_SNAPSHOT_ATTEMPTS + 1):
+            if version is None:
+                version = self.current_version()
             if len(self.shards) == 1:
                 state = self._read_part(0, version, users, items, pairs)
             else:
                 state = self._read_sharded(version, users, items, pairs)
             if state is not None:
+                self._version_read = version
                 return state
+            version = None
         raise StoreError(f"{self.keys.current} moved on each of {_SNAPSHOT_ATTEMPTS} snapshot attempts")
 
     def _read_part(

@@ -142,3 +142,36 @@ def test_a_refresh_that_does_not_publish_leaves_no_tracking_behind(
     assert not redis_client.exists(keys.changed(live, "users"), keys.changed(live, "items"))
     retired = {int(v) for v in redis_client.zrange(keys.retired, 0, -1)}
     assert retired == {live + 1, live + 2}, "both unpublished builds are handed to garbage collection"
+
+
+def test_a_writer_reads_in_one_call_and_finds_a_version_another_replica_published(
+    redis_client: redis.Redis, model_name: str, monkeypatch
+) -> None:
+    """A single-shard writer tries the version its last read found (the read script checks `current`
+    itself): one call per read while the version holds, and the new version as soon as it moves."""
+    params = LearnerParams(SgdParams(LossParams("implicit")), init_std=0.1, seed=5)
+    writer = RedisStore.open(redis_client, model_name, "implicit", 8)
+    rng = np.random.default_rng(2)
+    events = [Event(user_id=f"u{rng.integers(50)}", item_id=f"i{rng.integers(30)}") for _ in range(1500)]
+    learner = Learner(writer, params)
+    assert learner.learn(events[:1000], {0: (0, 1000)}).version == 1
+
+    commands: list[str] = []
+    execute = redis_client.execute_command
+
+    def counted(*args, **options):
+        commands.append(str(args[0]))
+        return execute(*args, **options)
+
+    monkeypatch.setattr(redis_client, "execute_command", counted)
+    assert writer.read_batch_state(["u1"], ["i1"], [("u1", "i1")]).version == 1
+    assert commands == ["EVALSHA"]
+
+    other = RedisStore.attach(redis_client, model_name)  # another replica, running the refresh
+    assert refresh(other, params, 2).published
+    commands.clear()
+    assert writer.read_batch_state(["u1"], ["i1"], [("u1", "i1")]).version == 2
+    assert commands == ["EVALSHA", "GET", "EVALSHA"]  # the guess missed: `current` is read, then v2
+    result = learner.learn(events[1000:], {0: (1000, 1500)})
+    assert result.outcome is ApplyOutcome.APPLIED and result.version == 2
+    assert writer.events_applied() == 1500

@@ -298,6 +298,20 @@ def _translated(method: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def open_shard(client: redis.Redis, shard: ModelKeys, zero_gramian: bytes, incarnation: str) -> str:
+    """A shard's own keys of a new model, marked with `incarnation` unless it has them already; returns
+    the incarnation the shard holds (lua/open_shard.lua)."""
+    keys = scripts.OPEN_SHARD.key_list(
+        current=shard.current,
+        stats=shard.stats,
+        v1_meta=shard.version_meta(1),
+        v1_gram_items=shard.gramian(1, "items"),
+        v1_gram_users=shard.gramian(1, "users"),
+    )
+    args = scripts.OPEN_SHARD.arg_list(zero_gramian=zero_gramian, incarnation=incarnation)
+    return text(scripts.OPEN_SHARD.register(client)(keys=keys, args=args))
+
+
 @_translating_errors
 class RedisStore:
     """`RefreshableStore` on Redis, or on a Redis Cluster (a model of S shards spreads over its primaries).
@@ -374,25 +388,11 @@ class RedisStore:
         if not client.exists(keys.meta):
             tags = shard_tags(name, shards)
             zero_gramian = np.zeros((k, k), dtype=GRAMIAN_DTYPE).tobytes() if mode == "implicit" else b""
-            open_shard = scripts.OPEN_SHARD.register(client)
             # Creators racing on one model all adopt the incarnation the first shard holds, so its shards
             # never end up marked by different creators (which would refuse one creator's writes).
             incarnation = ""
             for s, shard in enumerate([keys.shard(tag) for tag in tags] if shards > 1 else [keys]):
-                held = text(
-                    open_shard(
-                        keys=scripts.OPEN_SHARD.key_list(
-                            current=shard.current,
-                            stats=shard.stats,
-                            v1_meta=shard.version_meta(1),
-                            v1_gram_items=shard.gramian(1, "items"),
-                            v1_gram_users=shard.gramian(1, "users"),
-                        ),
-                        args=scripts.OPEN_SHARD.arg_list(
-                            zero_gramian=zero_gramian, incarnation=incarnation or uuid.uuid4().hex
-                        ),
-                    )
-                )
+                held = open_shard(client, shard, zero_gramian, incarnation or uuid.uuid4().hex)
                 if s == 0:
                     incarnation = held
                 elif held != incarnation:

@@ -448,11 +448,9 @@ def _local_broker_pids() -> list[int]:
 
 
 def _redis_process_cpu_s(client: redis.Redis) -> dict[str, float]:
-    if isinstance(client, RedisCluster):
-        infos = {node.name: client.info("cpu", target_nodes=node) for node in client.get_primaries()}
-    else:
-        infos = {_server_name(client): client.info("cpu")}
-    return {name: float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]) for name, cpu in infos.items()}
+    """CPU seconds of each server's whole process so far (background threads included)."""
+    infos = _redis_cpu_info_by_node(client).items()
+    return {name: float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]) for name, cpu in infos}
 
 
 def _wait_applied(client: redis.Redis, stats: list[str], n: int, daemons: _Daemons, timeout_s: float) -> None:
@@ -483,16 +481,19 @@ def _nodes(client: RedisCluster) -> list[str]:
 
 
 def _redis_usec_by_node(client: redis.Redis) -> dict[str, float]:
-    """CPU time of each server's main thread so far, in µs: each primary of a Redis Cluster (replicas
-    serve no reads of ours), else the one server. All clients count; the bench's own polling is a few
-    HGETs. (Summing `INFO commandstats` would count a script's inner commands twice: once in its
+    """CPU time of each server's main thread so far, in µs. All clients count; the bench's own polling is
+    a few HGETs. (Summing `INFO commandstats` would count a script's inner commands twice: once in its
     EVALSHA, once on their own.)"""
+    return {name: main_thread_cpu_us(cpu) for name, cpu in _redis_cpu_info_by_node(client).items()}
+
+
+def _redis_cpu_info_by_node(client: redis.Redis) -> dict[str, dict[str, Any]]:
+    """`INFO cpu` of each primary of a Redis Cluster (replicas serve no reads of ours), else of the one
+    server."""
     if isinstance(client, RedisCluster):
-        return {
-            node.name: main_thread_cpu_us(client.info("cpu", target_nodes=node))  # one node: its own INFO
-            for node in client.get_primaries()
-        }
-    return {_server_name(client): main_thread_cpu_us(client.info("cpu"))}
+        # One node per call: its own INFO.
+        return {node.name: client.info("cpu", target_nodes=node) for node in client.get_primaries()}
+    return {_server_name(client): client.info("cpu")}
 
 
 def main_thread_cpu_us(cpu: dict[str, Any]) -> float:

@@ -18,11 +18,10 @@ from streammf.cli import cli
 from streammf.client import StreamMFClient, VersionUnavailableError
 from streammf.model.factors import LossParams, Mode
 from streammf.model.sgd import SgdParams
-from streammf.store import scripts
 from streammf.store.contract import ApplyOutcome, RefreshableStore, StoreError
 from streammf.store.layout import ModelKeys, delete_model, read_model_meta
 from streammf.store.memory import MemoryStore
-from streammf.store.redis_store import ModelMismatchError, RedisStore
+from streammf.store.redis_store import ModelMismatchError, RedisStore, open_shard
 from streammf.store.shards import shard_of, shard_tags
 from streammf.stream.events import Event, EventColumns
 from streammf.stream.learner import Learner, LearnerParams, _BatchPlan
@@ -90,17 +89,7 @@ def _learns_on_every_shard(store: RedisStore) -> None:
 
 
 def _open_one_shard(client: redis.Redis, name: str, s: int, incarnation: str) -> None:
-    shard = ModelKeys(name).shard(shard_tags(name, 3)[s])
-    scripts.OPEN_SHARD.register(client)(
-        keys=scripts.OPEN_SHARD.key_list(
-            current=shard.current,
-            stats=shard.stats,
-            v1_meta=shard.version_meta(1),
-            v1_gram_items=shard.gramian(1, "items"),
-            v1_gram_users=shard.gramian(1, "users"),
-        ),
-        args=scripts.OPEN_SHARD.arg_list(zero_gramian=b"", incarnation=incarnation),
-    )
+    open_shard(client, ModelKeys(name).shard(shard_tags(name, 3)[s]), b"", incarnation)
 
 
 def test_a_creator_that_finds_a_shard_opened_by_another_creator_joins_that_creation(where: Where) -> None:

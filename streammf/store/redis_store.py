@@ -815,10 +815,24 @@ class RedisStore:
             last, update.items, item_base, item_deltas, float(update.max_abs_factor)
         )
         joined_items = join_ids(update.items)
+        # One shard, users from this writer's copy under its own stamp (strict): nothing was written since
+        # the read, so the stored item rows are the rows read and the sums are final. The script takes them
+        # without the rows read, the deltas and the base rows (and refuses if the stamp moved).
+        as_sent = part == "all" and stamp[2] and stamp[0] != "" and n_items > 0 and b"?" not in expected_mask
         # The rows the writer's item Gramian change counts, before and after: the script corrects the
         # Gramian for items another writer moved (see `gramian_correction`).
         gram_before = gram_after = b""
-        if implicit and update.item_gramian_delta is not None and update.item_rows_before is not None:
+        if as_sent:
+            item_base_bytes = item_delta_bytes = expected_mask = expected_rows = b""
+        else:
+            item_base_bytes = item_base.tobytes()
+            item_delta_bytes = item_deltas.astype(GRAMIAN_DTYPE).tobytes()
+        if (
+            not as_sent
+            and implicit
+            and update.item_gramian_delta is not None
+            and update.item_rows_before is not None
+        ):
             gram_before = np.asarray(update.item_rows_before, dtype=ROW_DTYPE).reshape(n_items, k).tobytes()
             gram_after = item_rows_after(update).astype(ROW_DTYPE).tobytes()
         key_index = np.array([inter_index[u] for u in update.pair_users], dtype=np.int64)
@@ -841,11 +855,12 @@ class RedisStore:
             users=join_ids(update.users),
             user_rows=user_rows.tobytes(),
             items=joined_items,
-            item_base=item_base.tobytes(),
-            item_deltas=item_deltas.astype(GRAMIAN_DTYPE).tobytes(),
+            item_base=item_base_bytes,
+            item_deltas=item_delta_bytes,
             item_expected_mask=expected_mask,
             item_expected_rows=expected_rows,
             item_new_rows=new_rows,
+            items_as_sent=int(as_sent),
             n_count_items=len(counts[0]),
             count_items=joined_items if counts[0] is update.items else join_ids(counts[0]),
             count_deltas=np.asarray(counts[1]).astype("<i8").tobytes(),

@@ -93,7 +93,7 @@ APPLY = _script(
     popularity""",
     """incarnation finishing version k additive n_users n_items n_pairs value_sum_delta value_count_delta
     events_applied users user_rows items item_base item_deltas item_expected_mask item_expected_rows
-    item_new_rows n_count_items count_items count_deltas pair_items pair_inter_keys pair_values
+    item_new_rows items_as_sent n_count_items count_items count_deltas pair_items pair_inter_keys pair_values
     item_gramian_delta user_gramian_delta item_gramian_expected item_gramian_sum user_gramian_expected
     user_gramian_sum max_abs_factor item_popularity popularity_half_life item_gram_before
     item_gram_after stamp_expected stamp_new stamp_strict count_texts n_pair_args pair_group_keys

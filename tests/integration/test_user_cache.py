@@ -15,6 +15,7 @@ import redis
 
 from streammf.model.factors import LossParams
 from streammf.model.sgd import SgdParams
+from streammf.store import scripts
 from streammf.store.contract import ApplyOutcome, BatchUpdate
 from streammf.store.layout import KEY_ROOT, delete_model, value_texts
 from streammf.store.redis_store import RedisStore
@@ -149,6 +150,36 @@ def test_other_writes_in_between_leave_no_stale_copy(
     assert held[3] > 0 and held[4] == 0
     assert held[-1] > 0
     assert model_contents(redis_client, model_name) == model_contents(redis_client, plain_name)
+
+
+@pytest.mark.parametrize("mode", ["explicit", "implicit"])
+def test_a_lone_writer_sends_its_item_rows_without_what_they_were_made_from(
+    redis_client: redis.Redis, model_name: str, mode: str
+) -> None:
+    """One shard, users from the copy under the writer's own stamp: the script takes the item rows as sent
+    (no rows read, deltas or base rows cross the wire); a batch read without the copy sends them all. The
+    model's bytes are the same either way (`test_one_writer_with_a_copy_writes_what_...`)."""
+    RedisStore.open(redis_client, model_name, mode, K)
+    store = RedisStore.attach(redis_client, model_name)
+    store.cache_users(10_000)
+    sent: list[list[Any]] = []
+    real_script = store._apply_script
+
+    def recorded(keys: list[str], args: list[Any]) -> Any:
+        sent.append(args)
+        return real_script(keys=keys, args=args)
+
+    store._apply_script = recorded  # type: ignore[assignment]
+    learner = Learner(store, params(mode))
+    for n, batch in enumerate(batches(mode, seed=5)[:4]):
+        assert learner.learn(batch, {0: (40 * n, 40 * (n + 1))}).outcome is ApplyOutcome.APPLIED
+    position = {name: p for p, name in enumerate(scripts.APPLY.args)}
+    as_sent = [int(args[position["items_as_sent"]]) for args in sent]
+    assert as_sent == [0, 1, 1, 1]
+    for args, lean in zip(sent, as_sent, strict=True):
+        dropped = [args[position[name]] for name in ("item_deltas", "item_base", "item_expected_rows")]
+        assert all(arg == b"" for arg in dropped) == bool(lean)
+        assert len(args[position["item_new_rows"]]) > 0
 
 
 class _Interloped:

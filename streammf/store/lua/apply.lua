@@ -50,79 +50,87 @@ end
 -- case: no other writer touched the item since the read), the sum is taken as is, which saves the Lua
 -- arithmetic; otherwise (another replica wrote the item, or the writer did not read it) the sum is made
 -- here from what is stored. Both ways give the same bytes.
-local item_rows, item_order = {}, {}
-local stored_rows = hmget_many(KEYS[K.items], items)
-local expected_mask = ARGV[A.item_expected_mask]
--- Implicit: an item another writer changed since the read is written as stored + delta, not as the row
--- the writer's Gramian change counts; the item Gramian then takes w·wᵀ − s·sᵀ − (n·nᵀ − o·oᵀ) too
--- (streammf.store.contract.gramian_correction: same terms, same order). Lower triangle, mirrored below.
-local gram_before, gram_after = ARGV[A.item_gram_before], ARGV[A.item_gram_after]
-local gram_fix = gram_before ~= ''
-local zero_base = string.rep('\0', base_bytes)
-local base_f = '<' .. string.rep('f', k)
-local correction = nil
-local function add_outer(bytes, sign)
-  local v = {struct.unpack(base_f, bytes)}
-  for f = 1, k do
-    local at, vf = (f - 1) * k, v[f]
-    for h = 1, f do
-      if sign > 0 then
-        correction[at + h] = correction[at + h] + vf * v[h]
-      else
-        correction[at + h] = correction[at + h] - vf * v[h]
-      end
-    end
-  end
-end
-for r = 1, n_items do
-  local item = items[r]
-  local first = item_rows[item] == nil
-  local stored = item_rows[item]
-  if first then
-    stored = stored_rows[r]
-    if stored and #stored ~= row_bytes then
-      return bad(KEYS[K.items], 'field ' .. item .. ': ' .. #stored .. ' bytes, expected ' .. row_bytes ..
-                 ' (k float32 factors + bias)')
-    end
-    item_order[#item_order + 1] = item
-  end
-  local expect = string.sub(expected_mask, r, r)
-  local slice = (r - 1) * row_bytes
-  if first and ((expect == '1' and stored == string.sub(ARGV[A.item_expected_rows], slice + 1, slice + row_bytes))
-                or (expect == '0' and not stored)) then
-    item_rows[item] = string.sub(ARGV[A.item_new_rows], slice + 1, slice + row_bytes)
-  else
-    if not stored then
-      stored = string.sub(ARGV[A.item_base], (r - 1) * base_bytes + 1, r * base_bytes) .. zero_bias
-    end
-    local row = {struct.unpack(row_f, stored)}
-    local counted = stored_rows[r] and string.sub(stored, 1, base_bytes) or zero_base
-    if not sound(row) then  -- damaged: the learner started this item again from its base row
-      row = {struct.unpack(row_f, string.sub(ARGV[A.item_base], (r - 1) * base_bytes + 1, r * base_bytes) .. zero_bias)}
-      counted = zero_base
-    end
-    local delta = {struct.unpack(row_d, ARGV[A.item_deltas], (r - 1) * 8 * (k + 1) + 1)}
-    for c = 1, k + 1 do row[c] = row[c] + delta[c] end
-    item_rows[item] = struct.pack(row_f, unpack(row, 1, k + 1))
-    if gram_fix and first then
-      local o = string.sub(gram_before, (r - 1) * base_bytes + 1, r * base_bytes)
-      local n = string.sub(gram_after, (r - 1) * base_bytes + 1, r * base_bytes)
-      local w = string.sub(item_rows[item], 1, base_bytes)
-      if counted ~= o or w ~= n then
-        if not correction then
-          correction = {}
-          for c = 1, k * k do correction[c] = 0 end
+-- As sent (`items_as_sent`, one shard): the writer's stamp is still there, so nothing was written since its
+-- read and every stored row is the one it read: its sums are taken without reading the rows back or
+-- sending the deltas (Lua hashes every byte of every string, so bytes not sent are time saved).
+local item_order, new_rows, correction = {}, {}, nil
+if ARGV[A.items_as_sent] == '1' then
+  if not stamp_kept then return 'stale_version' end
+  item_order = items
+  for r = 1, n_items do new_rows[r] = string.sub(ARGV[A.item_new_rows], (r - 1) * row_bytes + 1, r * row_bytes) end
+else
+  local item_rows = {}
+  local stored_rows = hmget_many(KEYS[K.items], items)
+  local expected_mask = ARGV[A.item_expected_mask]
+  -- Implicit: an item another writer changed since the read is written as stored + delta, not as the row
+  -- the writer's Gramian change counts; the item Gramian then takes w·wᵀ − s·sᵀ − (n·nᵀ − o·oᵀ) too
+  -- (streammf.store.contract.gramian_correction: same terms, same order). Lower triangle, mirrored below.
+  local gram_before, gram_after = ARGV[A.item_gram_before], ARGV[A.item_gram_after]
+  local gram_fix = gram_before ~= ''
+  local zero_base = string.rep('\0', base_bytes)
+  local base_f = '<' .. string.rep('f', k)
+  local function add_outer(bytes, sign)
+    local v = {struct.unpack(base_f, bytes)}
+    for f = 1, k do
+      local at, vf = (f - 1) * k, v[f]
+      for h = 1, f do
+        if sign > 0 then
+          correction[at + h] = correction[at + h] + vf * v[h]
+        else
+          correction[at + h] = correction[at + h] - vf * v[h]
         end
-        add_outer(w, 1)
-        add_outer(counted, -1)
-        add_outer(n, -1)
-        add_outer(o, 1)
       end
     end
   end
+  for r = 1, n_items do
+    local item = items[r]
+    local first = item_rows[item] == nil
+    local stored = item_rows[item]
+    if first then
+      stored = stored_rows[r]
+      if stored and #stored ~= row_bytes then
+        return bad(KEYS[K.items], 'field ' .. item .. ': ' .. #stored .. ' bytes, expected ' .. row_bytes ..
+                   ' (k float32 factors + bias)')
+      end
+      item_order[#item_order + 1] = item
+    end
+    local expect = string.sub(expected_mask, r, r)
+    local slice = (r - 1) * row_bytes
+    if first and ((expect == '1' and stored == string.sub(ARGV[A.item_expected_rows], slice + 1, slice + row_bytes))
+                  or (expect == '0' and not stored)) then
+      item_rows[item] = string.sub(ARGV[A.item_new_rows], slice + 1, slice + row_bytes)
+    else
+      if not stored then
+        stored = string.sub(ARGV[A.item_base], (r - 1) * base_bytes + 1, r * base_bytes) .. zero_bias
+      end
+      local row = {struct.unpack(row_f, stored)}
+      local counted = stored_rows[r] and string.sub(stored, 1, base_bytes) or zero_base
+      if not sound(row) then  -- damaged: the learner started this item again from its base row
+        row = {struct.unpack(row_f, string.sub(ARGV[A.item_base], (r - 1) * base_bytes + 1, r * base_bytes) .. zero_bias)}
+        counted = zero_base
+      end
+      local delta = {struct.unpack(row_d, ARGV[A.item_deltas], (r - 1) * 8 * (k + 1) + 1)}
+      for c = 1, k + 1 do row[c] = row[c] + delta[c] end
+      item_rows[item] = struct.pack(row_f, unpack(row, 1, k + 1))
+      if gram_fix and first then
+        local o = string.sub(gram_before, (r - 1) * base_bytes + 1, r * base_bytes)
+        local n = string.sub(gram_after, (r - 1) * base_bytes + 1, r * base_bytes)
+        local w = string.sub(item_rows[item], 1, base_bytes)
+        if counted ~= o or w ~= n then
+          if not correction then
+            correction = {}
+            for c = 1, k * k do correction[c] = 0 end
+          end
+          add_outer(w, 1)
+          add_outer(counted, -1)
+          add_outer(n, -1)
+          add_outer(o, 1)
+        end
+      end
+    end
+  end
+  for i, item in ipairs(item_order) do new_rows[i] = item_rows[item] end
 end
-local new_rows = {}
-for i, item in ipairs(item_order) do new_rows[i] = item_rows[item] end
 
 -- Item counts m_j. One shard: the batch's items. Several: each shard counts the pairs of its own users
 -- (where a pair's newness is known), so the count of j is the sum over the shards.

@@ -55,7 +55,10 @@ end
 -- sending the deltas (Lua hashes every byte of every string, so bytes not sent are time saved).
 local item_order, new_rows, correction = {}, {}, nil
 if ARGV[A.items_as_sent] == '1' then
-  if not stamp_kept then return 'stale_version' end
+  if not settled or ARGV[A.stamp_strict] ~= '1' then return 'stale_version' end
+  if #ARGV[A.item_new_rows] ~= n_items * row_bytes then
+    return bad(KEYS[K.items], 'update: ' .. #ARGV[A.item_new_rows] .. ' bytes of item rows for ' .. n_items .. ' items')
+  end
   item_order = items
   for r = 1, n_items do new_rows[r] = string.sub(ARGV[A.item_new_rows], (r - 1) * row_bytes + 1, r * row_bytes) end
 else
@@ -281,6 +284,8 @@ for _, slot in ipairs({{K.gram_items, A.item_gramian_delta, A.item_gramian_expec
 end
 
 -- Phase 2: everything checked; write.
+-- The stamp first: rows written by a write that fails part-way are never taken as this writer's.
+if touches_users then redis.call('HSET', KEYS[K.stats], 'writer', stamp_kept and ARGV[A.stamp_new] or '') end
 local user_rows = {}
 for u = 1, n_users do user_rows[u] = string.sub(ARGV[A.user_rows], (u - 1) * row_bytes + 1, u * row_bytes) end
 hset_many(KEYS[K.users], users, user_rows)
@@ -305,7 +310,6 @@ end
 redis.call('HSET', KEYS[K.stats], 'value_sum', string.format('%.17g', value_sum + tonumber(ARGV[A.value_sum_delta])))
 redis.call('HINCRBY', KEYS[K.stats], 'value_count', ARGV[A.value_count_delta])
 redis.call('HINCRBY', KEYS[K.stats], 'events_applied', ARGV[A.events_applied])
-if touches_users then redis.call('HSET', KEYS[K.stats], 'writer', stamp_kept and ARGV[A.stamp_new] or '') end
 for _, g in ipairs(gramians) do redis.call('SET', g[1], g[2]) end
 for o = offsets_from, #ARGV, 3 do redis.call('HSET', KEYS[K.offsets], ARGV[o], ARGV[o + 2]) end
 if popularity then

@@ -1149,7 +1149,7 @@ class RedisStore:
     def begin_version(self, source: str = "wals") -> int:
         """A new version number (never reused), in state 'building' on every shard, with zero Gramians if
         implicit."""
-        version = int(self._client.incr(self.keys.next_version))
+        version = self._new_version_number()
         server_time = self._client.time()
         now = f"{server_time[0]}.{server_time[1]:06d}"
         for shard in self.shards:
@@ -1163,6 +1163,28 @@ class RedisStore:
                 for side in SIDES:
                     pipe.set(shard.gramian(version, side), zero)
             pipe.execute()
+        return version
+
+    def _new_version_number(self) -> int:
+        """`INCR next_version`. A counter at or below a version the model holds (the key was lost: deleted,
+        evicted) would mark that version 'building' and let a refresh overwrite it: it is raised past the
+        live and retired versions first, and past any other whose meta exists."""
+        counter = self.keys.next_version
+        version = int(self._client.incr(counter))
+        shard = self.shards[0]
+        retired = self._version_numbers(shard, self._client.zrange(shard.retired, 0, -1))
+        known = max([self.current_version(), *retired])
+        if version > known and not self._client.exists(shard.version_meta(version)):
+            return version
+        log.warning(
+            "%s handed out version %d, but the model holds version %d: the counter was lost; raising it",
+            counter,
+            version,
+            known,
+        )
+        self._client.set(counter, known)
+        while self._client.exists(shard.version_meta(version := int(self._client.incr(counter)))):
+            pass
         return version
 
     def _by_shard(self, ids: Sequence[str]) -> list[np.ndarray]:

@@ -175,3 +175,31 @@ def test_a_writer_reads_in_one_call_and_finds_a_version_another_replica_publishe
     result = learner.learn(events[1000:], {0: (1000, 1500)})
     assert result.outcome is ApplyOutcome.APPLIED and result.version == 2
     assert writer.events_applied() == 1500
+
+
+def test_a_lost_version_counter_never_hands_out_a_version_the_model_holds(
+    redis_client: redis.Redis, model_name: str
+) -> None:
+    """`next_version` deleted (or evicted) after two refreshes: INCR would hand out 1, marking a retired
+    version 'building' and zeroing its Gramian. The refresh takes a number past every version instead,
+    and the live version's Gramian and rows stay as they were."""
+    params = LearnerParams(SgdParams(LossParams("implicit")), init_std=0.1, seed=5)
+    store = RedisStore.open(redis_client, model_name, "implicit", 8)
+    rng = np.random.default_rng(1)
+    events = [Event(user_id=f"u{rng.integers(50)}", item_id=f"i{rng.integers(30)}") for _ in range(600)]
+    assert Learner(store, params).learn(events, {0: (0, 600)}).outcome is ApplyOutcome.APPLIED
+    assert refresh(store, params, 2).version == 2
+    assert refresh(store, params, 2).version == 3
+    keys = ModelKeys(model_name)
+    live_gramian = redis_client.get(keys.gramian(3, "items"))
+    retired_gramian = redis_client.get(keys.gramian(2, "items"))
+    redis_client.delete(keys.next_version)
+
+    version = store.begin_version()
+    assert version == 4
+    assert redis_client.hget(keys.version_meta(3), "state") != b"building"
+    assert redis_client.get(keys.gramian(3, "items")) == live_gramian
+    assert redis_client.get(keys.gramian(2, "items")) == retired_gramian
+    assert store.discard_version(version)
+    report = refresh(store, params, 2)
+    assert report.published and report.version == 5 == store.current_version()

@@ -819,22 +819,19 @@ class RedisStore:
         # the read, so the stored item rows are the rows read and the sums are final. The script takes them
         # without the rows read, the deltas and the base rows (and refuses if the stamp moved).
         as_sent = part == "all" and stamp[2] and stamp[0] != "" and n_items > 0 and b"?" not in expected_mask
-        # The rows the writer's item Gramian change counts, before and after: the script corrects the
-        # Gramian for items another writer moved (see `gramian_correction`).
         gram_before = gram_after = b""
         if as_sent:
             item_base_bytes = item_delta_bytes = expected_mask = expected_rows = b""
         else:
             item_base_bytes = item_base.tobytes()
             item_delta_bytes = item_deltas.astype(GRAMIAN_DTYPE).tobytes()
-        if (
-            not as_sent
-            and implicit
-            and update.item_gramian_delta is not None
-            and update.item_rows_before is not None
-        ):
-            gram_before = np.asarray(update.item_rows_before, dtype=ROW_DTYPE).reshape(n_items, k).tobytes()
-            gram_after = item_rows_after(update).astype(ROW_DTYPE).tobytes()
+            # The rows the writer's item Gramian change counts, before and after: the script corrects the
+            # Gramian for items another writer moved (see `gramian_correction`).
+            if implicit and update.item_gramian_delta is not None and update.item_rows_before is not None:
+                gram_before = (
+                    np.asarray(update.item_rows_before, dtype=ROW_DTYPE).reshape(n_items, k).tobytes()
+                )
+                gram_after = item_rows_after(update).astype(ROW_DTYPE).tobytes()
         key_index = np.array([inter_index[u] for u in update.pair_users], dtype=np.int64)
         stored = _read_pair_values(read, update)
         pair_tail, group_keys, group_sizes = _pair_writes(update, key_index, stored, implicit)

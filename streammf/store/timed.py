@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-
-from prometheus_client import Histogram
+from typing import Protocol
 
 from streammf.store.contract import ApplyOutcome, BatchState, BatchUpdate, FactorStore, ModelMeta
 
 
+class Observer(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class LatencyHistogram(Protocol):
+    """A prometheus_client Histogram labelled by op, or anything that records like one."""
+
+    def labels(self, op: str) -> Observer: ...
+
+
 class TimedStore:
-    def __init__(self, store: FactorStore, latency: Histogram) -> None:
+    def __init__(self, store: FactorStore, latency: LatencyHistogram) -> None:
         self.inner = store
         self._read = latency.labels("read_batch_state")
         self._apply = latency.labels("apply")

@@ -43,7 +43,7 @@ from streammf.stream.events import (
     Invalid,
     decode_row,
 )
-from streammf.stream.learner import DamagedGramianError, Learner, StepResult, VersionChurnError
+from streammf.stream.learner import BatchLearner, DamagedGramianError, StepResult, VersionChurnError
 from streammf.stream.metrics import Heartbeat, Metrics
 from streammf.stream.positions import Positions
 
@@ -130,7 +130,7 @@ class ConsumeLoop:
         self,
         consumer: Any,  # kafka.KafkaConsumer (duck-typed for clarity of what is used)
         producer: Any,  # kafka.KafkaProducer, for dead letters
-        learner: Learner,
+        learner: BatchLearner,
         metrics: Metrics,
         heartbeat: Heartbeat,
         settings: LoopSettings,

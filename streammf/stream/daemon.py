@@ -29,10 +29,10 @@ from streammf.store.layout import (
     text,
 )
 from streammf.store.redis_store import RedisStore
-from streammf.store.timed import TimedStore
 from streammf.stream.consumer import ConsumeLoop, LoopSettings
 from streammf.stream.kafka_config import client_kwargs
-from streammf.stream.learner import Learner, LearnerParams
+from streammf.stream.learner import LearnerParams
+from streammf.stream.learner_process import LearnerProcess
 from streammf.stream.metrics import Heartbeat, Metrics, serve_metrics
 from streammf.stream.refresh import PeriodicRefresh
 
@@ -259,38 +259,41 @@ def _run_loop(
 ) -> None:
     replica_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     store = open_store(settings, client)
-    learner = Learner(TimedStore(store, metrics.redis_latency), params)
-    loop = ConsumeLoop(
-        consumer,
-        producer,
-        learner,
-        metrics,
-        heartbeat,
-        LoopSettings.from_settings(settings, rebuild),
-        store_guard=lambda: store.check_eviction_policy(settings.redis.allow_eviction),
-    )
-    heartbeat.ready_when(lambda: _partitions_not_ready(consumer, loop))
-    heartbeat.ready_when(lambda: _redis_not_ready(client))
-    log.info(
-        "streammf run: model=%s mode=%s k=%d topic=%s group=%s client=%s",
-        settings.model.name,
-        settings.model.mode,
-        settings.model.factors,
-        settings.kafka.topic,
-        settings.kafka.group_id,
-        settings.kafka.client,
-    )
-    refresher = PeriodicRefresh(
-        store,
-        params,
-        settings.refresh.iterations,
-        settings.refresh.every_s,
-        hold_lease=lambda ttl: store.hold_refresh_lease(replica_id, ttl),
-        on_outcome=metrics.observe_refresh,
-        every_events=settings.refresh.every_events,
-    )
-    refresher.start(stop)
-    loop.run(stop)
+    learner = LearnerProcess(settings, params, metrics.redis_latency)  # its own store and copy of users
+    try:
+        loop = ConsumeLoop(
+            consumer,
+            producer,
+            learner,
+            metrics,
+            heartbeat,
+            LoopSettings.from_settings(settings, rebuild),
+            store_guard=lambda: store.check_eviction_policy(settings.redis.allow_eviction),
+        )
+        heartbeat.ready_when(lambda: _partitions_not_ready(consumer, loop))
+        heartbeat.ready_when(lambda: _redis_not_ready(client))
+        log.info(
+            "streammf run: model=%s mode=%s k=%d topic=%s group=%s client=%s",
+            settings.model.name,
+            settings.model.mode,
+            settings.model.factors,
+            settings.kafka.topic,
+            settings.kafka.group_id,
+            settings.kafka.client,
+        )
+        refresher = PeriodicRefresh(
+            store,
+            params,
+            settings.refresh.iterations,
+            settings.refresh.every_s,
+            hold_lease=lambda ttl: store.hold_refresh_lease(replica_id, ttl),
+            on_outcome=metrics.observe_refresh,
+            every_events=settings.refresh.every_events,
+        )
+        refresher.start(stop)
+        loop.run(stop)
+    finally:
+        learner.close()
 
 
 def _partitions_not_ready(consumer: Any, loop: ConsumeLoop) -> str | None:

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -95,6 +96,23 @@ class DamagedGramianError(RuntimeError):
     """The live version's Gramian is not finite: no implicit update can be computed until a refresh
     rebuilds it from the factors. The caller backs off and retries (the daemon's periodic refresh, or
     `streammf refresh`, repairs it)."""
+
+
+class BatchLearner(Protocol):
+    """What the daemon's loop calls: a `Learner`, or one in a process of its own (`LearnerProcess`)."""
+
+    def learn(
+        self,
+        events: EventColumns,
+        offsets: dict[int, tuple[int, int]],
+        on_diverged: Callable[[list[int]], None] | None = None,
+    ) -> StepResult: ...
+
+    def applied_offsets(self) -> dict[int, int]: ...
+
+    def offsets_ahead(self) -> dict[int, int]: ...
+
+    def forget_user(self, user: str, offsets: dict[int, tuple[int, int]] | None = None) -> ApplyOutcome: ...
 
 
 class Learner:

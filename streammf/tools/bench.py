@@ -393,7 +393,7 @@ class _CpuMeter:
 
     def _now(self) -> dict[str, float | None]:
         brokers = [_process_cpu_s(pid) for pid in self.broker_pids]
-        daemons = [_process_cpu_s(pid) for pid in self.daemon_pids]
+        daemons = [_process_tree_cpu_s(pid) for pid in self.daemon_pids]
         known_brokers = [b for b in brokers if b is not None]
         return {
             "daemon": None if None in daemons else sum(d for d in daemons if d is not None),
@@ -433,6 +433,29 @@ def _process_cpu_s(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _process_tree_cpu_s(pid: int) -> float | None:
+    """`_process_cpu_s` of a process and its live descendants (a daemon's learner process)."""
+    children = _children_by_parent()
+    tree, seen = [pid], 0
+    while seen < len(tree):
+        tree += children.get(tree[seen], [])
+        seen += 1
+    times = [_process_cpu_s(member) for member in tree]
+    return None if times[0] is None else sum(t for t in times if t is not None)
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    """parent pid -> its children's pids, from /proc/<pid>/stat (`task/*/children` is not everywhere)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(proc.name))
+    return children
 
 
 def _local_broker_pids() -> list[int]:

@@ -6,8 +6,12 @@ twice, and every refusal is loud."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -433,6 +437,48 @@ def test_redis_out_of_memory_is_backed_off_and_nothing_is_lost_or_doubled(
         _wait_for(lambda: _applied(client, model) >= len(payloads), 180, "all events applied")
     assert _applied(client, model) == len(payloads)
     _assert_same_factors(client, model, _reference(movielens, len(payloads)))
+
+
+def test_a_killed_learner_process_is_replaced_and_nothing_is_lost_or_doubled(
+    kafka_bootstrap, redis_url, redis_client, make_topic, topic_name, model
+):
+    """The daemon's learner runs in a child process (streammf.stream.learner_process); the kernel's OOM
+    killer, or an operator, may kill it alone, in the middle of a batch."""
+    topic = make_topic(topic_name, 1)
+    payloads = _synthetic_ratings(40_000, seed=21)
+    port = _free_port()
+    with Daemon(_settings(kafka_bootstrap, redis_url, topic, model, port)) as daemon:
+        _produce(kafka_bootstrap, topic, payloads[:5000])
+        _wait_for(lambda: _applied(redis_client, model) >= 5000, 120, "first events applied")
+        killed = _learner_process().pid
+        producing = threading.Thread(
+            target=_produce, args=(kafka_bootstrap, topic, payloads[5000:], 2000, 0.2), daemon=True
+        )
+        producing.start()
+        _wait_for(lambda: _applied(redis_client, model) > 6000, 120, "the stream flowing")
+        os.kill(killed, signal.SIGKILL)
+        producing.join(timeout=120)
+        _wait_for(lambda: _applied(redis_client, model) >= len(payloads), 180, "all events applied")
+        assert daemon.error is None
+        assert _learner_process().pid != killed
+        assert _retries(port, "redis") >= 1  # the batch it was serving was abandoned, then learnt again
+    assert _applied(redis_client, model) == len(payloads)
+    _assert_same_factors(redis_client, model, _reference(_log_of(payloads), len(payloads)))
+
+
+def _learner_process() -> multiprocessing.process.BaseProcess:
+    (process,) = [p for p in multiprocessing.active_children() if p.name == "streammf-learner"]
+    return process
+
+
+def _log_of(payloads: list[tuple[bytes, bytes]]) -> RatingsLog:
+    events = [json.loads(value) for _, value in payloads]
+    return RatingsLog(
+        np.array([e["user_id"] for e in events]),
+        np.array([e["item_id"] for e in events]),
+        np.array([float(e["value"]) for e in events]),
+        np.full(len(events), np.nan),
+    )
 
 
 def _retries(port: int, dependency: str) -> float:

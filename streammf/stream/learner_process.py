@@ -1,0 +1,282 @@
+"""The daemon's learner in a process of its own, behind the loop-facing methods of a `Learner`.
+
+One interpreter runs one thread of Python at a time. In one process the loop's thread (the Kafka client,
+decoding) and the learner's (the batch plan, the copy of users, packing the store's scripts) took turns
+on one lock, so a daemon could not use more than one core for its Python. Here the learner, its store and
+its copy of users live in a child process: the loop hands it a batch's columns and offsets over a pipe
+and gets the `StepResult` back. The calls are the same, made in the same order, one at a time, so the
+store sees what an in-process learner would have done: exactly once still rests on the offsets each
+apply writes with its effect.
+
+A child that dies (killed, out of memory) is started again at the next call; the call it was serving
+raises `StoreUnavailableError`, which the loop treats as a write to a store that may have lost what it
+acknowledged: it abandons the batch and learns again from Redis where each partition stands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from streammf.store.contract import ApplyOutcome, StoreUnavailableError
+from streammf.stream.events import EventColumns
+from streammf.stream.learner import LearnerParams, StepResult
+
+if TYPE_CHECKING:
+    from prometheus_client import Histogram
+
+    from streammf.config import Settings
+
+log = logging.getLogger(__name__)
+
+# A child must answer its first message within this (imports, numba's cached kernels, opening the store).
+START_TIMEOUT_S = 120.0
+
+Timings = list[tuple[str, float]]  # (store call, seconds) observed in the child since its last message
+
+
+class LearnerProcessError(RuntimeError):
+    """The learner process could not be started."""
+
+
+class LearnerProcess:
+    """A `Learner` in a child process: `learn`, `applied_offsets`, `offsets_ahead` and `forget_user`, as
+    the loop calls them. The child's store-call latencies are observed into `latency` here."""
+
+    def __init__(self, settings: Settings, params: LearnerParams, latency: Histogram | None = None) -> None:
+        self.settings = settings
+        self.params = params
+        self.latency = latency
+        self._context = multiprocessing.get_context("spawn")  # not fork: this process runs threads
+        self._lock = threading.Lock()  # one call at a time, whichever thread makes it
+        self._process: Any = None
+        self._pipe: Connection | None = None
+        self._start()
+
+    def learn(
+        self,
+        events: EventColumns,
+        offsets: dict[int, tuple[int, int]],
+        on_diverged: Callable[[list[int]], None] | None = None,
+    ) -> StepResult:
+        """`Learner.learn` in the child; `on_diverged` runs here, before the child applies anything."""
+        result: StepResult = self._call("learn", (events, offsets), on_diverged)
+        return result
+
+    def applied_offsets(self) -> dict[int, int]:
+        offsets: dict[int, int] = self._call("applied_offsets", ())
+        return offsets
+
+    def offsets_ahead(self) -> dict[int, int]:
+        offsets: dict[int, int] = self._call("offsets_ahead", ())
+        return offsets
+
+    def forget_user(self, user: str, offsets: dict[int, tuple[int, int]] | None = None) -> ApplyOutcome:
+        outcome: ApplyOutcome = self._call("forget_user", (user, offsets))
+        return outcome
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Ask the child to exit after the call it is serving, and wait for it (then kill it)."""
+        with self._lock:
+            process, pipe = self._process, self._pipe
+            self._process = self._pipe = None
+            if process is None or pipe is None:
+                return
+            with contextlib.suppress(OSError):  # already gone
+                pipe.send(None)
+            process.join(timeout_s)
+            if process.is_alive():
+                log.warning("learner process did not exit within %.0fs: killing it", timeout_s)
+                process.kill()
+                process.join()
+            pipe.close()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else int(self._process.pid)
+
+    def _start(self) -> None:
+        parent_end, child_end = self._context.Pipe()
+        process = self._context.Process(
+            target=serve, args=(child_end, self.settings, self.params), name="streammf-learner", daemon=True
+        )
+        process.start()
+        child_end.close()  # so the parent sees EOF when the child dies
+        self._process, self._pipe = process, parent_end
+        started = time.monotonic()
+        if not parent_end.poll(START_TIMEOUT_S):
+            self._discard()
+            raise LearnerProcessError(f"the learner process did not start within {START_TIMEOUT_S:.0f}s")
+        try:
+            kind, payload, _ = parent_end.recv()
+        except (EOFError, OSError) as exc:
+            code = self._discard()
+            raise LearnerProcessError(f"the learner process exited while starting (code {code})") from exc
+        if kind == "error":
+            self._discard()
+            raise payload
+        log.info("learner process %d ready in %.1fs", process.pid, time.monotonic() - started)
+
+    def _call(
+        self, method: str, args: tuple[Any, ...], on_diverged: Callable[[list[int]], None] | None = None
+    ) -> Any:
+        with self._lock:
+            if self._process is None:
+                self._start()  # after a death, or after close()
+            self._send((method, args, on_diverged is not None), method)
+            while True:
+                kind, payload = self._receive(method)
+                if kind == "result":
+                    return payload
+                if kind == "error":
+                    raise payload
+                assert kind == "diverged" and on_diverged is not None
+                # The child waits to hear whether it may apply: not if the parent cannot take them.
+                try:
+                    on_diverged(payload)
+                except BaseException:
+                    self._send(False, method)
+                    self._receive(method)  # the child's answer: it gave the batch up
+                    raise
+                self._send(True, method)
+
+    def _send(self, message: Any, method: str) -> None:
+        assert self._pipe is not None
+        try:
+            self._pipe.send(message)
+        except OSError as exc:
+            raise self._died(method) from exc
+
+    def _receive(self, method: str) -> tuple[str, Any]:
+        """The child's next message; the store-call timings it carries are observed here."""
+        assert self._pipe is not None
+        try:
+            kind, payload, timings = self._pipe.recv()
+        except (EOFError, OSError) as exc:
+            raise self._died(method) from exc
+        self._observe(timings)
+        return kind, payload
+
+    def _died(self, method: str) -> StoreUnavailableError:
+        code = self._discard()
+        log.error("the learner process died (exit code %s): starting another at the next call", code)
+        return StoreUnavailableError(
+            f"the learner process died during {method} (exit code {code}); its store writes, if any, "
+            "are fenced by their offsets"
+        )
+
+    def _observe(self, timings: Timings) -> None:
+        if self.latency is not None:
+            for op, seconds in timings:
+                self.latency.labels(op).observe(seconds)
+
+    def _discard(self) -> int | None:
+        """Forget a child that is gone or useless; its exit code."""
+        process, pipe = self._process, self._pipe
+        self._process = self._pipe = None
+        if pipe is not None:
+            pipe.close()
+        if process is None:
+            return None
+        process.join(1.0)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        return int(process.exitcode) if process.exitcode is not None else None
+
+
+class _NotApplied(Exception):
+    """The parent could not dead-letter a batch's diverged events: the batch is not applied."""
+
+
+class _TimingLog:
+    """What `TimedStore` records to in the child: (op, seconds) pairs, sent with the next message."""
+
+    def __init__(self) -> None:
+        self.entries: Timings = []
+
+    def labels(self, op: str) -> _Observer:
+        return _Observer(op, self.entries)
+
+    def drain(self) -> Timings:
+        entries, self.entries[:] = list(self.entries), []
+        return entries
+
+
+class _Observer:
+    def __init__(self, op: str, entries: Timings) -> None:
+        self.op, self.entries = op, entries
+
+    def observe(self, seconds: float) -> None:
+        self.entries.append((self.op, seconds))
+
+
+def serve(pipe: Connection, settings: Settings, params: LearnerParams) -> None:
+    """The child's main: open the store, then answer calls until told to stop or the parent is gone."""
+    # The parent decides when the child stops (a Ctrl-C reaches the whole process group).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from streammf.logs import configure_logging
+    from streammf.store.connect import redis_client
+    from streammf.store.timed import TimedStore
+    from streammf.stream.daemon import open_store, tune_interpreter
+    from streammf.stream.learner import Learner
+
+    configure_logging(settings.log_level, settings.log_format)
+    timings = _TimingLog()
+    try:
+        store = open_store(settings, redis_client(settings))
+        learner = Learner(TimedStore(store, timings), params)
+    except Exception as exc:
+        pipe.send(("error", _portable(exc), []))
+        return
+    tune_interpreter()
+    pipe.send(("ready", os.getpid(), []))
+    while True:
+        try:
+            request = pipe.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        if request is None:
+            return
+        method, args, reports_diverged = request
+        try:
+            if method == "learn":
+                hear = (lambda positions: _ask_parent(pipe, positions, timings)) if reports_diverged else None
+                events, offsets = args
+                answer: tuple[str, Any] = ("result", learner.learn(events, offsets, on_diverged=hear))
+            else:
+                answer = ("result", getattr(learner, method)(*args))
+        except Exception as exc:
+            answer = ("error", _portable(exc))
+        try:
+            pipe.send((*answer, timings.drain()))
+        except (EOFError, OSError):
+            return
+
+
+def _ask_parent(pipe: Connection, positions: list[int], timings: _TimingLog) -> None:
+    pipe.send(("diverged", positions, timings.drain()))
+    if not pipe.recv():
+        raise _NotApplied
+
+
+def _portable(exc: Exception) -> Exception:
+    """`exc` with the child's traceback as a note, or, if it cannot cross the pipe, a RuntimeError
+    that says what it was."""
+    exc.add_note("in the learner process:\n" + "".join(traceback.format_exception(exc)).rstrip())
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc

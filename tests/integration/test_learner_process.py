@@ -1,0 +1,180 @@
+"""The daemon's learner in a process of its own (streammf.stream.learner_process) on a real Redis: it
+writes the model an in-process learner writes, byte for byte; diverged events reach the parent before
+anything is applied, and nothing is applied if the parent cannot take them; a child that is killed is
+replaced, and the batch it was serving is either applied whole or not at all; the store's errors cross
+the pipe as themselves; its store calls are timed in the parent's metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from streammf.config import ModelSettings, RedisSettings, Settings
+from streammf.store.contract import ApplyOutcome, StoreLostStateError, StoreUnavailableError
+from streammf.store.layout import delete_model
+from streammf.store.redis_store import RedisStore
+from streammf.stream.daemon import open_store
+from streammf.stream.events import EventColumns
+from streammf.stream.learner import Learner, LearnerParams
+from streammf.stream.learner_process import LearnerProcess
+from streammf.stream.metrics import Metrics
+from tests.integration.test_user_cache import model_contents
+
+BATCH = 300
+
+
+def _settings(redis_url: str, name: str, mode: str = "explicit") -> Settings:
+    # Bounds opened wide (an operator's choice), so that an event can drive a row out of bounds.
+    low = -1e6 if mode == "explicit" else 0.0
+    model = ModelSettings(name=name, mode=mode, factors=8, value_min=low, value_max=1e6)  # type: ignore[arg-type]
+    return Settings(redis=RedisSettings(url=redis_url), model=model)
+
+
+def _batches(n_batches: int, seed: int, mode: str = "explicit") -> list[EventColumns]:
+    rng = np.random.default_rng(seed)
+    high = 6 if mode == "explicit" else 4
+    return [
+        EventColumns(
+            [f"u{u}" for u in rng.integers(60, size=BATCH)],
+            [f"i{i}" for i in rng.integers(40, size=BATCH)],
+            rng.integers(1, high, size=BATCH).astype(float),
+            np.ones(BATCH),
+            np.full(BATCH, np.nan),
+        )
+        for _ in range(n_batches)
+    ]
+
+
+def _offsets(batch: int) -> dict[int, tuple[int, int]]:
+    return {0: (batch * BATCH, (batch + 1) * BATCH)}
+
+
+@pytest.fixture
+def names(redis_client: redis.Redis, model_name: str) -> Iterator[tuple[str, str]]:
+    """Two models: one written through the learner process, one by an in-process learner."""
+    yield model_name, model_name + "-inproc"
+    delete_model(redis_client, model_name + "-inproc")
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.mark.parametrize("mode", ["explicit", "implicit"])
+def test_the_learner_process_writes_the_model_an_in_process_learner_writes(
+    redis_url: str, redis_client: redis.Redis, names: tuple[str, str], registry: CollectorRegistry, mode: str
+) -> None:
+    remote_name, local_name = names
+    metrics = Metrics(registry)
+    remote_settings = _settings(redis_url, remote_name, mode)
+    params = LearnerParams.from_settings(remote_settings.model)
+    local = Learner(open_store(_settings(redis_url, local_name, mode), redis_client), params)
+    open_store(remote_settings, redis_client)
+    remote = LearnerProcess(remote_settings, params, metrics.redis_latency)
+    try:
+        for t, events in enumerate(_batches(6, seed=5, mode=mode)):
+            got = remote.learn(events, _offsets(t))
+            want = local.learn(events, _offsets(t))
+            assert got.outcome is want.outcome is ApplyOutcome.APPLIED
+            np.testing.assert_array_equal(got.predictions, want.predictions)
+        assert remote.applied_offsets() == {0: 6 * BATCH}
+        assert remote.learn(_batches(1, seed=5, mode=mode)[0], _offsets(0)).outcome is ApplyOutcome.DUPLICATE
+        assert remote.forget_user("u1", {1: (0, 1)}) is ApplyOutcome.APPLIED
+        local.forget_user("u1", {1: (0, 1)})
+    finally:
+        remote.close()
+    assert model_contents(redis_client, remote_name) == model_contents(redis_client, local_name)
+    # The child's store calls were timed into the parent's histogram.
+    calls = registry.get_sample_value("streammf_redis_call_seconds_count", {"op": "apply"})
+    assert calls is not None and calls >= 7
+
+
+def _diverging(events: EventColumns, at: int) -> EventColumns:
+    """`events` with one event whose value drives its rows out of bounds."""
+    values = events.values.copy()
+    values[at] = 1e4
+    return EventColumns(events.user_ids, events.item_ids, values, events.weights, events.timestamps)
+
+
+def test_diverged_events_reach_the_parent_before_the_apply_and_a_refusal_applies_nothing(
+    redis_url: str, redis_client: redis.Redis, model_name: str
+) -> None:
+    settings = _settings(redis_url, model_name)
+    open_store(settings, redis_client)
+    learner = LearnerProcess(settings, LearnerParams.from_settings(settings.model))
+    store = RedisStore.attach(redis_client, model_name)
+    heard: list[list[int]] = []
+
+    def refuse(positions: list[int]) -> None:
+        heard.append(positions)
+        raise ConnectionError("the dead-letter topic is down")
+
+    try:
+        events = _diverging(_batches(1, seed=9)[0], at=17)
+        with pytest.raises(ConnectionError, match="dead-letter topic is down"):
+            learner.learn(events, _offsets(0), refuse)
+        assert heard == [[17]]
+        assert store.events_applied() == 0 and store.applied_offsets() == {}
+
+        def accept(positions: list[int]) -> None:
+            assert store.events_applied() == 0  # heard before the apply
+            heard.append(positions)
+
+        result = learner.learn(events, _offsets(0), accept)
+        assert heard[-1] == [17] and result.diverged == (17,)
+        assert store.events_applied() == BATCH - 1 and store.applied_offsets() == {0: BATCH}
+    finally:
+        learner.close()
+
+
+def test_a_killed_learner_process_is_replaced_and_its_batch_is_applied_whole_or_not_at_all(
+    redis_url: str, redis_client: redis.Redis, model_name: str
+) -> None:
+    settings = _settings(redis_url, model_name)
+    open_store(settings, redis_client)
+    learner = LearnerProcess(settings, LearnerParams.from_settings(settings.model))
+    store = RedisStore.attach(redis_client, model_name)
+    batches = _batches(4, seed=11)
+    try:
+        learner.learn(batches[0], _offsets(0))
+        first = learner.pid
+        assert first is not None
+
+        def kill_the_child(positions: list[int]) -> None:
+            os.kill(first, signal.SIGKILL)  # while it waits to hear whether it may apply
+
+        with pytest.raises(StoreUnavailableError, match="learner process died"):
+            learner.learn(_diverging(batches[1], at=3), _offsets(1), kill_the_child)
+        assert store.applied_offsets() == {0: BATCH}  # the killed batch applied nothing
+        # The next call starts another child, which goes on from what the store holds.
+        for t in (1, 2, 3):
+            assert learner.learn(batches[t], _offsets(t)).outcome is ApplyOutcome.APPLIED
+        assert learner.pid not in (None, first)
+        assert store.applied_offsets() == {0: 4 * BATCH}
+        assert store.events_applied() == 4 * BATCH
+    finally:
+        learner.close()
+
+
+def test_the_stores_errors_cross_the_pipe_as_themselves(
+    redis_url: str, redis_client: redis.Redis, model_name: str
+) -> None:
+    settings = _settings(redis_url, model_name)
+    open_store(settings, redis_client)
+    learner = LearnerProcess(settings, LearnerParams.from_settings(settings.model))
+    try:
+        learner.learn(_batches(1, seed=2)[0], _offsets(0))
+        delete_model(redis_client, model_name)  # Redis lost the model under a running learner
+        with pytest.raises(StoreLostStateError) as raised:
+            learner.learn(_batches(1, seed=3)[0], _offsets(1))
+        assert any("in the learner process" in note for note in raised.value.__notes__)
+    finally:
+        learner.close()
+    assert learner.pid is None

@@ -84,6 +84,8 @@ class BenchRun:
     cpu_cores: int
     # The rate the machine's cores would allow were they all busy with these processes alone.
     cpu_ceiling_events_per_s: float | None
+    # Of the daemons' CPU per event, what their learner processes took (the rest: the loop's process).
+    learner_cpu_us_per_event: float | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ def _run_mode(
             meter = _CpuMeter(client, [process.pid for process in daemons.processes])
             applied_rate, steady_events = _backlog_rate(client, stats, plan.events, daemons, meter)
             cpu = meter.per_event(steady_events)
+            learner_cpu = cpu.pop("learner")
             usec_after = _redis_usec_by_node(client)
             by_node = {
                 node: (usec_after.get(node, 0.0) - usec_before.get(node, 0.0)) / plan.events
@@ -214,6 +217,7 @@ def _run_mode(
             cpu_us_per_event=cpu,
             cpu_cores=_cores(),
             cpu_ceiling_events_per_s=_ceiling(cpu),
+            learner_cpu_us_per_event=learner_cpu,
         )
     finally:
         _delete_bench_model(client, model, shards)
@@ -394,9 +398,13 @@ class _CpuMeter:
     def _now(self) -> dict[str, float | None]:
         brokers = [_process_cpu_s(pid) for pid in self.broker_pids]
         daemons = [_process_tree_cpu_s(pid) for pid in self.daemon_pids]
+        loops = [_process_cpu_s(pid) for pid in self.daemon_pids]
         known_brokers = [b for b in brokers if b is not None]
+        daemon = None if None in daemons else sum(d for d in daemons if d is not None)
+        loop = None if None in loops else sum(d for d in loops if d is not None)
         return {
-            "daemon": None if None in daemons else sum(d for d in daemons if d is not None),
+            "daemon": daemon,
+            "learner": None if daemon is None or loop is None else daemon - loop,
             "redis": sum(_redis_process_cpu_s(self.client).values()),
             "kafka_broker": sum(known_brokers) if known_brokers else None,
         }
@@ -412,7 +420,7 @@ class _CpuMeter:
             start, stop = self._start.get(name), self._stop.get(name)
             return None if start is None or stop is None or events <= 0 else 1e6 * (stop - start) / events
 
-        return {name: us(name) for name in ("daemon", "redis", "kafka_broker")}
+        return {name: us(name) for name in ("daemon", "learner", "redis", "kafka_broker")}
 
 
 def _ceiling(cpu: dict[str, float | None]) -> float | None:
@@ -665,8 +673,8 @@ _NODE_TABLE_TITLE = (
 
 
 _CPU_TABLE_TITLE = (
-    "CPU us/event over the backlog's steady phase, by process (daemon: every replica; ceiling: the rate "
-    "these cores allow were they busy with these processes alone)"
+    "CPU us/event over the backlog's steady phase, by process (daemon: every replica, loop and learner "
+    "processes; ceiling: the rate these cores allow were they busy with these processes alone)"
 )
 
 
@@ -680,11 +688,12 @@ def _cpu_table(runs: list[BenchRun]) -> list[str]:
         known = [us for us in cpu.values() if us is not None]
         ceiling = run.cpu_ceiling_events_per_s
         rows.append([run.mode, str(run.shards), str(run.replicas), cell(cpu.get("daemon")),
-                     cell(cpu.get("kafka_broker")), cell(cpu.get("redis")), f"{sum(known):.1f}",
-                     str(run.cpu_cores), "n/a" if ceiling is None else f"{ceiling:,.0f}",
+                     cell(run.learner_cpu_us_per_event), cell(cpu.get("kafka_broker")),
+                     cell(cpu.get("redis")), f"{sum(known):.1f}", str(run.cpu_cores),
+                     "n/a" if ceiling is None else f"{ceiling:,.0f}",
                      f"{run.daemon_events_per_s:,.0f}"])  # fmt: skip
-    headers = ["mode", "shards", "replicas", "daemon", "kafka broker", "redis", "total", "cores",
-               "ceiling/s", "daemon/s"]  # fmt: skip
+    headers = ["mode", "shards", "replicas", "daemon", "of it learner", "kafka broker", "redis", "total",
+               "cores", "ceiling/s", "daemon/s"]  # fmt: skip
     return ["", _CPU_TABLE_TITLE, *_aligned(headers, rows)]
 
 

@@ -47,6 +47,8 @@ def test_bench_prints_a_table_and_writes_every_figure(kafka_bootstrap, redis_url
             assert math.isfinite(run[field]) and run[field] > 0, (run["mode"], field, run[field])
         cpu = run["cpu_us_per_event"]
         assert cpu["daemon"] > 0 and cpu["redis"] > 0, cpu
+        # The learner's process is the daemon's child: its time is counted, and is part of the daemon's.
+        assert 0 < run["learner_cpu_us_per_event"] < cpu["daemon"], run["learner_cpu_us_per_event"]
         # The local stack's broker runs here; one given by address may run elsewhere (then: unknown).
         assert cpu["kafka_broker"] is None or cpu["kafka_broker"] > 0, cpu
         assert (run["cpu_ceiling_events_per_s"] is None) == (cpu["kafka_broker"] is None)

@@ -100,6 +100,7 @@ def test_one_server_and_one_shard_print_the_main_table_and_the_cpu_table():
         _run("explicit", 1, {NODES[0]: 30.0}),
         cpu_us_per_event={"daemon": 25.0, "redis": 10.0, "kafka_broker": 5.0},
         cpu_ceiling_events_per_s=50_000.0,
+        learner_cpu_us_per_event=15.0,
     )
     lines = table(with_shares([run]))
     assert len(lines) == 6 and lines[0].split()[:2] == ["mode", "shards"]
@@ -109,9 +110,11 @@ def test_one_server_and_one_shard_print_the_main_table_and_the_cpu_table():
         "replicas",
         "daemon",
     ]
-    assert lines[5].split() == ["explicit", "1", "1", "25.0", "5.0", "10.0", "40.0", "2", "50,000", "10,000"]
+    # The learner's process is part of the daemon's figure, not added to the total.
+    assert lines[5].split() == ["explicit", "1", "1", "25.0", "15.0", "5.0", "10.0", "40.0", "2", "50,000",
+                                "10,000"]  # fmt: skip
     unknown = table([_run("explicit", 1, {NODES[0]: 30.0})])[-1].split()
-    assert unknown[4] == "n/a" and unknown[-2] == "n/a"  # no local broker: no ceiling
+    assert unknown[5] == "n/a" and unknown[-2] == "n/a"  # no local broker: no ceiling
 
 
 def test_the_ceiling_is_the_cores_over_the_cpu_per_event_and_unknown_without_every_process(

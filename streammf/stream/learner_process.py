@@ -10,7 +10,11 @@ apply writes with its effect.
 
 A child that dies (killed, out of memory) is started again at the next call; the call it was serving
 raises `StoreUnavailableError`, which the loop treats as a write to a store that may have lost what it
-acknowledged: it abandons the batch and learns again from Redis where each partition stands.
+acknowledged: it abandons the batch and learns again from Redis where each partition stands. A child
+that cannot be started again (Redis unreachable) is the same transient error, retried with backoff; one
+that dies `MAX_DEATHS_IN_A_ROW` times without answering a call in between (a batch that kills it every
+time) stops the daemon with `LearnerProcessError`, loudly, rather than restarting it forever. The child
+attaches to the model the daemon opened and never creates one: a model gone meanwhile is lost state.
 """
 
 from __future__ import annotations
@@ -28,7 +32,12 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from streammf.store.contract import ApplyOutcome, StoreUnavailableError
+from streammf.store.contract import (
+    ApplyOutcome,
+    StoreLostStateError,
+    StoreUnavailableError,
+    StoreUnsafeError,
+)
 from streammf.stream.events import EventColumns
 from streammf.stream.learner import LearnerParams, StepResult
 
@@ -42,11 +51,14 @@ log = logging.getLogger(__name__)
 # A child must answer its first message within this (imports, numba's cached kernels, opening the store).
 START_TIMEOUT_S = 120.0
 
+# Deaths without a call answered in between, after which the daemon stops instead of starting another.
+MAX_DEATHS_IN_A_ROW = 3
+
 Timings = list[tuple[str, float]]  # (store call, seconds) observed in the child since its last message
 
 
 class LearnerProcessError(RuntimeError):
-    """The learner process could not be started."""
+    """The learner process could not be started, or keeps dying."""
 
 
 class LearnerProcess:
@@ -61,6 +73,7 @@ class LearnerProcess:
         self._lock = threading.Lock()  # one call at a time, whichever thread makes it
         self._process: Any = None
         self._pipe: Connection | None = None
+        self._deaths_in_a_row = 0
         self._start()
 
     def learn(
@@ -132,11 +145,12 @@ class LearnerProcess:
     ) -> Any:
         with self._lock:
             if self._process is None:
-                self._start()  # after a death, or after close()
+                self._restart()
             self._send((method, args, on_diverged is not None), method)
             while True:
                 kind, payload = self._receive(method)
                 if kind == "result":
+                    self._deaths_in_a_row = 0
                     return payload
                 if kind == "error":
                     raise payload
@@ -149,6 +163,22 @@ class LearnerProcess:
                     self._receive(method)  # the child's answer: it gave the batch up
                     raise
                 self._send(True, method)
+
+    def _restart(self) -> None:
+        """Start a child after a death (or after `close`). Lost state and an unsafe store are raised as
+        they are; anything else that keeps the child from starting is transient for the loop."""
+        if self._deaths_in_a_row >= MAX_DEATHS_IN_A_ROW:
+            raise LearnerProcessError(
+                f"the learner process died {self._deaths_in_a_row} times in a row without finishing a "
+                "call: not starting it again (its errors and exit codes are logged above)"
+            )
+        try:
+            self._start()
+        except (StoreLostStateError, StoreUnsafeError):
+            raise
+        except Exception as exc:
+            self._deaths_in_a_row += 1
+            raise StoreUnavailableError(f"the learner process could not be started again: {exc}") from exc
 
     def _send(self, message: Any, method: str) -> None:
         assert self._pipe is not None
@@ -169,6 +199,7 @@ class LearnerProcess:
 
     def _died(self, method: str) -> StoreUnavailableError:
         code = self._discard()
+        self._deaths_in_a_row += 1
         log.error("the learner process died (exit code %s): starting another at the next call", code)
         return StoreUnavailableError(
             f"the learner process died during {method} (exit code {code}); its store writes, if any, "
@@ -223,19 +254,21 @@ class _Observer:
 
 def serve(pipe: Connection, settings: Settings, params: LearnerParams) -> None:
     """The child's main: open the store, then answer calls until told to stop or the parent is gone."""
-    # The parent decides when the child stops (a Ctrl-C reaches the whole process group).
+    # The parent decides when the child stops: a Ctrl-C reaches the whole process group. (SIGTERM is
+    # left as it is: only the parent gets one from a container runtime, and multiprocessing's exit
+    # handler may need it to end a child the parent could not close.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from streammf.logs import configure_logging
     from streammf.store.connect import redis_client
     from streammf.store.timed import TimedStore
-    from streammf.stream.daemon import open_store, tune_interpreter
+    from streammf.stream.daemon import attach_store, tune_interpreter
     from streammf.stream.learner import Learner
 
     configure_logging(settings.log_level, settings.log_format)
     timings = _TimingLog()
     try:
-        store = open_store(settings, redis_client(settings))
+        store = attach_store(settings, redis_client(settings))  # the daemon created it if absent
+        store.cache_users(settings.redis.user_cache_pairs)
         learner = Learner(TimedStore(store, timings), params)
     except Exception as exc:
         pipe.send(("error", _portable(exc), []))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +23,9 @@ from streammf.store.redis_store import RedisStore
 from streammf.stream.daemon import open_store
 from streammf.stream.events import EventColumns
 from streammf.stream.learner import Learner, LearnerParams
-from streammf.stream.learner_process import LearnerProcess
+from streammf.stream.learner_process import MAX_DEATHS_IN_A_ROW, LearnerProcess, LearnerProcessError
 from streammf.stream.metrics import Metrics
+from tests.integration.private_services import PrivateRedis
 from tests.integration.test_user_cache import model_contents
 
 BATCH = 300
@@ -178,3 +180,73 @@ def test_the_stores_errors_cross_the_pipe_as_themselves(
     finally:
         learner.close()
     assert learner.pid is None
+
+
+def test_a_child_that_cannot_start_again_is_transient_and_a_model_gone_meanwhile_is_lost_state(
+    tmp_path: Path,
+) -> None:
+    server = PrivateRedis(tmp_path / "redis").start()  # no persistence: it restarts empty
+    try:
+        settings = _settings(server.url, "restarts")
+        open_store(settings, server.client())
+        learner = LearnerProcess(settings, LearnerParams.from_settings(settings.model))
+        try:
+            learner.learn(_batches(1, seed=4)[0], _offsets(0))
+            first = learner.pid
+            assert first is not None
+            server.kill()
+            os.kill(first, signal.SIGKILL)
+            with pytest.raises(StoreUnavailableError, match="died"):
+                learner.learn(_batches(1, seed=5)[0], _offsets(1))
+            # Redis is down: the new child cannot open the store. Transient (the loop backs off), not a crash.
+            with pytest.raises(StoreUnavailableError, match="could not be started again"):
+                learner.learn(_batches(1, seed=5)[0], _offsets(1))
+            server.start()
+            # Redis came back without the model: the child refuses, as lost state, and creates nothing.
+            with pytest.raises(StoreLostStateError, match="missing"):
+                learner.learn(_batches(1, seed=5)[0], _offsets(1))
+            assert server.client().dbsize() == 0
+        finally:
+            learner.close()
+    finally:
+        server.kill()
+
+
+def test_a_child_that_keeps_dying_stops_the_daemon_loudly(
+    redis_url: str, redis_client: redis.Redis, model_name: str
+) -> None:
+    """A batch that kills the child every time (say, out of memory): not restarted forever."""
+    settings = _settings(redis_url, model_name)
+    open_store(settings, redis_client)
+    learner = LearnerProcess(settings, LearnerParams.from_settings(settings.model))
+    store = RedisStore.attach(redis_client, model_name)
+
+    def kill_the_child(positions: list[int]) -> None:
+        assert learner.pid is not None
+        os.kill(learner.pid, signal.SIGKILL)
+
+    events = _diverging(_batches(1, seed=6)[0], at=0)
+    try:
+        for _ in range(MAX_DEATHS_IN_A_ROW):
+            with pytest.raises(StoreUnavailableError, match="died"):
+                learner.learn(events, _offsets(0), kill_the_child)
+        with pytest.raises(LearnerProcessError, match="died 3 times in a row"):
+            learner.learn(events, _offsets(0), kill_the_child)
+        assert store.events_applied() == 0
+    finally:
+        learner.close()
+
+
+def test_deaths_count_only_in_a_row(redis_url: str, redis_client: redis.Redis, model_name: str) -> None:
+    settings = _settings(redis_url, model_name)
+    open_store(settings, redis_client)
+    learner = LearnerProcess(settings, LearnerParams.from_settings(settings.model))
+    try:
+        for t in range(MAX_DEATHS_IN_A_ROW + 1):
+            assert learner.pid is not None
+            os.kill(learner.pid, signal.SIGKILL)
+            with pytest.raises(StoreUnavailableError, match="died"):
+                learner.learn(_batches(1, seed=t)[0], _offsets(t))
+            assert learner.learn(_batches(1, seed=t)[0], _offsets(t)).outcome is ApplyOutcome.APPLIED
+    finally:
+        learner.close()

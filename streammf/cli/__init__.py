@@ -127,11 +127,12 @@ def run(settings: Settings, rebuild: bool) -> None:
     """
     from streammf.store.contract import StoreLostStateError, StoreUnsafeError
     from streammf.stream.daemon import KafkaClientMissingError, run_daemon, tune_interpreter
+    from streammf.stream.learner_process import LearnerProcessError
 
     tune_interpreter()
     try:
         run_daemon(settings, LearnerParams.from_settings(settings.model), rebuild=rebuild)
-    except KafkaClientMissingError as exc:
+    except (KafkaClientMissingError, LearnerProcessError) as exc:
         raise click.ClickException(str(exc)) from None
     except StoreLostStateError as exc:
         click.echo(

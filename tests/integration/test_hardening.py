@@ -462,6 +462,7 @@ def test_a_killed_learner_process_is_replaced_and_nothing_is_lost_or_doubled(
         assert daemon.error is None
         assert _learner_process().pid != killed
         assert _retries(port, "redis") >= 1  # the batch it was serving was abandoned, then learnt again
+    assert not [p for p in multiprocessing.active_children() if p.name == "streammf-learner"]  # stopped too
     assert _applied(redis_client, model) == len(payloads)
     _assert_same_factors(redis_client, model, _reference(_log_of(payloads), len(payloads)))
 

@@ -130,3 +130,16 @@ def test_streammf_run_tunes_the_interpreter_before_running_the_daemon(monkeypatc
     result = CliRunner().invoke(cli, ["run"])
     assert result.exit_code == 0, result.output
     assert calls == ["tune", "run"]
+
+
+def test_streammf_run_stops_with_a_clear_error_when_the_learner_process_keeps_dying(monkeypatch):
+    from streammf.stream.learner_process import LearnerProcessError
+
+    def dies(*args: object, **kwargs: object) -> None:
+        raise LearnerProcessError("the learner process died 3 times in a row without finishing a call")
+
+    monkeypatch.setattr("streammf.stream.daemon.tune_interpreter", lambda: None)
+    monkeypatch.setattr("streammf.stream.daemon.run_daemon", dies)
+    result = CliRunner().invoke(cli, ["run"])
+    assert_clean_error(result)
+    assert "died 3 times in a row" in result.output

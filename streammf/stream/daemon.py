@@ -56,9 +56,10 @@ def tune_interpreter() -> None:
     pydantic) in full collections. Freezing those moves them out of the collector's sight; a larger young
     generation makes scans rare (measured: 0.01 s, one collection). Cycles are still collected, only later.
 
-    The lock's switch interval: the learner's thread waits on Redis while the loop parses Kafka records
-    in pure Python; when Redis answers, the learner waited up to 5 ms for the lock, twice a batch (read,
-    apply), on the path every batch takes. At 0.5 ms, `streammf bench` back to back (twice each): update
+    The lock's switch interval: the loop's worker thread waits on the learner (measured when the learner
+    ran in this process and waited on Redis) while the loop parses Kafka records in pure Python; when the
+    answer came, the waiting thread waited up to 5 ms more for the lock, on the path every batch takes.
+    The learner's process calls this too. At 0.5 ms, `streammf bench` back to back (twice each): update
     latency p50 / p99 18.4 / 90.6 and 17.5 / 84.8 ms -> 15.1 / 65.5 and 14.7 / 70.4 (explicit), the
     same throughput within the machine's spread."""
     gc.freeze()

@@ -6,6 +6,7 @@ the pipe as themselves; its store calls are timed in the parent's metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterator
@@ -105,80 +106,84 @@ def _diverging(events: EventColumns, at: int) -> EventColumns:
     return EventColumns(events.user_ids, events.item_ids, values, events.weights, events.timestamps)
 
 
-def test_diverged_events_reach_the_parent_before_the_apply_and_a_refusal_applies_nothing(
-    redis_url: str, redis_client: redis.Redis, model_name: str
-) -> None:
-    settings = _settings(redis_url, model_name)
-    open_store(settings, redis_client)
+@contextlib.contextmanager
+def _learner_process(redis_url: str, client: redis.Redis, name: str) -> Iterator[LearnerProcess]:
+    """A learner process on a model created (as the daemon does) before it starts; closed on exit."""
+    settings = _settings(redis_url, name)
+    open_store(settings, client)
     learner = LearnerProcess(settings, LearnerParams.from_settings(settings.model))
-    store = RedisStore.attach(redis_client, model_name)
+    try:
+        yield learner
+    finally:
+        learner.close()
+
+
+@pytest.fixture
+def learner(redis_url: str, redis_client: redis.Redis, model_name: str) -> Iterator[LearnerProcess]:
+    with _learner_process(redis_url, redis_client, model_name) as process:
+        yield process
+
+
+@pytest.fixture
+def store(learner: LearnerProcess, redis_client: redis.Redis, model_name: str) -> RedisStore:
+    return RedisStore.attach(redis_client, model_name)
+
+
+def test_diverged_events_reach_the_parent_before_the_apply_and_a_refusal_applies_nothing(
+    learner: LearnerProcess, store: RedisStore
+) -> None:
     heard: list[list[int]] = []
 
     def refuse(positions: list[int]) -> None:
         heard.append(positions)
         raise ConnectionError("the dead-letter topic is down")
 
-    try:
-        events = _diverging(_batches(1, seed=9)[0], at=17)
-        with pytest.raises(ConnectionError, match="dead-letter topic is down"):
-            learner.learn(events, _offsets(0), refuse)
-        assert heard == [[17]]
-        assert store.events_applied() == 0 and store.applied_offsets() == {}
+    events = _diverging(_batches(1, seed=9)[0], at=17)
+    with pytest.raises(ConnectionError, match="dead-letter topic is down"):
+        learner.learn(events, _offsets(0), refuse)
+    assert heard == [[17]]
+    assert store.events_applied() == 0 and store.applied_offsets() == {}
 
-        def accept(positions: list[int]) -> None:
-            assert store.events_applied() == 0  # heard before the apply
-            heard.append(positions)
+    def accept(positions: list[int]) -> None:
+        assert store.events_applied() == 0  # heard before the apply
+        heard.append(positions)
 
-        result = learner.learn(events, _offsets(0), accept)
-        assert heard[-1] == [17] and result.diverged == (17,)
-        assert store.events_applied() == BATCH - 1 and store.applied_offsets() == {0: BATCH}
-    finally:
-        learner.close()
+    result = learner.learn(events, _offsets(0), accept)
+    assert heard[-1] == [17] and result.diverged == (17,)
+    assert store.events_applied() == BATCH - 1 and store.applied_offsets() == {0: BATCH}
 
 
 def test_a_killed_learner_process_is_replaced_and_its_batch_is_applied_whole_or_not_at_all(
-    redis_url: str, redis_client: redis.Redis, model_name: str
+    learner: LearnerProcess, store: RedisStore
 ) -> None:
-    settings = _settings(redis_url, model_name)
-    open_store(settings, redis_client)
-    learner = LearnerProcess(settings, LearnerParams.from_settings(settings.model))
-    store = RedisStore.attach(redis_client, model_name)
     batches = _batches(4, seed=11)
-    try:
-        learner.learn(batches[0], _offsets(0))
-        first = learner.pid
-        assert first is not None
+    learner.learn(batches[0], _offsets(0))
+    first = learner.pid
+    assert first is not None
 
-        def kill_the_child(positions: list[int]) -> None:
-            os.kill(first, signal.SIGKILL)  # while it waits to hear whether it may apply
+    def kill_the_child(positions: list[int]) -> None:
+        os.kill(first, signal.SIGKILL)  # while it waits to hear whether it may apply
 
-        with pytest.raises(StoreUnavailableError, match="learner process died"):
-            learner.learn(_diverging(batches[1], at=3), _offsets(1), kill_the_child)
-        assert store.applied_offsets() == {0: BATCH}  # the killed batch applied nothing
-        # The next call starts another child, which goes on from what the store holds.
-        for t in (1, 2, 3):
-            assert learner.learn(batches[t], _offsets(t)).outcome is ApplyOutcome.APPLIED
-        assert learner.pid not in (None, first)
-        assert store.applied_offsets() == {0: 4 * BATCH}
-        assert store.events_applied() == 4 * BATCH
-    finally:
-        learner.close()
+    with pytest.raises(StoreUnavailableError, match="learner process died"):
+        learner.learn(_diverging(batches[1], at=3), _offsets(1), kill_the_child)
+    assert store.applied_offsets() == {0: BATCH}  # the killed batch applied nothing
+    # The next call starts another child, which goes on from what the store holds.
+    for t in (1, 2, 3):
+        assert learner.learn(batches[t], _offsets(t)).outcome is ApplyOutcome.APPLIED
+    assert learner.pid not in (None, first)
+    assert store.applied_offsets() == {0: 4 * BATCH}
+    assert store.events_applied() == 4 * BATCH
 
 
 def test_the_stores_errors_cross_the_pipe_as_themselves(
-    redis_url: str, redis_client: redis.Redis, model_name: str
+    learner: LearnerProcess, redis_client: redis.Redis, model_name: str
 ) -> None:
-    settings = _settings(redis_url, model_name)
-    open_store(settings, redis_client)
-    learner = LearnerProcess(settings, LearnerParams.from_settings(settings.model))
-    try:
-        learner.learn(_batches(1, seed=2)[0], _offsets(0))
-        delete_model(redis_client, model_name)  # Redis lost the model under a running learner
-        with pytest.raises(StoreLostStateError) as raised:
-            learner.learn(_batches(1, seed=3)[0], _offsets(1))
-        assert any("in the learner process" in note for note in raised.value.__notes__)
-    finally:
-        learner.close()
+    learner.learn(_batches(1, seed=2)[0], _offsets(0))
+    delete_model(redis_client, model_name)  # Redis lost the model under a running learner
+    with pytest.raises(StoreLostStateError) as raised:
+        learner.learn(_batches(1, seed=3)[0], _offsets(1))
+    assert any("in the learner process" in note for note in raised.value.__notes__)
+    learner.close()
     assert learner.pid is None
 
 
@@ -187,10 +192,7 @@ def test_a_child_that_cannot_start_again_is_transient_and_a_model_gone_meanwhile
 ) -> None:
     server = PrivateRedis(tmp_path / "redis").start()  # no persistence: it restarts empty
     try:
-        settings = _settings(server.url, "restarts")
-        open_store(settings, server.client())
-        learner = LearnerProcess(settings, LearnerParams.from_settings(settings.model))
-        try:
+        with _learner_process(server.url, server.client(), "restarts") as learner:
             learner.learn(_batches(1, seed=4)[0], _offsets(0))
             first = learner.pid
             assert first is not None
@@ -206,47 +208,30 @@ def test_a_child_that_cannot_start_again_is_transient_and_a_model_gone_meanwhile
             with pytest.raises(StoreLostStateError, match="missing"):
                 learner.learn(_batches(1, seed=5)[0], _offsets(1))
             assert server.client().dbsize() == 0
-        finally:
-            learner.close()
     finally:
         server.kill()
 
 
-def test_a_child_that_keeps_dying_stops_the_daemon_loudly(
-    redis_url: str, redis_client: redis.Redis, model_name: str
-) -> None:
+def test_a_child_that_keeps_dying_stops_the_daemon_loudly(learner: LearnerProcess, store: RedisStore) -> None:
     """A batch that kills the child every time (say, out of memory): not restarted forever."""
-    settings = _settings(redis_url, model_name)
-    open_store(settings, redis_client)
-    learner = LearnerProcess(settings, LearnerParams.from_settings(settings.model))
-    store = RedisStore.attach(redis_client, model_name)
 
     def kill_the_child(positions: list[int]) -> None:
         assert learner.pid is not None
         os.kill(learner.pid, signal.SIGKILL)
 
     events = _diverging(_batches(1, seed=6)[0], at=0)
-    try:
-        for _ in range(MAX_DEATHS_IN_A_ROW):
-            with pytest.raises(StoreUnavailableError, match="died"):
-                learner.learn(events, _offsets(0), kill_the_child)
-        with pytest.raises(LearnerProcessError, match="died 3 times in a row"):
+    for _ in range(MAX_DEATHS_IN_A_ROW):
+        with pytest.raises(StoreUnavailableError, match="died"):
             learner.learn(events, _offsets(0), kill_the_child)
-        assert store.events_applied() == 0
-    finally:
-        learner.close()
+    with pytest.raises(LearnerProcessError, match="died 3 times in a row"):
+        learner.learn(events, _offsets(0), kill_the_child)
+    assert store.events_applied() == 0
 
 
-def test_deaths_count_only_in_a_row(redis_url: str, redis_client: redis.Redis, model_name: str) -> None:
-    settings = _settings(redis_url, model_name)
-    open_store(settings, redis_client)
-    learner = LearnerProcess(settings, LearnerParams.from_settings(settings.model))
-    try:
-        for t in range(MAX_DEATHS_IN_A_ROW + 1):
-            assert learner.pid is not None
-            os.kill(learner.pid, signal.SIGKILL)
-            with pytest.raises(StoreUnavailableError, match="died"):
-                learner.learn(_batches(1, seed=t)[0], _offsets(t))
-            assert learner.learn(_batches(1, seed=t)[0], _offsets(t)).outcome is ApplyOutcome.APPLIED
-    finally:
-        learner.close()
+def test_deaths_count_only_in_a_row(learner: LearnerProcess) -> None:
+    for t in range(MAX_DEATHS_IN_A_ROW + 1):
+        assert learner.pid is not None
+        os.kill(learner.pid, signal.SIGKILL)
+        with pytest.raises(StoreUnavailableError, match="died"):
+            learner.learn(_batches(1, seed=t)[0], _offsets(t))
+        assert learner.learn(_batches(1, seed=t)[0], _offsets(t)).outcome is ApplyOutcome.APPLIED

@@ -170,9 +170,7 @@ class ConsumeLoop:
 
     def _run(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            polled = self.consumer.poll(
-                timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_poll_records
-            )
+            polled = self._poll()
             self.heartbeat.beat()
             if polled:
                 self._made_contact("kafka")
@@ -199,6 +197,23 @@ class ConsumeLoop:
             self._probe_kafka(heard_from_kafka=bool(polled))
             self._guard_store()
         self.finish_in_flight()
+
+    def _poll(self) -> dict[TopicPartition, list[Any]]:
+        """One poll; nothing when Kafka cannot be reached. kafka-python's poll may raise while the broker
+        is gone (a metadata refresh inside the coordinator's wait, seen in CI); the end-offset probe
+        reports the outage on /healthz and the next poll tries again."""
+        try:
+            polled: dict[TopicPartition, list[Any]] = self.consumer.poll(
+                timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_poll_records
+            )
+        except KafkaError as exc:
+            if not _transient_kafka_error(exc):
+                raise
+            self.metrics.retries.labels("kafka").inc()
+            log.warning("kafka poll failed: %s", exc, extra={"dependency": "kafka"})
+            self.sleep(self.settings.backoff_initial_s)
+            return {}
+        return polled
 
     def _pipeline(self, polled: dict[TopicPartition, list[Any]], stop: threading.Event) -> None:
         """Decode this poll while the batch in flight finishes, then start learning it in the worker."""

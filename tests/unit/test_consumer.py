@@ -491,3 +491,25 @@ def test_a_partition_revoked_by_the_listener_during_a_sync_is_not_sought() -> No
     positions.assigned([TP, TP1])
     assert positions.sync(consumer, {1: 4}, rebuild=False) == set()
     assert consumer.seeks == [] and not positions.needs_sync
+
+
+def test_a_poll_that_raises_while_the_broker_is_gone_is_retried_not_fatal() -> None:
+    from kafka.errors import KafkaConnectionError
+
+    stop = threading.Event()
+    memory = MemoryStore("m", "explicit", 4)
+
+    class BrokerGoneOnce(ScriptedConsumer):
+        failed = False
+
+        def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
+            if not self.failed:
+                self.failed = True
+                raise KafkaConnectionError("111 ECONNREFUSED")
+            return super().poll(timeout_ms, max_records)
+
+    consumer = BrokerGoneOnce([(True, {TP: _records(0, 5)}), (False, {})], stop)
+    loop = _loop(consumer, CountingProducer(), memory)
+    loop.run(stop)
+    assert consumer.failed
+    assert memory.events_applied() == 5 and memory.applied_offsets() == {0: 5}

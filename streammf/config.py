@@ -57,9 +57,9 @@ class RedisSettings(_Section):
     # Refused by default: a policy that may evict our keys silently deletes parts of the model.
     allow_eviction: bool = False
     # A writer keeps a copy of the users it wrote (rows and interactions; streammf.store.user_cache), so a
-    # batch reads only users it has not seen: at most this many interactions (~100 bytes each), 0 for none.
-    # Models of one shard only.
-    user_cache_pairs: int = Field(1_000_000, ge=0)
+    # batch reads only users it has not seen: at most this many interactions (16-byte slots, at most half
+    # of them used), 0 for none.
+    user_cache_pairs: int = Field(3_000_000, ge=0)  # user_cache.DEFAULT_USER_CACHE_PAIRS
 
 
 # Default input bounds per mode: (value_min, value_max, weight_max). Explicit values are ratings (any

@@ -11,8 +11,8 @@ costs one full read, as if there were none.
 
 A user is kept only once every interaction they have is known (new users are, from their first batch;
 a user with history is when the batch read them all), so a pair not in the copy is new. The copy holds at
-most `max_pairs` interactions; past that it is emptied and fills again (a bound on memory, ~100 bytes per
-interaction, not an eviction policy).
+most `max_pairs` interactions; past that it is emptied and fills again (a bound on memory, 32–64 bytes per
+interaction in a `PairTable`, not an eviction policy).
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from operator import is_, itemgetter
 
 import numpy as np
 
-# ~100 MB of Python objects at most (STREAMMF_REDIS__USER_CACHE_PAIRS).
-DEFAULT_USER_CACHE_PAIRS = 1_000_000
+from streammf.store.pair_table import PairTable
+
+# At most 128 MB of interactions (8M slots of 16 bytes; STREAMMF_REDIS__USER_CACHE_PAIRS).
+DEFAULT_USER_CACHE_PAIRS = 3_000_000
 # A user read from the store with at most this many interactions is read whole (one HGETALL), so the copy
 # can keep them; one with more is read pair by pair each batch, as without a copy.
 WHOLE_READ_LIMIT = 500
@@ -58,8 +60,8 @@ class BatchIds:
 
 class UserCache:
     """Users and items get small integer ids here, rows and counts live in numpy arrays indexed by user id,
-    and interactions in one dict keyed by user id << 32 | item id: a batch is a few vectorised steps and
-    C-level map/update calls, not Python loops over its pairs (this copy must cost the daemon's
+    and interactions in one `PairTable` keyed by user id << 32 | item id: a batch is a few vectorised and
+    compiled steps, not Python loops over its pairs (this copy must cost the daemon's
     interpreter less than the reads it saves it)."""
 
     def __init__(self, max_pairs: int, row_width: int, whole_limit: int = WHOLE_READ_LIMIT) -> None:
@@ -77,7 +79,7 @@ class UserCache:
         self._held = np.zeros(0, dtype=bool)  # per user id: every interaction known, row as stored
         self._rows = np.zeros((0, row_width), dtype=np.float32)  # per user id: factors then bias
         self._counts = np.zeros(0, dtype=np.int64)  # per user id: interactions
-        self._pairs: dict[int, float] = {}  # user id << 32 | item id -> stored value (held users only)
+        self._pairs = PairTable()  # user id << 32 | item id -> stored value (held users only)
 
     def __len__(self) -> int:
         """Users held."""
@@ -151,8 +153,7 @@ class UserCache:
 
     def values_of(self, pair_keys: np.ndarray) -> np.ndarray:
         """Stored values of pairs of held users, NaN for a pair not stored (meaningless for other users)."""
-        stored = map(self._pairs.get, pair_keys.tolist(), repeat(float("nan")))
-        return np.array(list(stored), dtype=np.float64)
+        return self._pairs.get(pair_keys, np.nan)
 
     def record(
         self,
@@ -203,25 +204,13 @@ class UserCache:
         if known:
             users = self._assigned_ids(self._user_ids, [user for (user, _), _ in known])
             items = self._assigned_ids(self._item_ids, [item for (_, item), _ in known])
-            keys = ((users << 32) | items).tolist()
-            self._pairs.update(zip(keys, [value for _, value in known], strict=True))
+            self._pairs.set((users << 32) | items, np.array([value for _, value in known], dtype=np.float64))
 
     def _record_pairs(self, keys: np.ndarray, values: np.ndarray, additive: bool) -> None:
         """Pairs of held users: stored values, and one more interaction per new pair. A pair twice in one
         update builds on its own earlier value, as in the script: strengths are added one after the other
-        in stream order (np.add.at is unbuffered), a rating's last value stays."""
-        distinct, inverse = np.unique(keys, return_inverse=True)
-        listed = distinct.tolist()
-        stored = np.array(list(map(self._pairs.__contains__, listed)), dtype=bool)
-        np.add.at(self._counts, distinct[~stored] >> 32, 1)
-        if additive:  # the script adds to the stored strength, or to 0
-            sums = np.array(list(map(self._pairs.get, listed, repeat(0.0))), dtype=np.float64)
-            np.add.at(sums, inverse, values)
-        else:
-            last = np.zeros(len(distinct), dtype=np.int64)
-            np.maximum.at(last, inverse, np.arange(len(keys)))
-            sums = values[last]
-        self._pairs.update(zip(listed, sums.tolist(), strict=True))
+        in stream order, a rating's last value stays."""
+        self._pairs.record(keys, values, additive, new_per_owner=self._counts)
 
     @staticmethod
     def _assigned_ids(mapping: dict[str, int], names: Sequence[str]) -> np.ndarray:

@@ -58,6 +58,9 @@ class PairTable:
         values = np.asarray(values, dtype=np.float64)
         if len(keys) != len(values):
             raise ValueError(f"{len(keys)} keys for {len(values)} values")
+        # The kernel indexes `new_per_owner` unchecked (numba does not check bounds): check here, once.
+        if new_per_owner is not None and len(keys) and int(keys.max()) >> 32 >= len(new_per_owner):
+            raise ValueError(f"a key's owner {int(keys.max()) >> 32} is past {len(new_per_owner)} counts")
         self._reserve(self._size + len(keys))
         count = new_per_owner is not None
         counts = new_per_owner if count else np.zeros(0, dtype=np.int64)

@@ -62,3 +62,8 @@ def test_clear_empties_it_and_bad_input_is_refused() -> None:
         table.set(np.array([-1]), np.array([1.0]))
     with pytest.raises(ValueError, match="2 keys for 1 values"):
         table.set(np.array([1, 2]), np.array([1.0]))
+    with pytest.raises(ValueError, match="owner 2 is past 2 counts"):
+        table.record(
+            np.array([2 << 32]), np.array([1.0]), additive=True, new_per_owner=np.zeros(2, dtype=np.int64)
+        )
+    assert len(table) == 0

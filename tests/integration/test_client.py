@@ -166,11 +166,20 @@ def test_recommend_never_mixes_two_versions(redis_client: redis.Redis, model_nam
     stop = threading.Event()
     observed: list[tuple[int, int]] = []
     failures: list[BaseException] = []
+    unavailable = 0  # reads that found every version they were pointed at collected: a clear error, not a mix
 
     def poll() -> None:
+        nonlocal unavailable
         try:
             while not stop.is_set():
-                for _, score in client.recommend(FLIP_USERS[len(observed) % len(FLIP_USERS)], k=5):
+                try:
+                    ranked = client.recommend(FLIP_USERS[len(observed) % len(FLIP_USERS)], k=5)
+                except VersionUnavailableError:
+                    # Versions are collected 50 ms after they retire here: on a loaded machine a read can
+                    # lose that race on each of its attempts (seen in CI). Counted, bounded below.
+                    unavailable += 1
+                    continue
+                for _, score in ranked:
                     item_version, user_version = divmod(round(score), 1000)
                     observed.append((user_version, item_version))
         except BaseException as exc:
@@ -192,6 +201,7 @@ def test_recommend_never_mixes_two_versions(redis_client: redis.Redis, model_nam
     assert not mixed, mixed[:10]
     versions_seen = {user_version for user_version, _ in observed}
     assert len(versions_seen) >= 10, versions_seen  # the reader really ran across many flips
+    assert unavailable <= len(observed) // 5, (unavailable, len(observed))  # at most one per read that succeeded
 
 
 # -------------------------------------------------------------------------------------------------- CLI

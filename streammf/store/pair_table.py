@@ -23,9 +23,7 @@ class PairTable:
     """int64 key (≥ 0) → float64 value. Holds at most half its slots; grows by doubling."""
 
     def __init__(self) -> None:
-        self._keys = np.full(_MIN_SLOTS, EMPTY, dtype=np.int64)
-        self._values = np.zeros(_MIN_SLOTS, dtype=np.float64)
-        self._size = 0
+        self.clear()
 
     def __len__(self) -> int:
         return self._size
@@ -35,6 +33,7 @@ class PairTable:
         return self._keys.nbytes + self._values.nbytes
 
     def clear(self) -> None:
+        """Empty, at the smallest size."""
         self._keys = np.full(_MIN_SLOTS, EMPTY, dtype=np.int64)
         self._values = np.zeros(_MIN_SLOTS, dtype=np.float64)
         self._size = 0

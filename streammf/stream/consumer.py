@@ -9,11 +9,15 @@ A batch that cannot be finished (Redis down past the retry budget, dead-letter t
 requested) is abandoned whole: nothing of it was applied, its partitions are rewound to its first offset
 and the next poll fetches it again. Polling goes on meanwhile, so the consumer keeps its group membership.
 
-Pipelining: a batch is learnt (Redis read, SGD step, Redis apply) on a worker thread while the loop polls
-and decodes the next one; the loop waits for it before anything that depends on its outcome (the next
-batch's learning, offsets, a rebalance, a forget, shutdown). Store calls stay strictly one batch after
-the other, so the effect is the same as without the overlap; what overlaps is Kafka and JSON work with
-waiting on Redis.
+Pipelining: a batch is learnt (Redis read, SGD step, Redis apply) while the loop polls and decodes the
+next one, which it hands to the learner behind it (`BatchLearner.submit` with `after`) before the first
+is answered: the learner goes from one to the next without waiting for the loop. A worker thread waits
+for the answers in order and records each batch's metrics; the loop accounts for a batch (positions,
+commit) once it is answered, and waits for every batch in flight before anything else that depends on
+their outcome (a batch with records to dead-letter, a rebalance, a forget, shutdown). Batches are still
+learnt strictly one after the other, and one handed over behind a batch that was not applied is not
+learnt at all (it and everything polled after it are fetched again), so the effect is the same as
+without the overlap.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,7 +48,14 @@ from streammf.stream.events import (
     Invalid,
     decode_row,
 )
-from streammf.stream.learner import BatchLearner, DamagedGramianError, StepResult, VersionChurnError
+from streammf.stream.learner import (
+    BatchLearner,
+    BatchSkipped,
+    DamagedGramianError,
+    PendingBatch,
+    StepResult,
+    VersionChurnError,
+)
 from streammf.stream.metrics import Heartbeat, Metrics
 from streammf.stream.positions import Positions
 
@@ -52,6 +64,8 @@ _KAFKA = KafkaSettings()
 # StoreUnavailableError covers Redis out of memory too (noeviction at maxmemory refuses writes; a script
 # fails at its first write, before it changed anything): backing off lets memory be freed, nothing lost.
 TRANSIENT_STORE_ERRORS = (StoreUnavailableError, VersionChurnError, DamagedGramianError)
+# Batches handed to the learner and not yet accounted for: one being learnt, one waiting behind it.
+MAX_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -153,7 +167,7 @@ class ConsumeLoop:
         self.store_guard = store_guard
         self._next_guard = monotonic() + settings.guard_every_s
         self._worker: ThreadPoolExecutor | None = None  # set while run() runs
-        self._in_flight: _InFlight | None = None
+        self._in_flight: deque[_InFlight] = deque()  # oldest first
         self._last_fetch = monotonic()
         self._store_outage = False  # a write met an unreachable store: positions are learnt again
 
@@ -216,13 +230,16 @@ class ConsumeLoop:
         return polled
 
     def _pipeline(self, polled: dict[TopicPartition, list[Any]], stop: threading.Event) -> None:
-        """Decode this poll while the batch in flight finishes, then start learning it in the worker."""
+        """Decode this poll while the batches in flight are learnt, then hand it to the learner: behind
+        them when it may be (`_may_follow`), else once they are accounted for."""
         received = time.perf_counter()
         decoded = self._decode(polled)
-        if not self.finish_in_flight(newer=polled):
-            return  # the batch in flight was abandoned: both were rewound, the next polls fetch them again
-        if self.positions.needs_sync:  # it hit an offset conflict: nothing goes on before the resync
-            self._rewind(polled)
+        follow = self._may_follow(polled, decoded)
+        if not self._finish(keep=MAX_IN_FLIGHT - 1 if follow else 0, newer=polled):
+            return  # a batch in flight was abandoned: it and all after it were rewound, to be fetched again
+        if self.positions.needs_sync:  # one hit an offset conflict: nothing goes on before the resync
+            if self.finish_in_flight(newer=polled):
+                self._rewind(polled)
             return
         fresh = self._drop_applied(polled)
         # drop_applied keeps a run of each partition's records (offsets ascend within a poll).
@@ -234,23 +251,63 @@ class ConsumeLoop:
         ):
             self._process_now(fresh, decoded, stop, received)
             return
-        future = self._worker.submit(self._learn, decoded, stop, received)
-        self._in_flight = _InFlight(fresh, future)
+        batch = _Batch.of(decoded)
+        if batch.dead:  # dead-lettered before anything of the batch is learnt (never while one is in flight)
+            try:
+                self._dead_letter_invalid(batch, stop)
+            except _Abandoned:
+                self._rewind(fresh)
+                return
+        after = self._in_flight[-1].pending if self._in_flight else None
+        pending = self.learner.submit(batch.events, batch.offsets, after)
+        future = self._worker.submit(self._await_learnt, pending, batch, stop, received)
+        self._in_flight.append(_InFlight(fresh, future, pending))
+
+    def _may_follow(
+        self, polled: dict[TopicPartition, list[Any]], decoded: dict[TopicPartition, list[tuple[Any, Any]]]
+    ) -> bool:
+        """Whether this poll may be handed to the learner before the batches in flight are answered: it
+        only holds events (nothing to dead-letter or forget first), all past the batches in flight, and no
+        partition waits for a torn batch to be completed (`Positions`)."""
+        if not self._in_flight or self._worker is None or self._store_outage or self.positions.capped:
+            return False
+        if any(type(item) is not tuple for pairs in decoded.values() for _, item in pairs):
+            return False
+        newest = self._in_flight[-1].polled
+        return all(
+            tp not in newest or records[0].offset > newest[tp][-1].offset
+            for tp, records in polled.items()
+            if records
+        )
 
     def finish_in_flight(self, newer: dict[TopicPartition, list[Any]] | None = None) -> bool:
-        """Wait for the batch the worker is learning and account for it (metrics, positions, commit).
-        False if it was abandoned: then its records, and `newer` ones polled after it, are rewound."""
-        in_flight, self._in_flight = self._in_flight, None
-        if in_flight is None:
-            return True
-        try:
-            learnt = in_flight.future.result()
-        except _Abandoned:
-            self._rewind(in_flight.polled, newer or {})
-            return False
-        if self._advance(learnt).outcome is not ApplyOutcome.CONFLICT:
-            self._commit(in_flight.polled)  # a conflict applied nothing: committing would claim it did
+        """Wait for every batch in flight and account for it (metrics, positions, commit). False if one was
+        abandoned: then its records, those of the batches after it, and `newer` ones are rewound."""
+        return self._finish(keep=0, newer=newer)
+
+    def _finish(self, keep: int, newer: dict[TopicPartition, list[Any]] | None = None) -> bool:
+        """Account for the oldest batches in flight until at most `keep` are left; as `finish_in_flight`."""
+        while len(self._in_flight) > keep:
+            in_flight = self._in_flight.popleft()
+            try:
+                learnt = in_flight.future.result()
+            except _Abandoned:
+                self._abandon_after(in_flight, newer or {})
+                return False
+            if self._advance(learnt).outcome is not ApplyOutcome.CONFLICT:
+                self._commit(in_flight.polled)  # a conflict applied nothing: committing would claim it did
         return True
+
+    def _abandon_after(self, abandoned: _InFlight, newer: dict[TopicPartition, list[Any]]) -> None:
+        """`abandoned` was not applied: the batches handed over behind it are not learnt either (they are
+        waited for; one answered as applied all the same is accounted for), then all are rewound."""
+        rewound = [abandoned.polled]
+        while self._in_flight:
+            later = self._in_flight.popleft()
+            rewound.append(later.polled)
+            with contextlib.suppress(_Abandoned):
+                self._advance(later.future.result())
+        self._rewind(*rewound, newer)
 
     def _drop_applied(self, polled: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, list[Any]]:
         """`Positions.drop_applied`, then the seeks for records it held back."""
@@ -327,35 +384,41 @@ class ConsumeLoop:
     def _learn(
         self, decoded: dict[TopicPartition, list[tuple[Any, Any]]], stop: threading.Event, received: float
     ) -> _Learnt:
-        """Dead-letter the invalid records, learn the events and record the metrics (on the worker, or
-        inline); raises _Abandoned. Touches no consumer state: positions move on the loop's thread."""
-        rows: list[EventRow] = []
-        sources: list[Any] = []  # the record of each event
-        dead: list[tuple[Any, Invalid]] = []
-        offsets: dict[int, tuple[int, int]] = {}
-        for tp, pairs in decoded.items():
-            offsets[tp.partition] = (pairs[0][0].offset, pairs[-1][0].offset + 1)
-            for record, item in pairs:
-                if type(item) is tuple:  # an EventRow
-                    rows.append(item)
-                    sources.append(record)
-                else:  # forget_user records never reach here (see _process_now)
-                    dead.append((record, item))
-                    self.metrics.events_invalid.labels(item.reason).inc()
-        events = EventColumns.of_rows(rows)
+        """Dead-letter the invalid records, learn the events and record the metrics, in this thread;
+        raises _Abandoned. Touches no consumer state: positions move in `_advance`."""
+        batch = _Batch.of(decoded)
+        if batch.dead:
+            self._dead_letter_invalid(batch, stop)
+        return self._await_learnt(self.learner.submit(batch.events, batch.offsets), batch, stop, received)
+
+    def _dead_letter_invalid(self, batch: _Batch, stop: threading.Event) -> None:
+        for _, invalid in batch.dead:
+            self.metrics.events_invalid.labels(invalid.reason).inc()
+        self._with_retry(lambda: self._dead_letter(batch.dead), stop, dependency="kafka")
+
+    def _await_learnt(
+        self, pending: PendingBatch, batch: _Batch, stop: threading.Event, received: float
+    ) -> _Learnt:
+        """The answer for a submitted batch and its metrics (on the worker, or inline); a try that fails
+        for a transient reason submits the batch again. Raises _Abandoned."""
+        events, sources = batch.events, batch.sources
+        tries = iter([pending])
 
         def dead_letter_diverged(positions: list[int]) -> None:
             diverged = [(sources[t], _diverged(events.row(t))) for t in positions]
             self.metrics.events_invalid.labels("diverged").inc(len(diverged))
             self._dead_letter(diverged)
 
-        if dead:
-            self._with_retry(lambda: self._dead_letter(dead), stop, dependency="kafka")
-        result = self._with_retry(
-            lambda: self.learner.learn(events, offsets, dead_letter_diverged), stop, writes=True
-        )
-        self._observe(result, events, sources, offsets, received)
-        return _Learnt(result, offsets)
+        def learn() -> StepResult:
+            attempt = next(tries, None) or self.learner.submit(events, batch.offsets)
+            return attempt.wait(dead_letter_diverged)
+
+        try:
+            result = self._with_retry(learn, stop, writes=True)
+        except BatchSkipped as exc:  # the batch before it was not applied: both are fetched again
+            raise _Abandoned from exc
+        self._observe(result, events, sources, batch.offsets, received)
+        return _Learnt(result, batch.offsets)
 
     def _forget(self, record: Any, forget: ForgetUser, stop: threading.Event) -> None:
         offsets = {record.partition: (record.offset, record.offset + 1)}
@@ -654,9 +717,37 @@ class _Learnt:
 
 
 @dataclass(frozen=True)
+class _Batch:
+    """A poll's decoded records as the learner takes them: the events and the record of each, the invalid
+    records (to dead-letter first), and each partition's (first, next) offsets."""
+
+    events: EventColumns
+    sources: list[Any]
+    dead: list[tuple[Any, Invalid]]
+    offsets: dict[int, tuple[int, int]]
+
+    @classmethod
+    def of(cls, decoded: dict[TopicPartition, list[tuple[Any, Any]]]) -> _Batch:
+        rows: list[EventRow] = []
+        sources: list[Any] = []
+        dead: list[tuple[Any, Invalid]] = []
+        offsets: dict[int, tuple[int, int]] = {}
+        for tp, pairs in decoded.items():
+            offsets[tp.partition] = (pairs[0][0].offset, pairs[-1][0].offset + 1)
+            for record, item in pairs:
+                if type(item) is tuple:  # an EventRow
+                    rows.append(item)
+                    sources.append(record)
+                else:  # forget_user records never reach here (see _process_now)
+                    dead.append((record, item))
+        return cls(EventColumns.of_rows(rows), sources, dead, offsets)
+
+
+@dataclass(frozen=True)
 class _InFlight:
     polled: dict[TopicPartition, list[Any]]
     future: Future[_Learnt]
+    pending: PendingBatch
 
 
 class _Abandoned(Exception):

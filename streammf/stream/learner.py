@@ -98,8 +98,29 @@ class DamagedGramianError(RuntimeError):
     `streammf refresh`, repairs it)."""
 
 
+class BatchSkipped(RuntimeError):
+    """A batch handed over behind another (`BatchLearner.submit`'s `after`) that was not applied: given up
+    without touching the store, so that no batch lands behind a gap in its partition's offsets."""
+
+
+class PendingBatch(Protocol):
+    """A batch handed to a learner; `wait` gives its result or raises what learning it raised."""
+
+    def wait(self, on_diverged: Callable[[list[int]], None] | None = None) -> StepResult: ...
+
+
 class BatchLearner(Protocol):
-    """What the daemon's loop calls: a `Learner`, or one in a process of its own (`LearnerProcess`)."""
+    """What the daemon's loop calls: a `Learner`, or one in a process of its own (`LearnerProcess`).
+
+    `submit` hands a batch over and returns at once; batches are learnt in the order submitted, and their
+    `wait`s must be called in that order. A batch submitted `after` another is learnt only if that one
+    was applied (or found applied before): otherwise its `wait` raises `BatchSkipped`. So the loop may
+    hand over the next batch while the learner is still busy with one, and a failure never lets a later
+    batch's offsets jump over the failed one's."""
+
+    def submit(
+        self, events: EventColumns, offsets: dict[int, tuple[int, int]], after: PendingBatch | None = None
+    ) -> PendingBatch: ...
 
     def learn(
         self,
@@ -160,6 +181,12 @@ class Learner:
                 targets = values if self.params.loss.mode == "explicit" else np.ones(len(predictions))
                 return StepResult(outcome, predictions, targets - predictions, state.version, tuple(diverged))
         raise VersionChurnError(f"model version changed {self.max_version_retries} times during one batch")
+
+    def submit(
+        self, events: EventColumns, offsets: dict[int, tuple[int, int]], after: PendingBatch | None = None
+    ) -> PendingBatch:
+        """Learnt when waited for (in this process nothing runs beside the caller)."""
+        return _Deferred(self, events, offsets, after)
 
     def _compute_in_bounds(
         self,
@@ -344,6 +371,24 @@ class Learner:
             pair_new=stored_new,
         )
         return update, predictions
+
+
+@dataclass
+class _Deferred:
+    """A `Learner.submit`ted batch: learnt by its `wait`, if the batch it follows was applied."""
+
+    learner: Learner
+    events: EventColumns
+    offsets: dict[int, tuple[int, int]]
+    after: PendingBatch | None
+    took_effect: bool = False  # applied, or found applied before
+
+    def wait(self, on_diverged: Callable[[list[int]], None] | None = None) -> StepResult:
+        if self.after is not None and not (isinstance(self.after, _Deferred) and self.after.took_effect):
+            raise BatchSkipped("the batch before this one was not applied")
+        result = self.learner.learn(self.events, self.offsets, on_diverged)
+        self.took_effect = result.outcome in (ApplyOutcome.APPLIED, ApplyOutcome.DUPLICATE)
+        return result
 
 
 def _or_zero(gram: np.ndarray | None, k: int) -> np.ndarray:

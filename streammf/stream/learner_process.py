@@ -28,7 +28,9 @@ import signal
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +41,7 @@ from streammf.store.contract import (
     StoreUnsafeError,
 )
 from streammf.stream.events import EventColumns
-from streammf.stream.learner import LearnerParams, StepResult
+from streammf.stream.learner import BatchSkipped, LearnerParams, PendingBatch, StepResult
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -62,19 +64,34 @@ class LearnerProcessError(RuntimeError):
 
 
 class LearnerProcess:
-    """A `Learner` in a child process: `learn`, `applied_offsets`, `offsets_ahead` and `forget_user`, as
-    the loop calls them. The child's store-call latencies are observed into `latency` here."""
+    """A `Learner` in a child process: `submit`, `learn`, `applied_offsets`, `offsets_ahead` and
+    `forget_user`, as the loop calls them. The child's store-call latencies are observed into `latency`.
+
+    Calls are messages down one pipe, answered in order. `submit` only sends, so the loop can hand over the
+    next batch while the child is busy with one: the child then starts it the moment the previous one is
+    answered, instead of waiting for the loop to account for that one first. Answers are read in the
+    order submitted (an answer nobody waited for is read and dropped before a later one)."""
 
     def __init__(self, settings: Settings, params: LearnerParams, latency: Histogram | None = None) -> None:
         self.settings = settings
         self.params = params
         self.latency = latency
         self._context = multiprocessing.get_context("spawn")  # not fork: this process runs threads
-        self._lock = threading.Lock()  # one call at a time, whichever thread makes it
+        self._send_lock = threading.Lock()  # one message at a time down the pipe, whichever thread sends
+        self._receive_lock = threading.Lock()  # one reader of answers at a time
         self._process: Any = None
         self._pipe: Connection | None = None
+        self._outstanding: deque[_Ticket] = deque()  # sent, answer not read yet; oldest first
+        self._calls = 0
         self._deaths_in_a_row = 0
         self._start()
+
+    def submit(
+        self, events: EventColumns, offsets: dict[int, tuple[int, int]], after: PendingBatch | None = None
+    ) -> PendingBatch:
+        """Hand a batch to the child and return at once (`Learner.learn` there, when its turn comes).
+        `after`: a batch submitted before, which the child must have applied, or this one is skipped."""
+        return self._submit("learn", (events, offsets), after)
 
     def learn(
         self,
@@ -83,24 +100,23 @@ class LearnerProcess:
         on_diverged: Callable[[list[int]], None] | None = None,
     ) -> StepResult:
         """`Learner.learn` in the child; `on_diverged` runs here, before the child applies anything."""
-        result: StepResult = self._call("learn", (events, offsets), on_diverged)
-        return result
+        return self.submit(events, offsets).wait(on_diverged)
 
     def applied_offsets(self) -> dict[int, int]:
-        offsets: dict[int, int] = self._call("applied_offsets", ())
+        offsets: dict[int, int] = self._submit("applied_offsets", ()).wait()
         return offsets
 
     def offsets_ahead(self) -> dict[int, int]:
-        offsets: dict[int, int] = self._call("offsets_ahead", ())
+        offsets: dict[int, int] = self._submit("offsets_ahead", ()).wait()
         return offsets
 
     def forget_user(self, user: str, offsets: dict[int, tuple[int, int]] | None = None) -> ApplyOutcome:
-        outcome: ApplyOutcome = self._call("forget_user", (user, offsets))
+        outcome: ApplyOutcome = self._submit("forget_user", (user, offsets)).wait()
         return outcome
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Ask the child to exit after the call it is serving, and wait for it (then kill it)."""
-        with self._lock:
+        """Ask the child to exit after the calls sent before, and wait for it (then kill it)."""
+        with self._send_lock:
             process, pipe = self._process, self._pipe
             self._process = self._pipe = None
             if process is None or pipe is None:
@@ -140,29 +156,75 @@ class LearnerProcess:
             raise payload
         log.info("learner process %d ready in %.1fs", process.pid, time.monotonic() - started)
 
-    def _call(
-        self, method: str, args: tuple[Any, ...], on_diverged: Callable[[list[int]], None] | None = None
-    ) -> Any:
-        with self._lock:
-            if self._process is None:
-                self._restart()
-            self._send((method, args, on_diverged is not None), method)
-            while True:
-                kind, payload = self._receive(method)
-                if kind == "result":
-                    self._deaths_in_a_row = 0
-                    return payload
-                if kind == "error":
-                    raise payload
-                assert kind == "diverged" and on_diverged is not None
-                # The child waits to hear whether it may apply: not if the parent cannot take them.
-                try:
+    def _submit(self, method: str, args: tuple[Any, ...], after: PendingBatch | None = None) -> _Ticket:
+        """Send a call; what goes wrong sending it is raised by the ticket's `wait`."""
+        with self._send_lock:
+            self._calls += 1
+            ticket = _Ticket(self, self._calls, method)
+            try:
+                if after is not None and not self._in_this_child(after):
+                    # The child that had the batch before is gone (or never had it): nothing says it applied.
+                    raise BatchSkipped("the learner process that had the batch before this one is gone")
+                if self._process is None:
+                    self._restart()
+                ticket.pipe = self._pipe
+                self._send(
+                    (method, args, ticket.call, after.call if isinstance(after, _Ticket) else None), method
+                )
+            except Exception as exc:
+                ticket.error = exc
+                return ticket
+            self._outstanding.append(ticket)
+        return ticket
+
+    def _in_this_child(self, ticket: PendingBatch) -> bool:
+        return (
+            isinstance(ticket, _Ticket)
+            and ticket.owner is self
+            and ticket.pipe is not None
+            and (ticket.pipe is self._pipe)
+        )
+
+    def _wait(self, ticket: _Ticket, on_diverged: Callable[[list[int]], None] | None) -> Any:
+        """The answer to `ticket`, after reading (and dropping) those to calls sent before it."""
+        with self._receive_lock:
+            if ticket not in self._outstanding:  # discarded with the child that had it
+                raise StoreUnavailableError(
+                    f"the learner process that had this {ticket.method} call is gone; its store writes, if "
+                    "any, are fenced by their offsets"
+                )
+            while self._outstanding[0] is not ticket:
+                older = self._outstanding.popleft()
+                with contextlib.suppress(Exception):  # nobody waits for it
+                    self._answer(older, None)
+            self._outstanding.popleft()
+            return self._answer(ticket, on_diverged)
+
+    def _answer(self, ticket: _Ticket, on_diverged: Callable[[list[int]], None] | None) -> Any:
+        if ticket.pipe is not self._pipe:
+            raise StoreUnavailableError(
+                f"the learner process that had this {ticket.method} call is gone; its store writes, if any, "
+                "are fenced by their offsets"
+            )
+        while True:
+            kind, payload = self._receive(ticket.method)
+            if kind == "result":
+                self._deaths_in_a_row = 0
+                return payload
+            if kind == "error":
+                raise payload
+            assert kind == "diverged"
+            # The child waits to hear whether it may apply: not if the parent cannot take them.
+            try:
+                if on_diverged is not None:
                     on_diverged(payload)
-                except BaseException:
-                    self._send(False, method)
-                    self._receive(method)  # the child's answer: it gave the batch up
-                    raise
-                self._send(True, method)
+            except BaseException:
+                with self._send_lock:
+                    self._send(False, ticket.method)
+                self._receive(ticket.method)  # the child's answer: it gave the batch up
+                raise
+            with self._send_lock:
+                self._send(True, ticket.method)
 
     def _restart(self) -> None:
         """Start a child after a death (or after `close`). Lost state and an unsafe store are raised as
@@ -181,26 +243,33 @@ class LearnerProcess:
             raise StoreUnavailableError(f"the learner process could not be started again: {exc}") from exc
 
     def _send(self, message: Any, method: str) -> None:
-        assert self._pipe is not None
+        pipe = self._pipe
+        if pipe is None:
+            raise StoreUnavailableError(f"the learner process is gone (during {method})")
         try:
-            self._pipe.send(message)
+            pipe.send(message)
         except OSError as exc:
-            raise self._died(method) from exc
+            raise self._died(method, pipe) from exc
 
     def _receive(self, method: str) -> tuple[str, Any]:
         """The child's next message; the store-call timings it carries are observed here."""
-        assert self._pipe is not None
+        pipe = self._pipe
+        if pipe is None:
+            raise StoreUnavailableError(f"the learner process is gone (during {method})")
         try:
-            kind, payload, timings = self._pipe.recv()
+            kind, payload, timings = pipe.recv()
         except (EOFError, OSError) as exc:
-            raise self._died(method) from exc
+            raise self._died(method, pipe) from exc
         self._observe(timings)
         return kind, payload
 
-    def _died(self, method: str) -> StoreUnavailableError:
-        code = self._discard()
-        self._deaths_in_a_row += 1
-        log.error("the learner process died (exit code %s): starting another at the next call", code)
+    def _died(self, method: str, pipe: Connection) -> StoreUnavailableError:
+        if pipe is self._pipe:  # the first to notice counts the death (the other thread may notice too)
+            code = self._discard()
+            self._deaths_in_a_row += 1
+            log.error("the learner process died (exit code %s): starting another at the next call", code)
+        else:
+            code = None
         return StoreUnavailableError(
             f"the learner process died during {method} (exit code {code}); its store writes, if any, "
             "are fenced by their offsets"
@@ -215,6 +284,7 @@ class LearnerProcess:
         """Forget a child that is gone or useless; its exit code."""
         process, pipe = self._process, self._pipe
         self._process = self._pipe = None
+        self._outstanding.clear()
         if pipe is not None:
             pipe.close()
         if process is None:
@@ -224,6 +294,20 @@ class LearnerProcess:
             process.kill()
             process.join()
         return int(process.exitcode) if process.exitcode is not None else None
+
+
+class _Ticket:
+    """A call sent to the child (`LearnerProcess._submit`): its number, and the pipe it went down."""
+
+    def __init__(self, owner: LearnerProcess, call: int, method: str) -> None:
+        self.owner, self.call, self.method = owner, call, method
+        self.pipe: Connection | None = None
+        self.error: Exception | None = None  # raised by `wait`: the call could not be sent
+
+    def wait(self, on_diverged: Callable[[list[int]], None] | None = None) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.owner._wait(self, on_diverged)
 
 
 class _NotApplied(Exception):
@@ -275,33 +359,51 @@ def serve(pipe: Connection, settings: Settings, params: LearnerParams) -> None:
         return
     tune_interpreter()
     pipe.send(("ready", os.getpid(), []))
+    inbox: deque[Any] = deque()  # calls that arrived while a batch waited for the parent's word
+    took_effect: dict[int, bool] = {}  # call number -> its batch was applied (or found applied before)
     while True:
         try:
-            request = pipe.recv()
+            request = inbox.popleft() if inbox else pipe.recv()
         except (EOFError, OSError):
             return  # the parent is gone
         if request is None:
             return
-        method, args, reports_diverged = request
+        if type(request) is bool:  # the word on a batch given up already
+            continue
+        method, args, call, after = request
+        took_effect[call] = False
         try:
+            if after is not None and not took_effect.get(after, False):
+                raise BatchSkipped("the batch before this one was not applied: this one is not learnt")
             if method == "learn":
-                hear = (lambda positions: _ask_parent(pipe, positions, timings)) if reports_diverged else None
                 events, offsets = args
-                answer: tuple[str, Any] = ("result", learner.learn(events, offsets, on_diverged=hear))
+                result = learner.learn(events, offsets, partial(_ask_parent, pipe, inbox, timings))
+                took_effect[call] = result.outcome in (ApplyOutcome.APPLIED, ApplyOutcome.DUPLICATE)
+                answer: tuple[str, Any] = ("result", result)
             else:
                 answer = ("result", getattr(learner, method)(*args))
         except Exception as exc:
             answer = ("error", _portable(exc))
+        for old in [c for c in took_effect if c < call - 16]:  # only the last few are ever asked about
+            del took_effect[old]
         try:
             pipe.send((*answer, timings.drain()))
         except (EOFError, OSError):
             return
 
 
-def _ask_parent(pipe: Connection, positions: list[int], timings: _TimingLog) -> None:
+def _ask_parent(pipe: Connection, inbox: deque[Any], timings: _TimingLog, positions: list[int]) -> None:
+    """Tell the parent of diverged events and wait for its word (calls sent meanwhile wait in `inbox`)."""
     pipe.send(("diverged", positions, timings.drain()))
-    if not pipe.recv():
-        raise _NotApplied
+    while True:
+        message = pipe.recv()
+        if type(message) is bool:
+            if not message:
+                raise _NotApplied
+            return
+        inbox.append(message)
+        if message is None:  # told to stop
+            raise _NotApplied
 
 
 def _portable(exc: Exception) -> Exception:

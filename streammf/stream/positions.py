@@ -57,6 +57,11 @@ class Positions:
     def needs_sync(self) -> bool:
         return bool(self._unsynced)
 
+    @property
+    def capped(self) -> bool:
+        """Some partition's next batch must end at a cap (a torn batch is being completed)."""
+        return bool(self._cap)
+
     def sync(
         self, consumer: Any, stored: dict[int, int], rebuild: bool, ahead: dict[int, int] | None = None
     ) -> set[TopicPartition]:

@@ -1,8 +1,9 @@
 """The daemon's learner in a process of its own (streammf.stream.learner_process) on a real Redis: it
 writes the model an in-process learner writes, byte for byte; diverged events reach the parent before
 anything is applied, and nothing is applied if the parent cannot take them; a child that is killed is
-replaced, and the batch it was serving is either applied whole or not at all; the store's errors cross
-the pipe as themselves; its store calls are timed in the parent's metrics."""
+replaced, and the batch it was serving is either applied whole or not at all; a batch handed over behind
+another is learnt only if that one was applied; the store's errors cross the pipe as themselves; its store
+calls are timed in the parent's metrics."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from streammf.store.layout import delete_model
 from streammf.store.redis_store import RedisStore
 from streammf.stream.daemon import open_store
 from streammf.stream.events import EventColumns
-from streammf.stream.learner import Learner, LearnerParams
+from streammf.stream.learner import BatchSkipped, Learner, LearnerParams
 from streammf.stream.learner_process import MAX_DEATHS_IN_A_ROW, LearnerProcess, LearnerProcessError
 from streammf.stream.metrics import Metrics
 from tests.integration.private_services import PrivateRedis
@@ -235,3 +236,59 @@ def test_deaths_count_only_in_a_row(learner: LearnerProcess) -> None:
         with pytest.raises(StoreUnavailableError, match="died"):
             learner.learn(_batches(1, seed=t)[0], _offsets(t))
         assert learner.learn(_batches(1, seed=t)[0], _offsets(t)).outcome is ApplyOutcome.APPLIED
+
+
+def test_a_batch_handed_over_behind_another_is_learnt_only_if_that_one_was_applied(
+    learner: LearnerProcess, store: RedisStore
+) -> None:
+    batches = _batches(6, seed=12)
+    first = learner.submit(batches[0], _offsets(0))
+    second = learner.submit(batches[1], _offsets(1), after=first)
+    assert first.wait().outcome is second.wait().outcome is ApplyOutcome.APPLIED
+    # A conflict (offsets overlapping what is applied) applies nothing, so the batch behind it, whose
+    # offsets would otherwise land past a gap, is not learnt at all.
+    conflicting = learner.submit(batches[2], {0: (BATCH, 3 * BATCH)})
+    behind = learner.submit(batches[3], _offsets(3), after=conflicting)
+    assert conflicting.wait().outcome is ApplyOutcome.CONFLICT
+    with pytest.raises(BatchSkipped):
+        behind.wait()
+    # Nor behind a batch the parent refused (its diverged events could not be dead-lettered); calls sent
+    # while the child waits for the parent's word are served after it, in order.
+    refused = learner.submit(_diverging(batches[2], at=5), _offsets(2))
+    behind = learner.submit(batches[3], _offsets(3), after=refused)
+    later = learner.submit(batches[2], _offsets(2))
+
+    def refuse(positions: list[int]) -> None:
+        raise ConnectionError("the dead-letter topic is down")
+
+    with pytest.raises(ConnectionError):
+        refused.wait(refuse)
+    with pytest.raises(BatchSkipped):
+        behind.wait()
+    assert later.wait().outcome is ApplyOutcome.APPLIED
+    assert store.applied_offsets() == {0: 3 * BATCH} and store.events_applied() == 3 * BATCH
+
+
+def test_a_batch_handed_over_behind_one_whose_child_died_is_not_learnt(
+    learner: LearnerProcess, store: RedisStore
+) -> None:
+    batches = _batches(3, seed=13)
+    learner.learn(batches[0], _offsets(0))
+    pid = learner.pid
+    assert pid is not None
+
+    def kill_the_child(positions: list[int]) -> None:
+        os.kill(pid, signal.SIGKILL)
+
+    dying = learner.submit(_diverging(batches[1], at=0), _offsets(1))
+    behind = learner.submit(batches[2], _offsets(2), after=dying)
+    with pytest.raises(StoreUnavailableError, match="died"):
+        dying.wait(kill_the_child)
+    with pytest.raises(StoreUnavailableError, match="gone"):
+        behind.wait()
+    # Handed over behind it after the death: refused at once, and the new child never sees it.
+    with pytest.raises(BatchSkipped):
+        learner.submit(batches[2], _offsets(2), after=dying).wait()
+    assert store.applied_offsets() == {0: BATCH}
+    assert learner.learn(batches[1], _offsets(1)).outcome is ApplyOutcome.APPLIED
+    assert learner.pid not in (None, pid)

@@ -334,14 +334,16 @@ def test_a_batch_abandoned_in_flight_rewinds_the_batch_polled_after_it_too() -> 
 
 
 def test_after_an_offset_conflict_in_flight_the_next_batch_waits_for_the_resync() -> None:
-    # A zombie applied offsets 0-9. This loop, not yet synced, learns 5-14 (conflict) while it polls 15-19:
-    # those must not apply before the resync, or 10-14 would be skipped for good.
+    # A zombie applied offsets 0-9. This loop, not yet synced, learns 5-14 (conflict) while it polls 15-19
+    # and hands them over behind it: those must not apply before the resync, or 10-14 would be skipped for
+    # good.
     store, producer, stop = MemoryStore("m", "implicit", 4), CountingProducer(), threading.Event()
     _loop(ScriptedConsumer([], stop), producer, store).process({TP: _records(0, 10)}, stop)
     consumer = ScriptedConsumer(
         [
             (False, {TP: _records(5, 10)}),
-            (False, {TP: _records(15, 5)}),
+            (False, {TP: _records(15, 5)}),  # handed over behind 5-14, not learnt: rewound
+            (False, {TP: _records(15, 5)}),  # fetched again, before the conflict is known: rewound too
             (False, {TP: _records(15, 5)}),  # fetched before the resync's seek: not used
             (False, {TP: _records(10, 10)}),  # after the seek to the store's offset
         ],
@@ -350,6 +352,67 @@ def test_after_an_offset_conflict_in_flight_the_next_batch_waits_for_the_resync(
     _loop(consumer, producer, store).run(stop)
     assert consumer.seeks == [(TP, 15), (TP, 10)]
     assert store.events_applied() == 20 and store.applied_offsets() == {0: 20}
+
+
+class JournalingLearner:
+    """A `Learner` that notes when each batch (by its first offset) is handed over and answered."""
+
+    def __init__(self, learner: Learner, hold_s: float = 0.0) -> None:
+        """`hold_s`: the first batch's answer waits up to this long for a second batch to be handed over."""
+        self.learner = learner
+        self.hold_s = hold_s
+        self.journal: list[tuple[str, int]] = []
+        self.second_handed = threading.Event()
+
+    def submit(self, events: Any, offsets: dict[int, tuple[int, int]], after: Any = None) -> Any:
+        first = offsets[0][0]
+        self.journal.append(("handed", first))
+        if len(self.journal) > 1:
+            self.second_handed.set()
+        pending = self.learner.submit(events, offsets, after.pending if after is not None else None)
+        return _Journaled(self, pending, first)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.learner, name)
+
+
+@dataclass
+class _Journaled:
+    owner: JournalingLearner
+    pending: Any
+    first: int
+
+    def wait(self, on_diverged: Any = None) -> Any:
+        if self.owner.journal[0] == ("handed", self.first):
+            self.owner.second_handed.wait(self.owner.hold_s)
+        result = self.pending.wait(on_diverged)
+        self.owner.journal.append(("answered", self.first))
+        return result
+
+
+def test_the_next_batch_is_handed_over_before_the_one_in_flight_is_answered() -> None:
+    store, stop = MemoryStore("m", "implicit", 4), threading.Event()
+    consumer = ScriptedConsumer([(False, {TP: _records(0, 5)}), (False, {TP: _records(5, 5)})], stop)
+    loop = _loop(consumer, CountingProducer(), store)
+    learner = JournalingLearner(loop.learner, hold_s=5.0)  # type: ignore[arg-type]
+    loop.learner = learner
+    loop.run(stop)
+    assert learner.journal.index(("handed", 5)) < learner.journal.index(("answered", 0))
+    assert learner.journal.index(("answered", 0)) < learner.journal.index(("answered", 5))
+    assert store.events_applied() == 10 and store.applied_offsets() == {0: 10}
+
+
+def test_a_batch_with_records_to_dead_letter_waits_for_the_batches_in_flight() -> None:
+    # Its bad records are dead-lettered before anything of it is learnt, and only once the batch before
+    # it is answered: a dead letter never goes out for a batch that might yet be rewound behind another.
+    store, producer, stop = MemoryStore("m", "implicit", 4), CountingProducer(), threading.Event()
+    polls = [(False, {TP: _records(0, 5)}), (False, {TP: _records(5, 5, poison_at=frozenset({7}))})]
+    loop = _loop(ScriptedConsumer(polls, stop), producer, store)
+    learner = JournalingLearner(loop.learner)  # type: ignore[arg-type]
+    loop.learner = learner
+    loop.run(stop)
+    assert learner.journal == [("handed", 0), ("answered", 0), ("handed", 5), ("answered", 5)]
+    assert len(producer.sent) == 1 and store.events_applied() == 9
 
 
 class BehindConsumer(ScriptedConsumer):

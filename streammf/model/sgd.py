@@ -297,6 +297,9 @@ def _prox_row(G, c, x, other, a, b, shift, out, system, work):  # fmt: skip
         total = system[j, j]
         for p in range(j):
             total -= system[j, p] * system[j, p]
+        if not total > 0.0:  # overflowed (a weight near the float limits): no step, the event is left out
+            out[:] = np.nan
+            return
         diag = np.sqrt(total)
         system[j, j] = diag
         # Four entries of the column at a time: four independent chains of subtractions, each in the

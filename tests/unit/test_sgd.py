@@ -413,6 +413,42 @@ def test_a_step_left_out_leaves_no_trace(mode: str, learning_rate: float, bound:
         assert np.isfinite(rows).all() and np.abs(rows).max() <= bound
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_implicit_step_whose_system_overflows_is_left_out_not_raised(seed: int) -> None:
+    """Weights near the float limits (an operator may raise STREAMMF_MODEL__WEIGHT_MAX that far) make the
+    proximal system's pivots overflow to inf − inf or round to 0: the event is left out (NaN prediction,
+    rows untouched), never a division by zero out of the kernel."""
+    rng = np.random.default_rng(seed)
+    k, n = 6, 40
+    gram = _spd(rng, k, 0.5)
+    user_rows = rng.normal(0, 0.1, (1, k)).astype(DTYPE)
+    item_rows = rng.normal(0, 0.1, (1, k)).astype(DTYPE)
+    batch = SgdBatch(
+        user_rows=user_rows.copy(),
+        user_bias=np.zeros(1, dtype=DTYPE),
+        user_counts=np.array([3]),
+        item_rows=item_rows.copy(),
+        item_bias=np.zeros(1, dtype=DTYPE),
+        item_counts=np.array([4]),
+        event_user=np.zeros(n, dtype=np.int64),
+        event_item=np.zeros(n, dtype=np.int64),
+        event_pair=np.zeros(n, dtype=np.int64),
+        event_value=np.full(n, 5.0),
+        event_weight=10.0 ** rng.uniform(20, 300, size=n),
+        pair_new=np.array([True]),
+        user_entered=np.array([True]),
+        item_entered=np.array([True]),
+        value_sum=0.0,
+        value_count=0,
+        item_gramian=gram.copy(),
+        user_gramian=gram.copy(),
+    )
+    predictions, _, value_count = sgd_step(batch, SgdParams(LossParams("implicit"), 0.05), 100.0)
+    assert np.isnan(predictions).all() and value_count == 0
+    np.testing.assert_array_equal(batch.user_rows, user_rows)
+    np.testing.assert_array_equal(batch.item_rows, item_rows)
+
+
 # ------------------------------------------------------------------------------------------ it learns
 
 

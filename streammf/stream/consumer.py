@@ -196,7 +196,8 @@ class ConsumeLoop:
                 self._store_outage = False
                 self.positions.resync(self.consumer.assignment())
             if self.positions.needs_sync:
-                self.finish_in_flight()
+                if not self.finish_in_flight(newer=polled):
+                    polled = {}  # rewound with the batch in flight
                 synced = self._sync_offsets(stop)
                 if synced is None:
                     continue  # the store is unreachable: whatever was polled is fetched again after the seek

@@ -186,19 +186,36 @@ class LearnerProcess:
         )
 
     def _wait(self, ticket: _Ticket, on_diverged: Callable[[list[int]], None] | None) -> Any:
-        """The answer to `ticket`, after reading (and dropping) those to calls sent before it."""
+        """The answer to `ticket`. Answers to calls sent before it whose waits have not come yet are read
+        first and kept for them (the pipe answers in order)."""
         with self._receive_lock:
-            if ticket not in self._outstanding:  # discarded with the child that had it
-                raise StoreUnavailableError(
-                    f"the learner process that had this {ticket.method} call is gone; its store writes, if "
-                    "any, are fenced by their offsets"
-                )
-            while self._outstanding[0] is not ticket:
-                older = self._outstanding.popleft()
-                with contextlib.suppress(Exception):  # nobody waits for it
-                    self._answer(older, None)
-            self._outstanding.popleft()
-            return self._answer(ticket, on_diverged)
+            if ticket.answer is None:
+                while True:
+                    if ticket not in self._outstanding:  # discarded with the child that had it
+                        raise StoreUnavailableError(
+                            f"the learner process that had this {ticket.method} call is gone; its store "
+                            "writes, if any, are fenced by their offsets"
+                        )
+                    head = self._outstanding.popleft()
+                    if head is ticket:
+                        return self._answer(ticket, on_diverged)
+                    head.answer = self._answer_early(head)
+        kind, payload = ticket.answer
+        if kind == "error":
+            raise payload
+        return payload
+
+    def _answer_early(self, ticket: _Ticket) -> tuple[str, Any]:
+        """A call's answer, read before its wait: diverged events it reports cannot be dead-lettered
+        then, so such a batch is not applied."""
+
+        def refuse(positions: list[int]) -> None:
+            raise BatchSkipped("diverged events reported before anyone waited for the batch: not applied")
+
+        try:
+            return "result", self._answer(ticket, refuse)
+        except Exception as exc:
+            return "error", exc
 
     def _answer(self, ticket: _Ticket, on_diverged: Callable[[list[int]], None] | None) -> Any:
         if ticket.pipe is not self._pipe:
@@ -303,6 +320,7 @@ class _Ticket:
         self.owner, self.call, self.method = owner, call, method
         self.pipe: Connection | None = None
         self.error: Exception | None = None  # raised by `wait`: the call could not be sent
+        self.answer: tuple[str, Any] | None = None  # read before its wait (`LearnerProcess._wait`)
 
     def wait(self, on_diverged: Callable[[list[int]], None] | None = None) -> Any:
         if self.error is not None:
@@ -359,7 +377,7 @@ def serve(pipe: Connection, settings: Settings, params: LearnerParams) -> None:
         return
     tune_interpreter()
     pipe.send(("ready", os.getpid(), []))
-    inbox: deque[Any] = deque()  # calls that arrived while a batch waited for the parent's word
+    inbox: deque[Any] = deque()  # calls read but not served yet (in order)
     took_effect: dict[int, bool] = {}  # call number -> its batch was applied (or found applied before)
     while True:
         try:

@@ -292,3 +292,39 @@ def test_a_batch_handed_over_behind_one_whose_child_died_is_not_learnt(
     assert store.applied_offsets() == {0: BATCH}
     assert learner.learn(batches[1], _offsets(1)).outcome is ApplyOutcome.APPLIED
     assert learner.pid not in (None, pid)
+
+
+def test_an_answer_read_ahead_of_its_wait_is_kept_for_it(learner: LearnerProcess, store: RedisStore) -> None:
+    """A batch retried (sent again, unchained) after a batch handed over behind it: the retry's wait
+    reads the skipped batch's answer first and keeps it, so that batch's own wait says skipped (its
+    records are fetched again), not that the learner process is gone (which would look like an outage)."""
+    batches = _batches(3, seed=14)
+    learner.learn(batches[0], _offsets(0))
+    refused = learner.submit(_diverging(batches[1], at=2), _offsets(1))
+    behind = learner.submit(batches[2], _offsets(2), after=refused)
+    retry = learner.submit(_diverging(batches[1], at=2), _offsets(1))
+
+    def refuse(positions: list[int]) -> None:
+        raise ConnectionError("the dead-letter topic is down")
+
+    with pytest.raises(ConnectionError):
+        refused.wait(refuse)
+    assert retry.wait(lambda positions: None).outcome is ApplyOutcome.APPLIED
+    with pytest.raises(BatchSkipped):
+        behind.wait()
+    assert store.applied_offsets() == {0: 2 * BATCH}
+
+
+def test_a_child_dying_while_an_earlier_answer_is_read_ahead_is_an_outage_not_a_crash(
+    learner: LearnerProcess, store: RedisStore
+) -> None:
+    batches = _batches(2, seed=15)
+    first = learner.submit(_diverging(batches[0], at=1), _offsets(0))
+    second = learner.submit(batches[1], _offsets(1), after=first)
+    assert learner.pid is not None
+    os.kill(learner.pid, signal.SIGKILL)
+    with pytest.raises(StoreUnavailableError):
+        second.wait()  # reads (and keeps) the first one's answer, and meets the death there
+    with pytest.raises(StoreUnavailableError):
+        first.wait()
+    assert store.applied_offsets() == {}

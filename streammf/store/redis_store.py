@@ -110,6 +110,54 @@ class _CachedRead:
     state: BatchState  # what the read returned (stored counts and pair values)
 
 
+@dataclass(frozen=True)
+class _ApplyCommand:
+    """The apply script's KEYS and ARGV, and, for a lone writer's apply of sums as sent, what it writes."""
+
+    keys: list[str]
+    args: list[Any]
+    as_sent: bool  # the item rows are written as sent (nothing written since the read: the stamp held)
+    item_rows: bytes  # (n_items, k + 1) float32 rows as written, when `as_sent`
+    item_counts: np.ndarray | None  # the counts of the update's count items as written, if known
+    item_gramian: bytes  # the Gramians as written when the stored ones are those read ('' otherwise)
+    user_gramian: bytes
+
+
+@dataclass(frozen=True)
+class _AheadRead:
+    """The next batch as `begin_apply` reads it: all of it, and the part Redis is asked for."""
+
+    all_users: list[str]
+    all_items: list[str]
+    ids: BatchIds
+    hits: np.ndarray  # per user: held in the copy
+    pair_hits: np.ndarray  # per pair: its user is held
+    users: list[str]  # read: users not held
+    items: list[str]  # read: items the apply does not write
+    pairs: list[tuple[str, str]]  # read: pairs of users not held
+    item_at: np.ndarray  # per item: its row in the update (-1: not written by the apply)
+    command: tuple[list[str], list[Any]]  # the read script's KEYS and ARGV
+
+
+class PendingApply:
+    """An apply `RedisStore.begin_apply` sent: the next batch's state as it leaves it (`next_state`, or
+    None), and its answer when asked (`outcome`)."""
+
+    def __init__(
+        self,
+        store: RedisStore,
+        connection: Any,
+        command: _ApplyCommand,
+        version: int,
+        next_state: BatchState | None,
+    ) -> None:
+        self.store, self.connection, self.command = store, connection, command
+        self.version, self.next_state = version, next_state
+
+    def outcome(self) -> ApplyOutcome:
+        return self.store.finish_apply(self)
+
+
 class ModelMismatchError(ValueError):
     """The model exists with a different mode or number of factors than the caller asked for."""
 
@@ -589,6 +637,24 @@ class RedisStore:
         """Shard `s`'s part of a batch state; item counts are of `count_items` (default `items`); users
         with at most `whole_limit` interactions are read whole (`_LastRead.whole`)."""
         count_items = items if count_items is None else count_items
+        script_keys, args = self._read_command(s, version, users, items, pairs, count_items, whole_limit)
+        try:
+            reply = self._read_script(keys=script_keys, args=args)
+        except redis.ResponseError as exc:
+            raise store_error_from(exc) or exc from None
+        return self._read_reply(s, version, reply, users, items, pairs, count_items)
+
+    def _read_command(
+        self,
+        s: int,
+        version: int,
+        users: list[str],
+        items: list[str],
+        pairs: list[tuple[str, str]],
+        count_items: list[str],
+        whole_limit: int,
+    ) -> tuple[list[str], list[Any]]:
+        """The read script's KEYS and ARGV for `_read_snapshot`."""
         keys, k = self.shards[s], self._model.k
         implicit = self._model.mode == "implicit"
         # KEYS[NK + u] is the u-th batch user's inter hash (for HLEN), so batch users are listed as given.
@@ -596,38 +662,48 @@ class RedisStore:
         inter_users = [*users, *dict.fromkeys(user for user, _ in pairs if user not in batch_users)]
         inter_index = _tail_positions(scripts.READ_STATE, inter_users)
         joined_items = join_ids(items)
-        try:
-            reply = self._read_script(
-                keys=scripts.READ_STATE.key_list(
-                    keys.inter_keys(inter_users),
-                    current=keys.current,
-                    meta=keys.version_meta(version),
-                    users=keys.rows(version, "users"),
-                    items=keys.rows(version, "items"),
-                    item_counts=keys.item_counts,
-                    stats=keys.stats,
-                    gram_items=keys.gramian(version, "items"),
-                    gram_users=keys.gramian(version, "users"),
-                ),
-                args=scripts.READ_STATE.arg_list(
-                    version=version,
-                    implicit=int(implicit),
-                    k=k,
-                    n_users=len(users),
-                    n_items=len(items),
-                    n_pairs=len(pairs),
-                    users=join_ids(users),
-                    items=joined_items,
-                    pair_items=join_ids([item for _, item in pairs]),
-                    pair_inter_keys=np.array([inter_index[user] for user, _ in pairs], dtype="<u4").tobytes(),
-                    n_count_items=len(count_items),
-                    # One shard: the batch's own items (the same bytes, split once in the script).
-                    count_items=joined_items if count_items is items else join_ids(count_items),
-                    whole_limit=whole_limit,
-                ),
-            )
-        except redis.ResponseError as exc:
-            raise store_error_from(exc) or exc from None
+        script_keys = scripts.READ_STATE.key_list(
+            keys.inter_keys(inter_users),
+            current=keys.current,
+            meta=keys.version_meta(version),
+            users=keys.rows(version, "users"),
+            items=keys.rows(version, "items"),
+            item_counts=keys.item_counts,
+            stats=keys.stats,
+            gram_items=keys.gramian(version, "items"),
+            gram_users=keys.gramian(version, "users"),
+        )
+        args = scripts.READ_STATE.arg_list(
+            version=version,
+            implicit=int(implicit),
+            k=k,
+            n_users=len(users),
+            n_items=len(items),
+            n_pairs=len(pairs),
+            users=join_ids(users),
+            items=joined_items,
+            pair_items=join_ids([item for _, item in pairs]),
+            pair_inter_keys=np.array([inter_index[user] for user, _ in pairs], dtype="<u4").tobytes(),
+            n_count_items=len(count_items),
+            # One shard: the batch's own items (the same bytes, split once in the script).
+            count_items=joined_items if count_items is items else join_ids(count_items),
+            whole_limit=whole_limit,
+        )
+        return script_keys, args
+
+    def _read_reply(
+        self,
+        s: int,
+        version: int,
+        reply: Any,
+        users: list[str],
+        items: list[str],
+        pairs: list[tuple[str, str]],
+        count_items: list[str],
+    ) -> BatchState | None:
+        """`_read_snapshot`'s state from the read script's reply (None: `current` moved)."""
+        keys, k = self.shards[s], self._model.k
+        implicit = self._model.mode == "implicit"
         if reply == b"moved":
             return None
         if reply == b"no_meta":
@@ -767,6 +843,185 @@ class RedisStore:
                 self._cached_reads.pop(s, None)
         return outcome
 
+    def begin_apply(
+        self, update: BatchUpdate, users: list[str], items: list[str], pairs: list[tuple[str, str]]
+    ) -> PendingApply | None:
+        """Send `update`'s apply, and ahead of it down the same connection the read of the next batch's
+        (`users`, `items`, `pairs`) state, and return with that state as the apply will leave it, without
+        waiting for the apply: the caller computes the next batch while Redis runs it. None when this
+        store cannot (only a lone writer's apply of its sums as sent, on one shard, can): apply as usual.
+
+        Redis runs the read before the apply, so it sees the state before it; what the apply writes (the
+        batch's users and interactions, through the copy of users; its item rows and counts, the Gramians
+        and the global sums, from the update) is taken from the update, exactly as the apply script
+        stores it. The state holds only if the apply answers 'applied' (`finish_apply`); on anything else
+        the copy is dropped and the next batch is read again from Redis."""
+        if len(self.shards) != 1 or not self.user_caches or isinstance(self._client, RedisCluster):
+            return None
+        read = self._cached_reads.get(0)
+        if read is None or not read.strict or read.ids is None or read.version != update.version:
+            return None
+        if read.users is not update.users or len(read.state.pair_values) != len(update.pair_users):
+            return None  # not the very batch read (some events were left out)
+        cache, implicit = self.user_caches[0], self._model.mode == "implicit"
+        counts = (update.items, np.asarray(update.item_count_delta))
+        stamp = cache.next_stamp()
+        command = self._apply_command(0, update, "all", counts, False, (read.stamp, stamp, True), read)
+        if not command.as_sent or command.item_counts is None:
+            return None
+        if implicit and not (command.item_gramian and command.user_gramian):
+            return None
+        # From here the copy holds the batch as applied; anything but 'applied' drops it.
+        cache.record(
+            update.version,
+            stamp,
+            read.ids,
+            update.users,
+            _user_rows(update, self._model.k),
+            read.whole,
+            update.pair_users,
+            update.pair_items,
+            np.asarray(update.pair_values, dtype=np.float64),
+            additive=implicit,
+        )
+        connection = None
+        try:
+            ahead = self._ahead_read(update, read, command, stamp, users, items, pairs)
+            connection = self._client.connection_pool.get_connection()
+            calls = [("EVALSHA", self._apply_script.sha, len(command.keys), *command.keys, *command.args)]
+            if ahead is not None:
+                read_keys, read_args = ahead.command
+                calls.insert(0, ("EVALSHA", self._read_script.sha, len(read_keys), *read_keys, *read_args))
+            connection.send_packed_command(connection.pack_commands(calls))
+            next_state = None
+            if ahead is not None:
+                try:
+                    reply = connection.read_response()
+                except redis.ResponseError:  # e.g. the scripts are not loaded (a restarted Redis): read later
+                    reply = None
+                if reply is not None:
+                    next_state = self._ahead_state(update, read, command, stamp, ahead, reply)
+        except BaseException:
+            if connection is not None:
+                connection.disconnect()  # a reply may be left unread on it
+                self._client.connection_pool.release(connection)
+            self._drop_copy(update.version)
+            raise
+        return PendingApply(self, connection, command, update.version, next_state)
+
+    def finish_apply(self, pending: PendingApply) -> ApplyOutcome:
+        """The answer of an apply `begin_apply` sent. Anything but 'applied' drops the copy of users (and
+        the next batch's state given with it)."""
+        outcome = None
+        connection = pending.connection
+        try:
+            try:
+                reply = connection.read_response()
+            except redis.exceptions.NoScriptError:  # nothing ran: send it the usual way (loads the script)
+                reply = self._apply_script(keys=pending.command.keys, args=pending.command.args)
+            except redis.ResponseError as exc:
+                raise store_error_from(exc) or exc from None
+            outcome = ApplyOutcome(reply.decode())
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            self._client.connection_pool.release(connection)
+            if outcome is not ApplyOutcome.APPLIED:
+                self._drop_copy(pending.version)
+        return outcome
+
+    def _drop_copy(self, version: int) -> None:
+        self.user_caches[0].clear(version)
+        self._cached_reads.pop(0, None)
+
+    def _ahead_read(
+        self,
+        update: BatchUpdate,
+        read: _CachedRead,
+        command: _ApplyCommand,
+        stamp: str,
+        users: list[str],
+        items: list[str],
+        pairs: list[tuple[str, str]],
+    ) -> _AheadRead | None:
+        """What of the next batch Redis must be asked for (users the copy does not hold, their pairs, items
+        the apply does not write); None if a user the apply writes is not in the copy (a user with more
+        interactions than are read whole): the read before the apply would miss what it writes."""
+        cache = self.user_caches[0]
+        ids = cache.ids_of(users, pairs)
+        hits, pair_hits = cache.held(ids), cache.pairs_held(ids)
+        unheld = list(itertools.compress(users, ~hits))
+        if not set(unheld).isdisjoint(update.users):
+            return None
+        written = dict(zip(update.items, range(len(update.items)), strict=True))
+        at = np.array([written.get(item, -1) for item in items], dtype=np.int64)
+        read_items = list(itertools.compress(items, at < 0))
+        read_pairs = list(itertools.compress(pairs, ~pair_hits))
+        read_command = self._read_command(
+            0, update.version, unheld, read_items, read_pairs, read_items, cache.whole_limit
+        )
+        return _AheadRead(
+            users, items, ids, hits, pair_hits, unheld, read_items, read_pairs, at, read_command
+        )
+
+    def _ahead_state(
+        self,
+        update: BatchUpdate,
+        read: _CachedRead,
+        command: _ApplyCommand,
+        stamp: str,
+        ahead: _AheadRead,
+        reply: Any,
+    ) -> BatchState | None:
+        """The next batch's state once the apply is in: the read's part, the copy's users, and the rows,
+        counts, Gramians and sums the apply writes. None if the read found another writer's stamp (the
+        apply is then refused too) or a moved version."""
+        version, k = update.version, self._model.k
+        part = self._read_reply(0, version, reply, ahead.users, ahead.items, ahead.pairs, ahead.items)
+        if part is None or self._last_read[0].writer != read.stamp:
+            return None
+        whole = self._last_read[0].whole
+        written, at = ahead.item_at >= 0, ahead.item_at
+        n_items = len(at)
+        rows = np.zeros((n_items, k + 1), dtype=ROW_DTYPE)
+        rows[written] = np.frombuffer(command.item_rows, dtype=ROW_DTYPE).reshape(-1, k + 1)[at[written]]
+        rows[~written, :k], rows[~written, k] = part.item_rows, part.item_bias
+        present = np.ones(n_items, dtype=bool)
+        present[~written] = part.item_present
+        item_counts = np.zeros(n_items, dtype=np.int64)
+        assert command.item_counts is not None
+        item_counts[written], item_counts[~written] = command.item_counts[at[written]], part.item_counts
+        implicit = self._model.mode == "implicit"
+        state = replace(
+            part,
+            item_rows=rows[:, :k].astype(part.item_rows.dtype),
+            item_bias=rows[:, k].astype(part.item_bias.dtype),
+            item_present=present,
+            item_counts=item_counts,
+            value_sum=read.state.value_sum + float(update.value_sum_delta),
+            value_count=read.state.value_count + int(update.value_count_delta),
+            item_gramian=decode_gramian(command.item_gramian, k, "item Gramian") if implicit else None,
+            user_gramian=decode_gramian(command.user_gramian, k, "user Gramian") if implicit else None,
+        )
+        cache = self.user_caches[0]
+        state = _with_cached_users(state, cache, ahead.ids, ahead.hits, ahead.pair_hits)
+        self._last_read[0] = _LastRead(
+            version=version,
+            item_index={item: r for r, item in enumerate(ahead.all_items)},
+            item_rows=rows,
+            item_present=present,
+            item_gramian=command.item_gramian if implicit else b"",
+            user_gramian=command.user_gramian if implicit else b"",
+            writer=stamp,
+            whole=whole,
+        )
+        self._cached_reads[0] = _CachedRead(
+            version, stamp, True, whole, ahead.ids, ahead.all_users, ahead.all_items, state
+        )
+        cache.found_valid()
+        return state
+
     def _apply_shard(
         self,
         s: int,
@@ -780,6 +1035,24 @@ class RedisStore:
         """One script: `part` 'all' (the whole batch, one shard), or the batch's 'items' or 'users' part
         on shard `s`, fenced on `item_offsets` or `offsets`; `counts`: (items, increments) of the shard's
         item counts; `finishing`: the batch is begun on other shards (the part passes a pause)."""
+        command = self._apply_command(s, update, part, counts, finishing, stamp, read)
+        try:
+            outcome = self._apply_script(keys=command.keys, args=command.args)
+        except redis.ResponseError as exc:
+            raise store_error_from(exc) or exc from None
+        return ApplyOutcome(outcome.decode())
+
+    def _apply_command(
+        self,
+        s: int,
+        update: BatchUpdate,
+        part: str,
+        counts: Counts,
+        finishing: bool,
+        stamp: tuple[str, str, bool],
+        read: _CachedRead | None,
+    ) -> _ApplyCommand:
+        """`_apply_shard`'s script KEYS and ARGV, and what it writes when it takes the writer's sums."""
         keys, k = self.shards[s], self._model.k
         implicit = self._model.mode == "implicit"
         pair_users = list(dict.fromkeys(update.pair_users))
@@ -906,11 +1179,15 @@ class RedisStore:
             changed_items=keys.changed(update.version, "items"),
             popularity=keys.popularity,
         )
-        try:
-            outcome = self._apply_script(keys=script_keys, args=args)
-        except redis.ResponseError as exc:
-            raise store_error_from(exc) or exc from None
-        return ApplyOutcome(outcome.decode())
+        return _ApplyCommand(
+            script_keys,
+            args,
+            as_sent,
+            new_rows,
+            None if read_counts is None else read_counts + np.asarray(counts[1], dtype=np.int64),
+            gramian_sum(item_gramian_delta, last.item_gramian) if last else b"",
+            gramian_sum(user_gramian_delta, last.user_gramian) if last else b"",
+        )
 
     def forget_user(self, user: str, offsets: dict[int, tuple[int, int]] | None = None) -> ApplyOutcome:
         """One shard: one script. Several: the stats copies of the other shards first, each fenced on its

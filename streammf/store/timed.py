@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from streammf.store.contract import ApplyOutcome, BatchState, BatchUpdate, FactorStore, ModelMeta
 
@@ -46,6 +46,20 @@ class TimedStore:
         finally:
             self._apply.observe(time.perf_counter() - started)
 
+    def begin_apply(
+        self, update: BatchUpdate, users: list[str], items: list[str], pairs: list[tuple[str, str]]
+    ) -> _TimedPendingApply | None:
+        """The inner store's `begin_apply`, if it has one; the apply's time is what the caller waits in
+        it and in `outcome` (not the work it does in between)."""
+        begin = getattr(self.inner, "begin_apply", None)
+        if begin is None:
+            return None
+        started = time.perf_counter()
+        pending = begin(update, users, items, pairs)
+        if pending is None:
+            return None
+        return _TimedPendingApply(pending, self._apply, time.perf_counter() - started)
+
     def forget_user(self, user: str, offsets: dict[int, tuple[int, int]] | None = None) -> ApplyOutcome:
         started = time.perf_counter()
         try:
@@ -68,3 +82,17 @@ class TimedStore:
 
     def popular_items(self, n: int, exclude: Sequence[str] = ()) -> list[tuple[str, float]]:
         return self.inner.popular_items(n, exclude)
+
+
+class _TimedPendingApply:
+    def __init__(self, pending: Any, observer: Observer, waited_s: float) -> None:
+        self.pending, self.observer, self.waited_s = pending, observer, waited_s
+        self.next_state: BatchState | None = pending.next_state
+
+    def outcome(self) -> ApplyOutcome:
+        started = time.perf_counter()
+        try:
+            outcome: ApplyOutcome = self.pending.outcome()
+            return outcome
+        finally:
+            self.observer.observe(self.waited_s + time.perf_counter() - started)

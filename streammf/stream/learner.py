@@ -98,6 +98,30 @@ class DamagedGramianError(RuntimeError):
     `streammf refresh`, repairs it)."""
 
 
+class PendingApply(Protocol):
+    """An apply sent without waiting for its answer: a store's `begin_apply(update, users, items, pairs)`
+    (`streammf.store.redis_store.RedisStore`), which returns None where it cannot."""
+
+    next_state: BatchState | None  # the next batch's state as the apply leaves it, if known
+
+    def outcome(self) -> ApplyOutcome: ...
+
+
+Ahead = tuple[EventColumns, dict[int, tuple[int, int]]]  # the next batch's events and offsets
+
+
+@dataclass(frozen=True)
+class Computed:
+    """A batch read and computed, ready to apply (`Learner.learn_ahead`)."""
+
+    plan: _BatchPlan
+    state: BatchState
+    kept: list[int]  # positions of the events applied
+    update: BatchUpdate
+    predictions: np.ndarray
+    diverged: tuple[int, ...]  # positions of the events left out
+
+
 class BatchSkipped(RuntimeError):
     """A batch handed over behind another (`BatchLearner.submit`'s `after`) that was not applied: given up
     without touching the store, so that no batch lands behind a gap in its partition's offsets."""
@@ -164,23 +188,78 @@ class Learner:
         before anything is applied (the daemon dead-letters them there; if it raises, nothing is applied).
         A version flip means recomputing against the new version. A paused version (a refresh handing
         over, normally well under a second) means waiting; if the refresh then publishes, recomputing."""
+        return self.learn_ahead(events, offsets, on_diverged)[0]
+
+    def learn_ahead(
+        self,
+        events: EventColumns | Sequence[Event],
+        offsets: dict[int, tuple[int, int]],
+        on_diverged: Callable[[list[int]], None] | None = None,
+        ahead: Callable[[], Ahead | None] | None = None,
+        computed: Computed | None = None,
+    ) -> tuple[StepResult, Computed | None]:
+        """`learn`, and with `ahead` (asked as the apply goes out: the next batch's events and offsets, if
+        it is known by then) that batch computed while this one's apply runs in Redis, from the state
+        the apply leaves, where the store can tell it (its `begin_apply`). It is returned only if this
+        batch applied (it holds only then), for the next call to take as `computed` instead of reading
+        and computing the batch itself."""
         if not isinstance(events, EventColumns):
             events = EventColumns.of(events)
-        plan = _BatchPlan.of(events)
+        plan = computed.plan if computed is not None else _BatchPlan.of(events)
         reported: set[int] = set()
         for _ in range(self.max_version_retries):
-            state = self.store.read_batch_state(plan.users, plan.items, plan.pairs)
-            kept, update, predictions = self._compute_in_bounds(events, plan, state, offsets)
-            diverged = [] if len(kept) == len(events) else sorted(set(range(len(events))) - set(kept))
+            if computed is None:
+                state = self.store.read_batch_state(plan.users, plan.items, plan.pairs)
+                computed = self._computed(events, plan, state, offsets)
+            diverged = computed.diverged
             if on_diverged is not None and set(diverged) - reported:
                 on_diverged([t for t in diverged if t not in reported])
                 reported.update(diverged)
-            outcome = self._apply_after_any_pause(update)
+            outcome, following = self._apply(computed.update, ahead)
             if outcome is not ApplyOutcome.STALE_VERSION:
-                values = plan.values[kept]
+                values = plan.values[computed.kept]
+                predictions = computed.predictions
                 targets = values if self.params.loss.mode == "explicit" else np.ones(len(predictions))
-                return StepResult(outcome, predictions, targets - predictions, state.version, tuple(diverged))
+                version = computed.state.version
+                return StepResult(outcome, predictions, targets - predictions, version, diverged), following
+            computed = None
         raise VersionChurnError(f"model version changed {self.max_version_retries} times during one batch")
+
+    def _computed(
+        self,
+        events: EventColumns,
+        plan: _BatchPlan,
+        state: BatchState,
+        offsets: dict[int, tuple[int, int]],
+    ) -> Computed:
+        kept, update, predictions = self._compute_in_bounds(events, plan, state, offsets)
+        diverged = () if len(kept) == len(events) else tuple(sorted(set(range(len(events))) - set(kept)))
+        return Computed(plan, state, kept, update, predictions, diverged)
+
+    def _apply(
+        self, update: BatchUpdate, ahead: Callable[[], Ahead | None] | None
+    ) -> tuple[ApplyOutcome, Computed | None]:
+        """Apply `update`, computing the `ahead` batch meanwhile when there is one and the store can say
+        what the apply leaves (else None)."""
+        begin = getattr(self.store, "begin_apply", None)
+        following = None if ahead is None or begin is None else ahead()
+        if following is None or begin is None:
+            return self._apply_after_any_pause(update), None
+        next_events, next_offsets = following
+        next_plan = _BatchPlan.of(next_events)
+        pending: PendingApply | None = begin(update, next_plan.users, next_plan.items, next_plan.pairs)
+        if pending is None:
+            return self._apply_after_any_pause(update), None
+        done = None
+        if pending.next_state is not None:
+            try:
+                done = self._computed(next_events, next_plan, pending.next_state, next_offsets)
+            except Exception as exc:  # computed again from a fresh read when its turn comes (raised then)
+                log.debug("computing the next batch ahead failed: %s", exc)
+        outcome = pending.outcome()
+        if outcome is ApplyOutcome.PAUSED:  # nothing written: the same update again; the next one is read
+            return self._apply_after_any_pause(update), None
+        return outcome, done if outcome is ApplyOutcome.APPLIED else None
 
     def submit(
         self, events: EventColumns, offsets: dict[int, tuple[int, int]], after: PendingBatch | None = None

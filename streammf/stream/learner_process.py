@@ -41,7 +41,14 @@ from streammf.store.contract import (
     StoreUnsafeError,
 )
 from streammf.stream.events import EventColumns
-from streammf.stream.learner import BatchSkipped, LearnerParams, PendingBatch, StepResult
+from streammf.stream.learner import (
+    Ahead,
+    BatchSkipped,
+    Computed,
+    LearnerParams,
+    PendingBatch,
+    StepResult,
+)
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -379,6 +386,7 @@ def serve(pipe: Connection, settings: Settings, params: LearnerParams) -> None:
     pipe.send(("ready", os.getpid(), []))
     inbox: deque[Any] = deque()  # calls read but not served yet (in order)
     took_effect: dict[int, bool] = {}  # call number -> its batch was applied (or found applied before)
+    computed: dict[int, Computed] = {}  # call number -> its batch, computed while the one before applied
     while True:
         try:
             request = inbox.popleft() if inbox else pipe.recv()
@@ -395,7 +403,24 @@ def serve(pipe: Connection, settings: Settings, params: LearnerParams) -> None:
                 raise BatchSkipped("the batch before this one was not applied: this one is not learnt")
             if method == "learn":
                 events, offsets = args
-                result = learner.learn(events, offsets, partial(_ask_parent, pipe, inbox, timings))
+                # The next batch, if it has been sent by the time this one's apply goes out and follows
+                # this one: computed while the apply runs (it holds only if this one applies, and it is
+                # the next call served).
+                following: list[int] = []
+
+                def ahead(call: int = call, following: list[int] = following) -> Ahead | None:
+                    message = _next_call(pipe, inbox)
+                    if message is None or message[0] != "learn" or message[3] != call:
+                        return None
+                    following.append(message[2])
+                    events_and_offsets: Ahead = message[1]
+                    return events_and_offsets
+
+                hear = partial(_ask_parent, pipe, inbox, timings)
+                result, done = learner.learn_ahead(events, offsets, hear, ahead, computed.pop(call, None))
+                computed.clear()
+                if done is not None:
+                    computed[following[-1]] = done
                 took_effect[call] = result.outcome in (ApplyOutcome.APPLIED, ApplyOutcome.DUPLICATE)
                 answer: tuple[str, Any] = ("result", result)
             else:
@@ -408,6 +433,15 @@ def serve(pipe: Connection, settings: Settings, params: LearnerParams) -> None:
             pipe.send((*answer, timings.drain()))
         except (EOFError, OSError):
             return
+
+
+def _next_call(pipe: Connection, inbox: deque[Any]) -> Any:
+    """The next call to serve if it has been sent (read into `inbox`, not taken), else None."""
+    while not inbox and pipe.poll(0):
+        message = pipe.recv()
+        if type(message) is not bool:  # a word on a batch given up already
+            inbox.append(message)
+    return inbox[0] if inbox and inbox[0] is not None else None
 
 
 def _ask_parent(pipe: Connection, inbox: deque[Any], timings: _TimingLog, positions: list[int]) -> None:

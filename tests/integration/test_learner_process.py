@@ -100,6 +100,33 @@ def test_the_learner_process_writes_the_model_an_in_process_learner_writes(
     assert calls is not None and calls >= 7
 
 
+@pytest.mark.parametrize("mode", ["explicit", "implicit"])
+def test_batches_handed_over_ahead_write_the_model_batches_one_by_one_write(
+    redis_url: str, redis_client: redis.Redis, names: tuple[str, str], registry: CollectorRegistry, mode: str
+) -> None:
+    """Every batch handed over before the one ahead of it is answered: the child computes each while
+    the one before applies (from the state that apply leaves), and the model is byte for byte the one an
+    in-process learner writes batch by batch."""
+    remote_name, local_name = names
+    remote_settings = _settings(redis_url, remote_name, mode)
+    params = LearnerParams.from_settings(remote_settings.model)
+    local = Learner(open_store(_settings(redis_url, local_name, mode), redis_client), params)
+    open_store(remote_settings, redis_client)
+    remote = LearnerProcess(remote_settings, params, Metrics(registry).redis_latency)
+    batches = _batches(12, seed=8, mode=mode)
+    try:
+        pending = []
+        for t, events in enumerate(batches):
+            pending.append(remote.submit(events, _offsets(t), after=pending[-1] if pending else None))
+        for t, events in enumerate(batches):
+            got, want = pending[t].wait(), local.learn(events, _offsets(t))
+            assert got.outcome is want.outcome is ApplyOutcome.APPLIED
+            np.testing.assert_array_equal(got.predictions, want.predictions)
+    finally:
+        remote.close()
+    assert model_contents(redis_client, remote_name) == model_contents(redis_client, local_name)
+
+
 def _diverging(events: EventColumns, at: int) -> EventColumns:
     """`events` with one event whose value drives its rows out of bounds."""
     values = events.values.copy()

@@ -5,6 +5,7 @@ and of three (each shard's users copied under a stamp of its own) alike."""
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +20,8 @@ from streammf.store import scripts
 from streammf.store.contract import ApplyOutcome, BatchUpdate
 from streammf.store.layout import KEY_ROOT, delete_model, value_texts
 from streammf.store.redis_store import RedisStore
-from streammf.stream.events import Event
+from streammf.store.user_cache import UserCache
+from streammf.stream.events import Event, EventColumns
 from streammf.stream.learner import Learner, LearnerParams
 from streammf.stream.refresh import refresh
 
@@ -75,24 +77,52 @@ def params(mode: str) -> LearnerParams:
 
 
 def run(
-    client: redis.Redis, name: str, mode: str, shards: int, cache: bool, script: list[tuple[Any, ...]]
+    client: redis.Redis,
+    name: str,
+    mode: str,
+    shards: int,
+    cache: bool,
+    script: list[tuple[Any, ...]],
+    ahead: list[bool] | None = None,
 ) -> list[int]:
     """Carry out `script` on model `name` with two writers (each its own store, as two replicas), a
-    forgetting tool and a refresher; returns how many users writer 0 held in its copy before each step."""
+    forgetting tool and a refresher; returns how many users writer 0 held in its copy before each step.
+
+    With `ahead`, writer 0 computes its next batch while each of its applies runs (`Learner.learn_ahead`,
+    as the learner's process does when the loop has handed it over), whatever the others do before that
+    batch's turn; `ahead` gets, per batch of writer 0 after the first, whether it came computed."""
     RedisStore.open(client, name, mode, K, shards=shards)
     stores = [RedisStore.attach(client, name) for _ in range(2)]
     for store in stores:
         store.cache_users(10_000 if cache else 0)
     learners = [Learner(store, params(mode)) for store in stores]
+    mine = [step[2] for step in script if step[0] == "learn" and step[1] == 0]
+    offsets = list(itertools.accumulate((len(events) for events in mine), initial=0))
     next_offset = [0, 0]
     held = []
+    computed = None
     for step in script:
         held.append(stores[0].users_held())
         if step[0] == "learn":
             writer, events = step[1], step[2]
             first = next_offset[writer]
             next_offset[writer] = first + len(events)
-            result = learners[writer].learn(events, {writer: (first, first + len(events))})
+            if writer == 0 and ahead is not None:
+                t = offsets.index(first)
+                following = None
+                if t + 1 < len(mine):
+                    following = (EventColumns.of(mine[t + 1]), {0: (offsets[t + 1], offsets[t + 2])})
+                if t > 0:
+                    ahead.append(computed is not None)
+                result, computed = learners[0].learn_ahead(
+                    EventColumns.of(events),
+                    {0: (first, first + len(events))},
+                    None,
+                    lambda following=following: following,  # type: ignore[misc]
+                    computed,
+                )
+            else:
+                result = learners[writer].learn(events, {writer: (first, first + len(events))})
             assert result.outcome is ApplyOutcome.APPLIED
         elif step[0] == "forget":
             assert RedisStore.attach(client, name).forget_user(step[1]) is ApplyOutcome.APPLIED
@@ -150,6 +180,52 @@ def test_other_writes_in_between_leave_no_stale_copy(
     assert held[3] > 0 and held[4] == 0
     assert held[-1] > 0
     assert model_contents(redis_client, model_name) == model_contents(redis_client, plain_name)
+
+
+@pytest.mark.parametrize("whole_limit", [500, 4])
+@pytest.mark.parametrize("mode", ["explicit", "implicit"])
+def test_a_batch_computed_while_the_one_before_applies_writes_what_it_would_have_written_after_it(
+    redis_client: redis.Redis, model_name: str, plain_name: str, mode: str, whole_limit: int
+) -> None:
+    """Writer 0 computes each batch while its previous one's apply runs, from the state that apply leaves
+    (`RedisStore.begin_apply`), through everything the copy test above throws at it: another writer, a
+    forgotten user, a refresh, an event left out. The model is byte for byte the one written batch by
+    batch. A `whole_limit` of 4 leaves users with more interactions out of the copy (read pair by pair):
+    a batch then comes computed only when none of them was in the batch before."""
+    b = batches(mode, seed=2)
+    forgotten = b[1][0].user_id
+    script: list[tuple[Any, ...]] = [
+        *[("learn", 0, batch) for batch in b[:4]],
+        ("learn", 1, b[4]),  # the same users, another writer: the batch computed ahead is refused
+        ("learn", 0, b[5]),
+        ("learn", 0, b[6]),
+        ("forget", forgotten),
+        ("learn", 0, b[7] + [Event(user_id=forgotten, item_id="i1", value=2.0)]),
+        ("learn", 0, b[8]),
+        ("refresh",),
+        ("learn", 0, b[9]),
+        ("learn", 0, [Event(user_id="u1", item_id="i99", value=5.0, weight=1e30), *b[10], *b[10][:3]]),
+        ("learn", 0, [*b[11][3:], Event(user_id="u2", item_id="i99", value=1.0)]),
+        *[("learn", 0, batch) for batch in batches(mode, seed=3)],  # writer 0 alone again
+    ]
+    ahead: list[bool] = []
+    original = UserCache.__init__
+
+    def limited(self: UserCache, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.whole_limit = whole_limit
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(UserCache, "__init__", limited)
+        run(redis_client, model_name, mode, 1, True, script, ahead)
+        run(redis_client, plain_name, mode, 1, False, script)
+    assert model_contents(redis_client, model_name) == model_contents(redis_client, plain_name)
+    # Writer 0 alone, the batches come computed; with the low limit its users soon have more
+    # interactions than the copy keeps, and none does (each batch then waits for the apply before it).
+    if whole_limit == 500:
+        assert all(ahead[-8:]), ahead
+    else:
+        assert any(ahead) and not any(ahead[-8:]), ahead
 
 
 @pytest.mark.parametrize("mode", ["explicit", "implicit"])

@@ -149,10 +149,11 @@ class PendingApply:
         connection: Any,
         command: _ApplyCommand,
         version: int,
+        stamp_before: str,
         next_state: BatchState | None,
     ) -> None:
         self.store, self.connection, self.command = store, connection, command
-        self.version, self.next_state = version, next_state
+        self.version, self.stamp_before, self.next_state = version, stamp_before, next_state
 
     def outcome(self) -> ApplyOutcome:
         return self.store.finish_apply(self)
@@ -893,21 +894,26 @@ class RedisStore:
                 read_keys, read_args = ahead.command
                 calls.insert(0, ("EVALSHA", self._read_script.sha, len(read_keys), *read_keys, *read_args))
             connection.send_packed_command(connection.pack_commands(calls))
-            next_state = None
+            reply = None
             if ahead is not None:
                 try:
                     reply = connection.read_response()
                 except redis.ResponseError:  # e.g. the scripts are not loaded (a restarted Redis): read later
                     reply = None
-                if reply is not None:
-                    next_state = self._ahead_state(update, read, command, stamp, ahead, reply)
         except BaseException:
             if connection is not None:
                 connection.disconnect()  # a reply may be left unread on it
                 self._client.connection_pool.release(connection)
-            self._drop_copy(update.version)
+            self._drop_copy(update.version, read.stamp)
             raise
-        return PendingApply(self, connection, command, update.version, next_state)
+        next_state = None
+        if ahead is not None and reply is not None:
+            try:
+                next_state = self._ahead_state(update, read, command, stamp, ahead, reply)
+            except (StoreError, ValueError) as exc:  # the apply is out: the next batch's own read says so
+                log.debug("the next batch's state could not be taken ahead: %s", exc)
+                self._cached_reads.pop(0, None)
+        return PendingApply(self, connection, command, update.version, read.stamp, next_state)
 
     def finish_apply(self, pending: PendingApply) -> ApplyOutcome:
         """The answer of an apply `begin_apply` sent. Anything but 'applied' drops the copy of users (and
@@ -916,9 +922,10 @@ class RedisStore:
         connection = pending.connection
         try:
             try:
-                reply = connection.read_response()
-            except redis.exceptions.NoScriptError:  # nothing ran: send it the usual way (loads the script)
-                reply = self._apply_script(keys=pending.command.keys, args=pending.command.args)
+                try:
+                    reply = connection.read_response()
+                except redis.exceptions.NoScriptError:  # nothing ran: send it the usual way (loads it)
+                    reply = self._apply_script(keys=pending.command.keys, args=pending.command.args)
             except redis.ResponseError as exc:
                 raise store_error_from(exc) or exc from None
             outcome = ApplyOutcome(reply.decode())
@@ -928,11 +935,14 @@ class RedisStore:
         finally:
             self._client.connection_pool.release(connection)
             if outcome is not ApplyOutcome.APPLIED:
-                self._drop_copy(pending.version)
+                self._drop_copy(pending.version, pending.stamp_before)
         return outcome
 
-    def _drop_copy(self, version: int) -> None:
+    def _drop_copy(self, version: int, stamp: str) -> None:
+        """Forget the copy recorded ahead of an apply that did not answer 'applied' (nothing of it was
+        written: the stamp the model bears is still `stamp`, the one before it)."""
         self.user_caches[0].clear(version)
+        self.user_caches[0].stamp = stamp
         self._cached_reads.pop(0, None)
 
     def _ahead_read(

@@ -251,12 +251,13 @@ class Learner:
         if pending is None:
             return self._apply_after_any_pause(update), None
         done = None
-        if pending.next_state is not None:
-            try:
+        try:
+            if pending.next_state is not None:
                 done = self._computed(next_events, next_plan, pending.next_state, next_offsets)
-            except Exception as exc:  # computed again from a fresh read when its turn comes (raised then)
-                log.debug("computing the next batch ahead failed: %s", exc)
-        outcome = pending.outcome()
+        except Exception as exc:  # computed again from a fresh read when its turn comes (raised then)
+            log.debug("computing the next batch ahead failed: %s", exc)
+        finally:
+            outcome = pending.outcome()
         if outcome is ApplyOutcome.PAUSED:  # nothing written: the same update again; the next one is read
             return self._apply_after_any_pause(update), None
         return outcome, done if outcome is ApplyOutcome.APPLIED else None

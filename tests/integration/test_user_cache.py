@@ -228,6 +228,29 @@ def test_a_batch_computed_while_the_one_before_applies_writes_what_it_would_have
         assert any(ahead) and not any(ahead[-8:]), ahead
 
 
+def test_an_apply_sent_ahead_that_is_refused_leaves_the_copy_trusted(
+    redis_client: redis.Redis, model_name: str
+) -> None:
+    """A batch computed ahead whose own apply is refused for its offsets (a conflict writes nothing): the
+    copy recorded ahead is dropped, but the writer stamp stays the one the model bears, so the next
+    batches keep using a copy (no 'another writer' distrust)."""
+    RedisStore.open(redis_client, model_name, "explicit", K)
+    store = RedisStore.attach(redis_client, model_name)
+    learner = Learner(store, params("explicit"))
+    b = [EventColumns.of(events) for events in batches("explicit", seed=4)]
+    learner.learn(b[0], {0: (0, 40)})
+    learner.learn(b[1], {0: (40, 80)})
+    # b[2] is learnt with b[3] computed ahead; b[3] then claims offsets overlapping b[2]'s: a conflict.
+    _, computed = learner.learn_ahead(b[2], {0: (80, 120)}, None, lambda: (b[3], {0: (100, 140)}))
+    assert computed is not None
+    result, _ = learner.learn_ahead(b[3], {0: (100, 140)}, None, lambda: (b[4], {0: (140, 180)}), computed)
+    assert result.outcome is ApplyOutcome.CONFLICT
+    assert store.users_held() == 0  # dropped with the refused apply
+    learner.learn(b[4], {0: (120, 160)})
+    learner.learn(b[5], {0: (160, 200)})
+    assert store.users_held() > 0, "the copy was distrusted as if another writer had written"
+
+
 @pytest.mark.parametrize("mode", ["explicit", "implicit"])
 def test_a_lone_writer_sends_its_item_rows_without_what_they_were_made_from(
     redis_client: redis.Redis, model_name: str, mode: str

@@ -827,22 +827,26 @@ class RedisStore:
             if outcome is ApplyOutcome.APPLIED and (read is None or read.ids is None):
                 cache.applied_without(update.version, stamp)
             elif outcome is ApplyOutcome.APPLIED and read is not None:
-                cache.record(
-                    update.version,
-                    stamp,
-                    read.ids,
-                    update.users,
-                    _user_rows(update, self._model.k),
-                    read.whole,
-                    update.pair_users,
-                    update.pair_items,
-                    np.asarray(update.pair_values, dtype=np.float64),
-                    additive=self._model.mode == "implicit",
-                )
+                self._record(cache, update, read, stamp)
             elif outcome is not ApplyOutcome.PAUSED:  # paused: nothing written, the same update comes again
                 cache.clear(update.version)
                 self._cached_reads.pop(s, None)
         return outcome
+
+    def _record(self, cache: UserCache, update: BatchUpdate, read: _CachedRead, stamp: str) -> None:
+        """`update`, computed from `read`, as applied under `stamp` into the copy of its shard's users."""
+        cache.record(
+            update.version,
+            stamp,
+            read.ids,
+            update.users,
+            _user_rows(update, self._model.k),
+            read.whole,
+            update.pair_users,
+            update.pair_items,
+            np.asarray(update.pair_values, dtype=np.float64),
+            additive=self._model.mode == "implicit",
+        )
 
     def begin_apply(
         self, update: BatchUpdate, users: list[str], items: list[str], pairs: list[tuple[str, str]]
@@ -873,21 +877,10 @@ class RedisStore:
         if implicit and not (command.item_gramian and command.user_gramian):
             return None
         # From here the copy holds the batch as applied; anything but 'applied' drops it.
-        cache.record(
-            update.version,
-            stamp,
-            read.ids,
-            update.users,
-            _user_rows(update, self._model.k),
-            read.whole,
-            update.pair_users,
-            update.pair_items,
-            np.asarray(update.pair_values, dtype=np.float64),
-            additive=implicit,
-        )
+        self._record(cache, update, read, stamp)
         connection = None
         try:
-            ahead = self._ahead_read(update, read, command, stamp, users, items, pairs)
+            ahead = self._ahead_read(update, users, items, pairs)
             connection = self._client.connection_pool.get_connection()
             calls = [("EVALSHA", self._apply_script.sha, len(command.keys), *command.keys, *command.args)]
             if ahead is not None:
@@ -948,9 +941,6 @@ class RedisStore:
     def _ahead_read(
         self,
         update: BatchUpdate,
-        read: _CachedRead,
-        command: _ApplyCommand,
-        stamp: str,
         users: list[str],
         items: list[str],
         pairs: list[tuple[str, str]],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +134,20 @@ def _diverging(events: EventColumns, at: int) -> EventColumns:
     return EventColumns(events.user_ids, events.item_ids, values, events.weights, events.timestamps)
 
 
+def _refuse_dead_letters(positions: list[int]) -> None:
+    """What the loop's `on_diverged` does when the dead-letter topic cannot take the events."""
+    raise ConnectionError("the dead-letter topic is down")
+
+
+def _killing(pid: int) -> Callable[[list[int]], None]:
+    """An `on_diverged` that kills the learner process `pid` while it waits to hear whether it may apply."""
+
+    def kill(positions: list[int]) -> None:
+        os.kill(pid, signal.SIGKILL)
+
+    return kill
+
+
 @contextlib.contextmanager
 def _learner_process(redis_url: str, client: redis.Redis, name: str) -> Iterator[LearnerProcess]:
     """A learner process on a model created (as the daemon does) before it starts; closed on exit."""
@@ -188,12 +202,8 @@ def test_a_killed_learner_process_is_replaced_and_its_batch_is_applied_whole_or_
     learner.learn(batches[0], _offsets(0))
     first = learner.pid
     assert first is not None
-
-    def kill_the_child(positions: list[int]) -> None:
-        os.kill(first, signal.SIGKILL)  # while it waits to hear whether it may apply
-
     with pytest.raises(StoreUnavailableError, match="learner process died"):
-        learner.learn(_diverging(batches[1], at=3), _offsets(1), kill_the_child)
+        learner.learn(_diverging(batches[1], at=3), _offsets(1), _killing(first))
     assert store.applied_offsets() == {0: BATCH}  # the killed batch applied nothing
     # The next call starts another child, which goes on from what the store holds.
     for t in (1, 2, 3):
@@ -285,11 +295,8 @@ def test_a_batch_handed_over_behind_another_is_learnt_only_if_that_one_was_appli
     behind = learner.submit(batches[3], _offsets(3), after=refused)
     later = learner.submit(batches[2], _offsets(2))
 
-    def refuse(positions: list[int]) -> None:
-        raise ConnectionError("the dead-letter topic is down")
-
     with pytest.raises(ConnectionError):
-        refused.wait(refuse)
+        refused.wait(_refuse_dead_letters)
     with pytest.raises(BatchSkipped):
         behind.wait()
     assert later.wait().outcome is ApplyOutcome.APPLIED
@@ -304,13 +311,10 @@ def test_a_batch_handed_over_behind_one_whose_child_died_is_not_learnt(
     pid = learner.pid
     assert pid is not None
 
-    def kill_the_child(positions: list[int]) -> None:
-        os.kill(pid, signal.SIGKILL)
-
     dying = learner.submit(_diverging(batches[1], at=0), _offsets(1))
     behind = learner.submit(batches[2], _offsets(2), after=dying)
     with pytest.raises(StoreUnavailableError, match="died"):
-        dying.wait(kill_the_child)
+        dying.wait(_killing(pid))
     with pytest.raises(StoreUnavailableError, match="gone"):
         behind.wait()
     # Handed over behind it after the death: refused at once, and the new child never sees it.
@@ -331,11 +335,8 @@ def test_an_answer_read_ahead_of_its_wait_is_kept_for_it(learner: LearnerProcess
     behind = learner.submit(batches[2], _offsets(2), after=refused)
     retry = learner.submit(_diverging(batches[1], at=2), _offsets(1))
 
-    def refuse(positions: list[int]) -> None:
-        raise ConnectionError("the dead-letter topic is down")
-
     with pytest.raises(ConnectionError):
-        refused.wait(refuse)
+        refused.wait(_refuse_dead_letters)
     assert retry.wait(lambda positions: None).outcome is ApplyOutcome.APPLIED
     with pytest.raises(BatchSkipped):
         behind.wait()

@@ -46,7 +46,7 @@ from streammf.stream.events import (
     EventRow,
     ForgetUser,
     Invalid,
-    decode_row,
+    decode_rows,
 )
 from streammf.stream.learner import (
     BatchLearner,
@@ -346,7 +346,7 @@ class ConsumeLoop:
         self.metrics.events_consumed.inc(sum(len(r) for r in polled.values()))
         max_bytes, limits = self.settings.max_record_bytes, self.settings.limits
         return {
-            tp: [(r, decode_row(r.value, max_bytes, limits)) for r in records]
+            tp: list(zip(records, decode_rows([r.value for r in records], max_bytes, limits), strict=True))
             for tp, records in polled.items()
         }
 

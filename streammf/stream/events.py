@@ -21,8 +21,11 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal, cast, get_args
+from functools import lru_cache
+from operator import attrgetter
+from typing import Annotated, Any, Literal, cast, get_args
 
+import msgspec
 import numpy as np
 import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -234,6 +237,122 @@ def decode_row(
         return row
     decoded = _checked(raw, max_bytes, limits)
     return event_row(decoded) if isinstance(decoded, Event) else decoded
+
+
+def decode_rows(
+    raws: Sequence[bytes | None], max_bytes: int, limits: EventLimits = DEFAULT_LIMITS
+) -> list[EventRow | ForgetUser | Invalid]:
+    """`decode_row` of each record, in order. Runs of plain records (the stream's bulk) are decoded in one
+    call each; a run holding a record that call cannot vouch for takes `decode_row` record by record. A run
+    is short enough that a failed call (at worst one whole run decoded, then thrown away) costs little
+    beside the record-by-record path it falls back to, and every record gets exactly what `decode_row`
+    gives it."""
+    rows: list[EventRow | ForgetUser | Invalid] = []
+    for first in range(0, len(raws), _RUN_RECORDS):
+        run = raws[first : first + _RUN_RECORDS]
+        plain = _plain_rows(run, max_bytes, limits)
+        rows.extend(plain if plain is not None else [decode_row(raw, max_bytes, limits) for raw in run])
+    return rows
+
+
+_RUN_RECORDS = 512
+# msgspec 0.23 reads a float literal of ~100,000 digits as 0.0: long records take the record-by-record path.
+_PLAIN_RECORD_MAX_BYTES = 4096
+_FORGET_USER_BYTES = b"forget_user"
+_UNSET = msgspec.UNSET
+# Each field of every record as one list: the counts below are C-level list scans, not Python per record.
+_COLUMNS = tuple(map(attrgetter, ("user_id", "item_id", "value", "weight", "timestamp", "event_type")))
+
+
+def _float_bounds(limits: EventLimits) -> tuple[float, float, float] | None:
+    """The limits as floats, or None when one is not exactly a float (an int past 2**53): msgspec compares
+    doubles, `decode_row` the numbers themselves."""
+    bounds = (limits.value_min, limits.value_max, limits.weight_max)
+    floats = (float(limits.value_min), float(limits.value_max), float(limits.weight_max))
+    return floats if floats == bounds else None
+
+
+@lru_cache(maxsize=8)
+def _plain_decoder(value_min: float, value_max: float, weight_max: float) -> msgspec.json.Decoder:
+    """A flat record of the schema's fields only, its types and bounds checked in C. The optional fields
+    default to UNSET so that `_plain_rows` can count the keys a record wrote (a duplicate key is one more
+    than the fields decoded). Unknown fields are refused: the count relies on it, and no field takes an
+    object or an array, so a record is one flat object."""
+    ident = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)] | int
+    value = Annotated[float, msgspec.Meta(ge=value_min, le=value_max)]
+    weight = Annotated[float, msgspec.Meta(ge=0.0, le=weight_max)]
+    timestamp = Annotated[float, msgspec.Meta(ge=0.0)] | None
+    event_type = Annotated[str, msgspec.Meta(max_length=64)] | None
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = [
+        ("user_id", ident),
+        ("item_id", ident),
+        ("value", value, _UNSET),
+        ("weight", weight, _UNSET),
+        ("timestamp", timestamp, _UNSET),
+        ("event_type", event_type, _UNSET),
+    ]
+    return msgspec.json.Decoder(msgspec.defstruct("PlainRecord", fields, forbid_unknown_fields=True))
+
+
+def _plain_rows(
+    raws: Sequence[bytes | None], max_bytes: int, limits: EventLimits
+) -> list[EventRow | ForgetUser | Invalid] | None:
+    """The rows of a run of records when every one is plainly valid, else None. The records are joined one
+    a line and decoded by msgspec in one call. It checks UTF-8, the JSON grammar (numbers included, no
+    raw control characters), the types and the bounds, and parses floats to the same bits as json (a
+    property test holds all of this to `decode_row`). What it does not check is checked over the bytes:
+    - one record a line: every record starts with '{' and holds no newline (JSON allows one between
+      tokens); with one flat object a line and as many objects as records, no record's bytes can
+      complete another's;
+    - no backslash, so no escapes (no lone surrogates), and every '"' opens or closes a key or a string:
+      a duplicate key (msgspec keeps the last) leaves more quotes than the decoded fields account for;
+    - no "forget_user" anywhere (such a record is no event)."""
+    n = len(raws)
+    bounds = _float_bounds(limits)
+    if n == 0 or bounds is None or None in raws:
+        return None
+    if max(map(len, cast(Sequence[bytes], raws))) > min(max_bytes, _PLAIN_RECORD_MAX_BYTES):
+        return None
+    joined = b"\n".join(cast(Sequence[bytes], raws))
+    if (
+        joined[:1] != b"{"
+        or joined.count(b"\n{") != n - 1
+        or joined.count(b"\n") != n - 1
+        or b"\\" in joined
+        or _FORGET_USER_BYTES in joined
+    ):
+        return None
+    try:
+        records = _plain_decoder(*bounds).decode_lines(joined)
+    except msgspec.MsgspecError:
+        return None
+    if len(records) != n:
+        return None
+    users, items, values, weights, stamps, kinds = (list(map(column, records)) for column in _COLUMNS)
+    user_types, item_types = list(map(type, users)), list(map(type, items))
+    keys = 2 * n + sum(n - column.count(_UNSET) for column in (values, weights, stamps, kinds))
+    strings = user_types.count(str) + item_types.count(str) + n - kinds.count(_UNSET) - kinds.count(None)
+    if joined.count(b'"') != 2 * (keys + strings):
+        return None
+    if user_types.count(str) != n:
+        users = [u if type(u) is str else str(u) for u in users]
+        if max(map(len, users)) > MAX_ID_LENGTH:
+            return None
+    if item_types.count(str) != n:
+        items = [i if type(i) is str else str(i) for i in items]
+        if max(map(len, items)) > MAX_ID_LENGTH:
+            return None
+    if _UNSET in values:  # the default is checked against the bounds too
+        if not limits.value_min <= 1.0 <= limits.value_max:
+            return None
+        values = [1.0 if v is _UNSET else v for v in values]
+    if _UNSET in weights:
+        if limits.weight_max < 1.0:
+            return None
+        weights = [1.0 if w is _UNSET else w for w in weights]
+    if _UNSET in stamps or None in stamps:
+        stamps = [_NO_TIME if s is _UNSET or s is None else s for s in stamps]
+    return list(zip(users, items, values, weights, stamps, strict=True))
 
 
 def event_row(event: Event) -> EventRow:

@@ -258,7 +258,7 @@ def decode_rows(
 _RUN_RECORDS = 512
 # msgspec 0.23 reads a float literal of ~100,000 digits as 0.0: long records take the record-by-record path.
 _PLAIN_RECORD_MAX_BYTES = 4096
-_FORGET_USER_BYTES = b"forget_user"
+_FORGET_USER_BYTES = FORGET_USER.encode()
 _UNSET = msgspec.UNSET
 # Each field of every record as one list: the counts below are C-level list scans, not Python per record.
 _COLUMNS = tuple(map(attrgetter, ("user_id", "item_id", "value", "weight", "timestamp", "event_type")))
@@ -311,9 +311,10 @@ def _plain_rows(
     bounds = _float_bounds(limits)
     if n == 0 or bounds is None or None in raws:
         return None
-    if max(map(len, cast(Sequence[bytes], raws))) > min(max_bytes, _PLAIN_RECORD_MAX_BYTES):
+    records_bytes = cast(Sequence[bytes], raws)
+    if max(map(len, records_bytes)) > min(max_bytes, _PLAIN_RECORD_MAX_BYTES):
         return None
-    joined = b"\n".join(cast(Sequence[bytes], raws))
+    joined = b"\n".join(records_bytes)
     if (
         joined[:1] != b"{"
         or joined.count(b"\n{") != n - 1
@@ -331,14 +332,15 @@ def _plain_rows(
     users, items, values, weights, stamps, kinds = (list(map(column, records)) for column in _COLUMNS)
     user_types, item_types = list(map(type, users)), list(map(type, items))
     keys = 2 * n + sum(n - column.count(_UNSET) for column in (values, weights, stamps, kinds))
-    strings = user_types.count(str) + item_types.count(str) + n - kinds.count(_UNSET) - kinds.count(None)
+    user_strings, item_strings = user_types.count(str), item_types.count(str)
+    strings = user_strings + item_strings + n - kinds.count(_UNSET) - kinds.count(None)
     if joined.count(b'"') != 2 * (keys + strings):
         return None
-    if user_types.count(str) != n:
+    if user_strings != n:
         users = [u if type(u) is str else str(u) for u in users]
         if max(map(len, users)) > MAX_ID_LENGTH:
             return None
-    if item_types.count(str) != n:
+    if item_strings != n:
         items = [i if type(i) is str else str(i) for i in items]
         if max(map(len, items)) > MAX_ID_LENGTH:
             return None

@@ -272,12 +272,14 @@ def test_item_deltas_round_to_float32_after_each_add(make_store: MakeStore) -> N
     np.testing.assert_array_equal(np.append(state.item_rows[0], state.item_bias[0]), expected)
 
 
-@pytest.mark.parametrize(("mode", "expected"), [("implicit", 5.5), ("explicit", 2.5)])
+@pytest.mark.parametrize(("mode", "first", "expected"), [("implicit", 3.0, 5.5), ("explicit", 2.0, 2.5)])
 def test_interactions_add_in_implicit_and_set_in_explicit(
-    make_store: MakeStore, mode: Mode, expected: float
+    make_store: MakeStore, mode: Mode, first: float, expected: float
 ) -> None:
     store = make_store(mode)
     store.apply(make_update(pairs=[("alice", "x", 1.0), ("alice", "x", 2.0)]))  # repeated in one update
+    state = store.read_batch_state(["alice"], [], [("alice", "x")])
+    assert state.pair_values.tolist() == [first]  # explicit: the last rating; implicit: both strengths
     store.apply(make_update(offsets={0: (1, 2)}, pairs=[("alice", "x", 2.5)]))
     state = store.read_batch_state(["alice"], [], [("alice", "x")])
     assert state.pair_values.tolist() == [expected]

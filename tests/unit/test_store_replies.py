@@ -1,13 +1,15 @@
-"""How the Redis store reads its scripts' replies, without a server: pair values, users read whole."""
+"""How the Redis store reads its scripts' replies and packs its calls, without a server: pair values, users
+read whole, the protocol bytes of a pipelined apply."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from redis.connection import Connection
 
 from streammf.store.contract import StoreError
 from streammf.store.layout import ModelKeys
-from streammf.store.redis_store import _pair_values, _whole_users
+from streammf.store.redis_store import _packed, _pair_values, _whole_users
 from streammf.store.user_cache import NO_WHOLE_USERS
 
 
@@ -31,3 +33,11 @@ def test_users_read_whole_are_split_by_their_counts_and_unreadable_data_keeps_no
     # Lua's tonumber reads hex, Python does not; an item name holding NUL splits into one name too many.
     assert _whole_users(users, counts, b"101", b"x\0y\0z", b"4,0x10,1") is NO_WHOLE_USERS
     assert _whole_users(users, counts, b"101", b"x\0y\0z\0w", b"4,2.5,1") is NO_WHOLE_USERS
+
+
+def test_calls_are_packed_to_the_bytes_redis_py_sends() -> None:
+    calls = [
+        ("EVALSHA", "f" * 40, 2, "k1", "streammf:{m}:inter:ü", "", b"\x00\r\n", 0, -17, 2**40, 0.1, "a\0b"),
+        ("EVALSHA", "e" * 40, 0, *[f"i{n}" for n in range(1000)], *["%.17g" % (n / 7) for n in range(1000)]),
+    ]
+    assert b"".join(_packed(calls)) == b"".join(Connection().pack_commands(calls))

@@ -126,7 +126,8 @@ def run(settings: Settings, rebuild: bool) -> None:
     Exits with status 3 when the store lost state (see --rebuild) or may evict the model's keys.
     """
     from streammf.store.contract import StoreLostStateError, StoreUnsafeError
-    from streammf.stream.daemon import KafkaClientMissingError, run_daemon, tune_interpreter
+    from streammf.stream.clients import KafkaClientMissingError
+    from streammf.stream.daemon import run_daemon, tune_interpreter
     from streammf.stream.learner_process import LearnerProcessError
 
     tune_interpreter()

@@ -478,20 +478,45 @@ def _on_client_error(error: ConfluentError) -> None:
 
 
 class Delivery:
-    """kafka-python's send() future, as far as the loop uses it: `get(timeout)` waits for the broker's
-    acknowledgement and raises kafka-python's error if the record was not written."""
+    """kafka-python's send() future, as far as the loop and replay use it: `get(timeout)` waits for the
+    broker's acknowledgement and raises kafka-python's error if the record was not written;
+    `add_callback` / `add_errback` register what runs when it is (with None) or is not (with the error)."""
 
-    __slots__ = ("_done", "_error", "_producer")
+    __slots__ = ("_callbacks", "_done", "_errbacks", "_error", "_producer")
 
     def __init__(self, producer: Any, error: KafkaError | None = None) -> None:
         self._producer = producer
         self._error = error
         self._done = error is not None
+        self._callbacks: list[Callable[[None], object]] = []
+        self._errbacks: list[Callable[[KafkaError], object]] = []
 
     def __call__(self, error: ConfluentError | None, _message: Any) -> None:
         """confluent-kafka's delivery report (runs in the producer's poll or flush)."""
         self._error = kafka_error(error) if error is not None else None
         self._done = True
+        self._report()
+
+    def add_callback(self, callback: Callable[[None], object]) -> None:
+        self._callbacks.append(callback)
+        self._report()
+
+    def add_errback(self, errback: Callable[[KafkaError], object]) -> None:
+        self._errbacks.append(errback)
+        self._report()
+
+    def _report(self) -> None:
+        """Once done, each registered callback runs once."""
+        if not self._done:
+            return
+        if self._error is None:
+            callbacks, self._callbacks = self._callbacks, []
+            for callback in callbacks:
+                callback(None)
+        else:
+            errbacks, self._errbacks = self._errbacks, []
+            for errback in errbacks:
+                errback(self._error)
 
     def get(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

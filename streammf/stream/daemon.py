@@ -10,13 +10,12 @@ import socket
 import sys
 import threading
 import uuid
-from types import ModuleType
 from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, GCCollector
 
-from streammf.config import KafkaSettings, Settings
+from streammf.config import Settings
 from streammf.store.connect import redis_client
 from streammf.store.contract import StoreLostStateError
 from streammf.store.layout import (
@@ -29,8 +28,8 @@ from streammf.store.layout import (
     text,
 )
 from streammf.store.redis_store import RedisStore
+from streammf.stream.clients import kafka_consumer, kafka_producer
 from streammf.stream.consumer import ConsumeLoop, LoopSettings
-from streammf.stream.kafka_config import client_kwargs
 from streammf.stream.learner import LearnerParams
 from streammf.stream.learner_process import LearnerProcess
 from streammf.stream.metrics import Heartbeat, Metrics, serve_metrics
@@ -126,54 +125,6 @@ def run_daemon(
         server.shutdown()
         server.server_close()
     log.info("stopped cleanly")
-
-
-def kafka_consumer(kafka: KafkaSettings, group_id: str | None) -> Any:
-    """The configured client's consumer (`STREAMMF_KAFKA__CLIENT`) with the daemon's settings: a member of
-    `group_id` that never auto-commits and starts a partition without a committed offset at its earliest
-    one. Without a group (the bench's raw consume) it only reads what it is assigned."""
-    if kafka.client == "confluent":
-        confluent = _confluent_client()
-        return confluent.ConfluentConsumer(confluent.consumer_config(kafka, group_id))
-    from kafka import KafkaConsumer
-
-    group: dict[str, Any] = {}
-    if group_id is not None:
-        group = {
-            "group_id": group_id,
-            "auto_offset_reset": "earliest",
-            "session_timeout_ms": kafka.session_timeout_ms,
-            "heartbeat_interval_ms": kafka.session_timeout_ms // 3,
-        }
-    return KafkaConsumer(
-        **client_kwargs(kafka), enable_auto_commit=False, max_poll_records=kafka.max_poll_records, **group
-    )
-
-
-def kafka_producer(kafka: KafkaSettings) -> Any:
-    """The configured client's producer, for dead letters."""
-    if kafka.client == "confluent":
-        confluent = _confluent_client()
-        return confluent.ConfluentProducer(confluent.producer_config(kafka))
-    from kafka import KafkaProducer
-
-    return KafkaProducer(**client_kwargs(kafka), linger_ms=5)
-
-
-class KafkaClientMissingError(RuntimeError):
-    """The configured Kafka client is not installed."""
-
-
-def _confluent_client() -> ModuleType:
-    try:
-        from streammf.stream import confluent_client
-    except ModuleNotFoundError as exc:
-        if exc.name != "confluent_kafka":
-            raise
-        raise KafkaClientMissingError(
-            "STREAMMF_KAFKA__CLIENT=confluent needs confluent-kafka: pip install 'streammf[confluent]'"
-        ) from None
-    return confluent_client
 
 
 def _model_kept_or_rebuilt(

@@ -15,7 +15,8 @@ Per mode (explicit, implicit), on a fresh topic and model:
    shared box, where the end-to-end rate's limit is;
 4. live: the same daemon, fed at a fixed offered rate by another replay subprocess (now-stamped events);
    update latency p50/p99 and freshness p99 come from the daemon's own histograms, counting only the
-   observations of this phase.
+   observations of this phase. The replay reports the rate it actually sent at (`sent_events_per_s`);
+   it sends with confluent-kafka when installed (`load_kafka_client`), whatever the daemon's client.
 
 With `replicas` > 1, that many `streammf run` subprocesses share the topic's partitions in one consumer
 group (`partitions` must be at least `replicas`: a replica without a partition idles). Their rate counts
@@ -34,8 +35,10 @@ Nothing is asserted: the figures are printed as a table and written as JSON (`--
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -86,6 +89,10 @@ class BenchRun:
     cpu_ceiling_events_per_s: float | None
     # Of the daemons' CPU per event, what their learner processes took (the rest: the loop's process).
     learner_cpu_us_per_event: float | None = None
+    # The live phase's load as sent: the replay's own count over its own time (it falls short of
+    # `offered_events_per_s` when the producer cannot keep up), and the Kafka client that sent it.
+    sent_events_per_s: float = float("nan")
+    load_kafka_client: str = ""
 
 
 @dataclass(frozen=True)
@@ -189,7 +196,7 @@ def _run_mode(
             before = _samples_once_counted(daemons, plan.events)
             live = int(plan.offered_rate * plan.live_seconds)
             say(f"{name}: live, {live:,} events offered at {plan.offered_rate:,.0f}/s")
-            _replay(env, live, rate=plan.offered_rate, partitions=None)
+            sent_rate = _replay(env, live, rate=plan.offered_rate, partitions=None)
             _wait_applied(client, stats, plan.events + live, daemons, timeout_s=plan.live_seconds * 10 + 120)
             after = _samples_once_counted(daemons, plan.events + live)
             by_replica = daemons.scrape_each()
@@ -218,6 +225,8 @@ def _run_mode(
             cpu_cores=_cores(),
             cpu_ceiling_events_per_s=_ceiling(cpu),
             learner_cpu_us_per_event=learner_cpu,
+            sent_events_per_s=sent_rate,
+            load_kafka_client=_load_client(),
         )
     finally:
         _delete_bench_model(client, model, shards)
@@ -247,16 +256,34 @@ def _env(
     return env
 
 
-def _replay(env: dict[str, str], n: int, rate: float | None, partitions: int | None) -> None:
+def _load_client() -> str:
+    """The Kafka client `streammf replay` sends the bench's load with: confluent-kafka when installed,
+    whatever the daemon under test uses. The load is not what is measured, and kafka-python's producer
+    takes ~50 µs of CPU per record: one core cannot send 20,000 records/s with it, let alone beside the
+    daemon."""
+    return "confluent" if importlib.util.find_spec("confluent_kafka") is not None else "kafka-python"
+
+
+_SENT = re.compile(r"sent (\d+) records to \S+ in ([\d.]+) s")
+
+
+def _replay(env: dict[str, str], n: int, rate: float | None, partitions: int | None) -> float:
+    """Send n synthetic events with `streammf replay`; the rate it sent them at, by its own report."""
     command = [sys.executable, "-m", "streammf.cli", "replay", "--synthetic", str(n), "--no-progress"]
     command += ["--users", "20000", "--items", "5000"]
     if rate is not None:
         command += ["--rate", str(rate)]
     if partitions is not None:
         command += ["--partitions", str(partitions)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+    load_env = env | {"STREAMMF_KAFKA__CLIENT": _load_client()}
+    done = subprocess.run(command, env=load_env, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"replay failed: {done.stderr[-2000:]}")
+    sent = _SENT.search(done.stdout)
+    if sent is None:
+        raise RuntimeError(f"replay did not report what it sent: {done.stdout[-2000:]}")
+    seconds = float(sent.group(2))
+    return int(sent.group(1)) / seconds if seconds > 0 else float("nan")
 
 
 def _raw_consume_rate(settings: Settings, topic: str, n: int) -> float:
@@ -264,7 +291,7 @@ def _raw_consume_rate(settings: Settings, topic: str, n: int) -> float:
     consumer settings (no group: it reads what it assigns itself)."""
     from kafka.structs import TopicPartition
 
-    from streammf.stream.daemon import kafka_consumer
+    from streammf.stream.clients import kafka_consumer
 
     consumer = kafka_consumer(settings.kafka, group_id=None)
     try:
@@ -640,6 +667,7 @@ COLUMNS = (
     ("ratio", "ratio_to_raw", "{:.2f}"),
     ("redis us/event", "redis_us_per_event", "{:.1f}"),
     ("offered/s", "offered_events_per_s", "{:,.0f}"),
+    ("sent/s", "sent_events_per_s", "{:,.0f}"),
     ("latency p50 ms", "update_latency_p50_ms", "{:.1f}"),
     ("latency p99 ms", "update_latency_p99_ms", "{:.1f}"),
     ("freshness p99 ms", "freshness_p99_ms", "{:.0f}"),

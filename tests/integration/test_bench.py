@@ -52,7 +52,10 @@ def test_bench_prints_a_table_and_writes_every_figure(kafka_bootstrap, redis_url
         # The local stack's broker runs here; one given by address may run elsewhere (then: unknown).
         assert cpu["kafka_broker"] is None or cpu["kafka_broker"] > 0, cpu
         assert (run["cpu_ceiling_events_per_s"] is None) == (cpu["kafka_broker"] is None)
-    assert "CPU us/event" in result.output
+        # The live load as the replay sent it: paced, so never above the rate offered (1,000/s here).
+        assert 0 < run["sent_events_per_s"] <= 1000 * 1.01, run["sent_events_per_s"]
+        assert run["load_kafka_client"] in ("kafka-python", "confluent")
+    assert "CPU us/event" in result.output and "sent/s" in result.output
 
 
 def test_bench_with_shards_on_a_cluster_gives_each_primary_its_figure(

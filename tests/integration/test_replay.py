@@ -18,6 +18,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from streammf.cli.stream import generate, replay_command
 from streammf.config import KafkaSettings, Settings
+from streammf.stream.clients import replay_producer
 from streammf.stream.events import Event, Invalid, decode
 from streammf.tools.generate import SyntheticStream
 from streammf.tools.replay import ensure_topic, replay
@@ -77,21 +78,23 @@ def created_topics(kafka_admin: KafkaAdminClient) -> Iterator[list[str]]:
             kafka_admin.delete_topics(names)
 
 
-def _cli(bootstrap: str) -> click.Group:
+def _cli(bootstrap: str, client: str = "kafka-python") -> click.Group:
     @click.group()
     @click.pass_context
     def group(ctx: click.Context) -> None:
-        ctx.obj = Settings(kafka=KafkaSettings(bootstrap_servers=bootstrap))
+        ctx.obj = Settings(kafka=KafkaSettings(bootstrap_servers=bootstrap, client=client))
 
     group.add_command(generate)
     group.add_command(replay_command)
     return group
 
 
-def test_synthetic_replay_arrives_complete_and_per_user_ordered(kafka_bootstrap, make_topic, topic_name):
+def test_synthetic_replay_arrives_complete_and_per_user_ordered(
+    kafka_bootstrap, make_topic, topic_name, kafka_client
+):
     topic = make_topic(topic_name, 4)
     records = list(SyntheticStream("explicit", n_users=300, n_items=200, seed=21).records(5000))
-    producer = _producer(kafka_bootstrap)
+    producer = replay_producer(KafkaSettings(bootstrap_servers=kafka_bootstrap, client=kafka_client))
     try:
         report = replay(records, producer, topic, rate=None, progress=False, total=len(records))
     finally:
@@ -107,7 +110,7 @@ def test_synthetic_replay_arrives_complete_and_per_user_ordered(kafka_bootstrap,
 
 
 def test_replay_command_sends_a_movielens_file_in_time_order(
-    kafka_bootstrap, topic_name, created_topics, tmp_path
+    kafka_bootstrap, topic_name, created_topics, tmp_path, kafka_client
 ):
     # u.data layout: user, item, rating, time; deliberately not in time order.
     rows = [
@@ -122,7 +125,7 @@ def test_replay_command_sends_a_movielens_file_in_time_order(
     created_topics.append(topic_name)
 
     args = ["replay", str(path), "--topic", topic_name, "--partitions", "3", "--no-progress"]
-    result = CliRunner().invoke(_cli(kafka_bootstrap), args)
+    result = CliRunner().invoke(_cli(kafka_bootstrap, kafka_client), args)
     assert result.exit_code == 0, result.output
     assert f"sent {len(rows)} records to {topic_name}" in result.output
 

@@ -26,7 +26,7 @@ def _run(mode: str, shards: int, by_node: dict[str, float]) -> BenchRun:
         redis_share_of_single_by_node=None, offered_events_per_s=1e3, live_events=100,
         update_latency_p50_ms=1.0, update_latency_p99_ms=2.0, freshness_p99_ms=3.0, events_by_replica=[1100],
         cpu_us_per_event={"daemon": 20.0, "redis": 8.0, "kafka_broker": None}, cpu_cores=2,
-        cpu_ceiling_events_per_s=None,
+        cpu_ceiling_events_per_s=None, sent_events_per_s=990.0, load_kafka_client="confluent",
     )  # fmt: skip
 
 

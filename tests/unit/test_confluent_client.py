@@ -49,6 +49,7 @@ from streammf.stream.confluent_client import (
     producer_config,
 )
 from streammf.stream.consumer import _transient_kafka_error
+from streammf.tools.replay import replay
 
 T = "events"
 P0, P1 = TopicPartition(T, 0), TopicPartition(T, 1)
@@ -538,6 +539,32 @@ def test_send_never_raises_and_a_full_queue_is_waited_out() -> None:
         ConfluentProducer({}, producer=fake, block_s=0.0).send("dlq", value=b"v").get(timeout=1)
 
 
+def test_replay_counts_deliveries_and_failures_through_the_futures_callbacks() -> None:
+    fake = FakeProducer()
+    producer = ConfluentProducer({}, producer=fake)
+    report = replay([(b"u1", b"{}"), (b"u2", b"{}")], producer, "t")
+    assert (report.sent, report.failed) == (2, 0)
+    fake.fail_with = CError(CError._MSG_TIMED_OUT)
+    report = replay([(b"u1", b"{}")], producer, "t")
+    assert (report.sent, report.failed) == (0, 1) and "KafkaTimeoutError" in (report.first_error or "")
+    fake.fail_with, fake.refuse = None, KafkaException(CError(CError.MSG_SIZE_TOO_LARGE))
+    report = replay([(b"u1", b"{}")], producer, "t")  # refused at once: its errback runs when added
+    assert (report.sent, report.failed) == (0, 1) and "MessageSizeTooLarge" in (report.first_error or "")
+
+
+def test_a_futures_callbacks_run_once_each() -> None:
+    fake = FakeProducer()
+    delivery = ConfluentProducer({}, producer=fake).send("t", value=b"v")
+    seen: list[object] = []
+    delivery.add_callback(seen.append)
+    delivery.add_errback(lambda error: seen.append(("error", error)))
+    assert seen == []
+    fake.flush(timeout=1)
+    delivery.add_callback(seen.append)  # added after the report: runs now
+    fake.flush(timeout=1)
+    assert seen == [None, None]
+
+
 def test_a_flush_that_leaves_records_behind_is_a_timeout() -> None:
     fake = FakeProducer()
     producer = ConfluentProducer({}, producer=fake)
@@ -555,23 +582,25 @@ def test_a_flush_that_leaves_records_behind_is_a_timeout() -> None:
 # ------------------------------------------------------------------------------------ the factory
 
 
-def test_the_daemon_builds_the_configured_client() -> None:
-    from streammf.stream.daemon import kafka_consumer, kafka_producer
+def test_the_daemon_and_replay_build_the_configured_client() -> None:
+    from streammf.stream.clients import kafka_consumer, kafka_producer, replay_producer
 
     settings = KafkaSettings(client="confluent")
     consumer = kafka_consumer(settings, group_id="g")
-    producer = kafka_producer(settings)
+    producer, replaying = kafka_producer(settings), replay_producer(settings)  # librdkafka checks the config
     try:
-        assert isinstance(consumer, ConfluentConsumer) and isinstance(producer, ConfluentProducer)
+        assert isinstance(consumer, ConfluentConsumer)
+        assert isinstance(producer, ConfluentProducer) and isinstance(replaying, ConfluentProducer)
     finally:
         consumer.close()
         producer.close(timeout=0)
+        replaying.close(timeout=0)
 
 
 def test_a_missing_confluent_kafka_is_named_with_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from streammf.stream.daemon import KafkaClientMissingError, kafka_consumer
+    from streammf.stream.clients import KafkaClientMissingError, kafka_consumer
 
     monkeypatch.delitem(sys.modules, "streammf.stream.confluent_client")
     monkeypatch.delattr("streammf.stream.confluent_client")  # the package's attribute for it

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from streammf.cli.stream import generate
 from streammf.config import Settings
 from streammf.stream.events import Event, Invalid, decode, encode
-from streammf.tools.generate import POISON_KINDS, SyntheticStream, item_id, user_id
+from streammf.tools.generate import POISON_KINDS, Mode, SyntheticStream, _event_json, item_id, user_id
 
 MAX_BYTES = Settings().kafka.max_record_bytes
 N_USERS, N_ITEMS, N_EVENTS = 1000, 500, 20_000
@@ -53,12 +53,38 @@ def test_repeated_calls_on_one_stream_repeat_the_events() -> None:
     assert list(stream.events(500)) == list(stream.events(500))
 
 
-def test_records_without_poison_are_the_encoded_events_keyed_by_user() -> None:
-    stream = SyntheticStream("explicit", 100, 50, seed=3)
+@pytest.mark.parametrize("mode", ["explicit", "implicit"])
+def test_records_without_poison_are_the_encoded_events_keyed_by_user(mode: Mode) -> None:
+    stream = SyntheticStream(mode, 100, 50, seed=3)
     records = list(stream.records(1000))
     events = list(stream.events(1000))
     assert [value for _, value in records] == [encode(event) for event in events]
     assert [key for key, _ in records] == [event.user_id.encode() for event in events]
+
+
+def test_event_payloads_are_written_as_the_model_writes_them_whatever_the_numbers() -> None:
+    # Records are formatted without the Event model; numbers Python and pydantic write differently
+    # (exponents: 1e-05 against 0.00001) must take the model's path.
+    rng = np.random.default_rng(4)
+    numbers = [
+        0.0,
+        1e-4,
+        9.99e-5,
+        1e-5,
+        1e15,
+        1e16,
+        123456789.123,
+        1.7e9 + 0.5,
+        5e-324,
+        1.7976931348623157e308,
+    ]
+    numbers += (10.0 ** rng.uniform(-8, 20, 3000) * rng.choice([-1, 1], 3000)).tolist()
+    for n, value in enumerate(numbers):
+        timestamp = abs(numbers[-1 - n])
+        event = Event(
+            user_id="u7", item_id="i9", value=value, weight=1.0, timestamp=timestamp, event_type="click"
+        )
+        assert _event_json("u7", "i9", value, timestamp, "click") == encode(event), (value, timestamp)
 
 
 # ----------------------------------------------------------------------------------------- value ranges

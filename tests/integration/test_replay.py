@@ -18,7 +18,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from streammf.cli.stream import generate, replay_command
 from streammf.config import KafkaSettings, Settings
-from streammf.stream.clients import replay_producer
+from streammf.stream.clients import kafka_producer
 from streammf.stream.events import Event, Invalid, decode
 from streammf.tools.generate import SyntheticStream
 from streammf.tools.replay import ensure_topic, replay
@@ -94,7 +94,9 @@ def test_synthetic_replay_arrives_complete_and_per_user_ordered(
 ):
     topic = make_topic(topic_name, 4)
     records = list(SyntheticStream("explicit", n_users=300, n_items=200, seed=21).records(5000))
-    producer = replay_producer(KafkaSettings(bootstrap_servers=kafka_bootstrap, client=kafka_client))
+    producer = kafka_producer(
+        KafkaSettings(bootstrap_servers=kafka_bootstrap, client=kafka_client), linger_ms=10
+    )
     try:
         report = replay(records, producer, topic, rate=None, progress=False, total=len(records))
     finally:

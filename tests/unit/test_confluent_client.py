@@ -142,7 +142,7 @@ def test_defaults_map_to_librdkafka_properties() -> None:
     assert config["reconnect.backoff.max.ms"] == 1000
     assert not any(key.startswith(("sasl.", "ssl.")) for key in config)
     producer = producer_config(KafkaSettings())
-    assert producer["linger.ms"] == 5 and producer["acks"] == 1
+    assert producer["linger.ms"] == 5 and producer["acks"] == "all" and producer["enable.idempotence"]
     assert not any(key.startswith(("group.", "session.")) for key in producer)
 
 
@@ -583,11 +583,11 @@ def test_a_flush_that_leaves_records_behind_is_a_timeout() -> None:
 
 
 def test_the_daemon_and_replay_build_the_configured_client() -> None:
-    from streammf.stream.clients import kafka_consumer, kafka_producer, replay_producer
+    from streammf.stream.clients import kafka_consumer, kafka_producer
 
     settings = KafkaSettings(client="confluent")
     consumer = kafka_consumer(settings, group_id="g")
-    producer, replaying = kafka_producer(settings), replay_producer(settings)  # librdkafka checks the config
+    producer, replaying = kafka_producer(settings), kafka_producer(settings, linger_ms=10)  # config checked
     try:
         assert isinstance(consumer, ConfluentConsumer)
         assert isinstance(producer, ConfluentProducer) and isinstance(replaying, ConfluentProducer)

@@ -126,7 +126,7 @@ def replay_command(
     """Send events to Kafka, keyed by user id. FILE is a MovieLens rating log (u.data, ratings.dat,
     ratings.csv, replayed in time order with its timestamps) or JSON lines from `generate` (*.jsonl,
     *.ndjson, *.json, sent unchanged); or use --synthetic N instead of FILE."""
-    from streammf.stream.clients import kafka_producer
+    from streammf.stream.clients import KafkaClientMissingError, replay_producer
     from streammf.tools.ratings import RatingsFormatError, load_ratings
     from streammf.tools.replay import ensure_topic, jsonl_records, ratings_records, replay
 
@@ -149,19 +149,25 @@ def replay_command(
             raise click.ClickException(str(exc)) from exc
         records, total = ratings_records(log), len(log)
 
-    if partitions is not None:
-        existing = ensure_topic(settings.kafka, topic, partitions)
-        if existing != partitions:
-            click.echo(
-                f"topic {topic} already exists with {existing} partitions (not {partitions})", err=True
-            )
-
-    producer = kafka_producer(settings.kafka, linger_ms=10)  # a few ms of batching multiply throughput
-    # A collection of the start-up objects (modules, pydantic, the client) took up to ~110 ms, five times a
-    # 10 s replay: pauses a fixed rate cannot make up (see TokenBucket). Frozen, they are never scanned.
-    gc.freeze()
     try:
-        report = replay(records, producer, topic, rate, progress, total=total)
+        producer = replay_producer(settings.kafka)
+    except KafkaClientMissingError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        if partitions is not None:
+            existing = ensure_topic(settings.kafka, topic, partitions)
+            if existing != partitions:
+                click.echo(
+                    f"topic {topic} already exists with {existing} partitions (not {partitions})", err=True
+                )
+        # A full collection scanning the start-up objects (modules, pydantic, the client) took up to
+        # ~110 ms, five times in a 10 s replay: pauses a fixed rate cannot make up (see TokenBucket).
+        # Frozen for the replay, they are not scanned.
+        gc.freeze()
+        try:
+            report = replay(records, producer, topic, rate, progress, total=total)
+        finally:
+            gc.unfreeze()
     finally:
         producer.close(timeout=30)
     for line in report.lines():

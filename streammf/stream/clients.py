@@ -1,7 +1,8 @@
 """The configured Kafka client (`STREAMMF_KAFKA__CLIENT`: kafka-python, the default, or confluent-kafka):
 the daemon's consumer, its dead-letter producer, and `streammf replay`'s producer.
 
-Light on imports (no model, no store), so `streammf replay` starts without the learner's dependencies.
+Both clients' producers put a key on the partition Kafka's Java client and kafka-python choose (murmur2),
+and wait for every in-sync replica (acks=all): a user's events share one partition whoever produced them.
 """
 
 from __future__ import annotations
@@ -35,16 +36,30 @@ def kafka_consumer(kafka: KafkaSettings, group_id: str | None) -> Any:
     )
 
 
-def kafka_producer(kafka: KafkaSettings, linger_ms: int = 5) -> Any:
-    """The configured client's producer: idempotent with acks from every in-sync replica on both clients,
-    so a record is neither lost in a failover nor reordered or doubled by a retry (the daemon's dead
-    letters; `streammf replay`, which lingers 10 ms to batch more)."""
+def kafka_producer(kafka: KafkaSettings) -> Any:
+    """The configured client's producer for dead letters. kafka-python's is idempotent by default (it turns
+    idempotence off itself on a broker that cannot); confluent-kafka's is not made so: librdkafka makes
+    a refused producer id (no IDEMPOTENT_WRITE permission, an old broker) fatal for the producer, and
+    every later dead letter would be refused with it."""
     if kafka.client == "confluent":
         confluent = _confluent_client()
-        return confluent.ConfluentProducer(confluent.producer_config(kafka) | {"linger.ms": linger_ms})
+        return confluent.ConfluentProducer(confluent.producer_config(kafka))
     from kafka import KafkaProducer
 
-    return KafkaProducer(**client_kwargs(kafka), linger_ms=linger_ms)  # idempotent, acks=all by default
+    return KafkaProducer(**client_kwargs(kafka), linger_ms=5)
+
+
+def replay_producer(kafka: KafkaSettings) -> Any:
+    """The configured client's producer for `streammf replay`: idempotent, so a retry neither reorders nor
+    doubles a user's events (a refused producer id fails the replay, which says so), with a 10 ms linger
+    (batching multiplies throughput)."""
+    if kafka.client == "confluent":
+        confluent = _confluent_client()
+        in_order = {"enable.idempotence": True, "linger.ms": 10}
+        return confluent.ConfluentProducer(confluent.producer_config(kafka) | in_order)
+    from kafka import KafkaProducer
+
+    return KafkaProducer(**client_kwargs(kafka), linger_ms=10)  # idempotent by default
 
 
 class KafkaClientMissingError(RuntimeError):

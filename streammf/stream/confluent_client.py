@@ -179,12 +179,14 @@ def consumer_config(kafka: KafkaSettings, group_id: str | None) -> dict[str, Any
 
 
 def producer_config(kafka: KafkaSettings) -> dict[str, Any]:
-    """The producer, with kafka-python's (3.x) defaults where librdkafka's differ: idempotent (which
-    takes acks=all), a 1 MiB request limit, 2 minutes to deliver; and the daemon's 5 ms linger."""
+    """The dead-letter producer, with kafka-python's (3.x) defaults where librdkafka's differ: acks from
+    every in-sync replica, keys partitioned by murmur2 (as kafka-python and the Java client: librdkafka's
+    own default, a CRC32, would put a user's records on another partition than other producers do), a
+    1 MiB request limit, 2 minutes to deliver; and the daemon's 5 ms linger."""
     return common_config(kafka) | {
         "linger.ms": 5,
-        "enable.idempotence": True,
         "acks": "all",
+        "partitioner": "murmur2_random",
         "message.max.bytes": 1_048_576,
         "message.timeout.ms": 120_000,
     }
@@ -498,26 +500,32 @@ class Delivery:
         self._done = True
         self._report()
 
-    def add_callback(self, callback: Callable[[None], object]) -> None:
+    def add_callback(self, callback: Callable[[None], object]) -> Delivery:
         self._callbacks.append(callback)
         self._report()
+        return self
 
-    def add_errback(self, errback: Callable[[KafkaError], object]) -> None:
+    def add_errback(self, errback: Callable[[KafkaError], object]) -> Delivery:
         self._errbacks.append(errback)
         self._report()
+        return self
 
     def _report(self) -> None:
-        """Once done, each registered callback runs once."""
+        """Once done, each registered callback runs once; one that raises is logged, as kafka-python does,
+        and the others still run (they run inside the producer's poll, which must not raise)."""
         if not self._done:
             return
-        if self._error is None:
-            callbacks, self._callbacks = self._callbacks, []
-            for callback in callbacks:
-                callback(None)
+        error = self._error
+        pending: list[Callable[[Any], object]]
+        if error is None:
+            pending, self._callbacks = list(self._callbacks), []
         else:
-            errbacks, self._errbacks = self._errbacks, []
-            for errback in errbacks:
-                errback(self._error)
+            pending, self._errbacks = list(self._errbacks), []
+        for callback in pending:
+            try:
+                callback(error)
+            except Exception:
+                log.exception("a delivery callback raised")
 
     def get(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from streammf.stream.refresh import RefreshReport
 
 # Milliseconds matter for update latency; freshness spans ms (live) to hours (a backlog being worked off).
-# Quantiles are interpolated linearly inside a bucket, so the buckets are dense where live tails fall (10 ms
-# to 0.5 s): with 50 / 100 ms and 250 / 500 ms neighbours a p99 could read up to twice what it was.
+# Quantiles are interpolated linearly inside a bucket, so the buckets are dense where live tails fall
+# (latency 10 ms to 0.3 s, freshness 50 ms to 0.5 s): with 50 / 100 ms and 250 / 500 ms neighbours a p99
+# could read up to twice what it was.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
     0.3, 0.5, 1.0, 2.0, 5.0, 10.0,

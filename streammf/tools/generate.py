@@ -173,10 +173,7 @@ class SyntheticStream:
                     timestamp = self.clock()
                 uid, iid = user_id(user), item_id(item)
                 if is_poison:
-                    event = Event(
-                        user_id=uid, item_id=iid, value=value, weight=1.0, timestamp=timestamp,
-                        event_type=event_type,
-                    )  # fmt: skip
+                    event = _event(uid, iid, value, timestamp, event_type)
                     kind = POISON_KINDS[poison_rng.integers(len(POISON_KINDS))]
                     yield SyntheticRecord(uid.encode(), self._poison_payload(kind, event, poison_rng), kind)
                 else:
@@ -269,7 +266,7 @@ def _chunk_events(
     purchases: np.ndarray | None,
 ) -> list[Event]:
     return [
-        Event(user_id=user_id(u), item_id=item_id(i), value=v, weight=1.0, timestamp=t, event_type=kind)
+        _event(user_id(u), item_id(i), v, t, kind)
         for u, i, v, t, kind in zip(
             users.tolist(),
             items.tolist(),
@@ -281,16 +278,19 @@ def _chunk_events(
     ]
 
 
+def _event(user: str, item: str, value: float, timestamp: float, event_type: str) -> Event:
+    return Event(
+        user_id=user, item_id=item, value=value, weight=1.0, timestamp=timestamp, event_type=event_type
+    )
+
+
 def _event_json(user: str, item: str, value: float, timestamp: float, event_type: str) -> bytes:
     """`encode` of the event, byte for byte, without the model: ids, event types and the weight 1.0 here
     need no escaping, and a float Python writes without an exponent (1e-4 <= |x| < 1e16) is written the
     same, shortest round-trip digits, by pydantic; any other goes through the model."""
     value_text, time_text = repr(value), repr(timestamp)
     if "e" in value_text or "e" in time_text or "n" in value_text or "n" in time_text:
-        event = Event(
-            user_id=user, item_id=item, value=value, weight=1.0, timestamp=timestamp, event_type=event_type
-        )
-        return encode(event)
+        return encode(_event(user, item, value, timestamp, event_type))
     return (
         f'{{"user_id":"{user}","item_id":"{item}","value":{value_text},"weight":1.0,'
         f'"timestamp":{time_text},"event_type":"{event_type}"}}'

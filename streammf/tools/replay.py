@@ -1,9 +1,10 @@
 """Replaying records into Kafka: a rating log, a JSON-lines file or the synthetic stream, at a steady rate.
 
-Records are keyed by user id, so the default partitioner puts all of a user's events on one partition and
-they are consumed in the order they were sent (the idempotent producer keeps that order across retries).
-Memory stays bounded: no future is kept; each carries callbacks that only count, and kafka-python's own
-buffer (`buffer_memory`) makes `send` block when the broker falls behind.
+Records are keyed by user id, so the partitioner (murmur2, whichever client: `streammf.stream.clients`)
+puts all of a user's events on one partition and they are consumed in the order they were sent (the
+idempotent producer keeps that order across retries). Memory stays bounded: no future is kept; each
+carries callbacks that only count, and the client's own buffer (kafka-python's `buffer_memory`,
+librdkafka's queue) makes `send` wait when the broker falls behind.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class TokenBucket:
 
 
 class _DeliveryTally:
-    """Counts delivery outcomes. The callbacks run on the producer's I/O thread, hence the lock."""
+    """Counts delivery outcomes. The callbacks run on kafka-python's I/O thread (confluent-kafka's in the
+    caller's, inside the producer's poll), hence the lock."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -146,7 +148,7 @@ def replay(
                 future.add_callback(tally.on_success)
                 future.add_errback(tally.on_error)
             bar.update(1)
-        # Until every batch is acknowledged or failed (kafka-python's delivery_timeout_ms bounds the wait).
+        # Until every batch is acknowledged or failed (the client's delivery timeout bounds the wait).
         producer.flush()
     seconds = time.monotonic() - started
     return ReplayReport(topic, tally.delivered, tally.failed, seconds, tally.first_error)

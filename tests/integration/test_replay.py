@@ -18,7 +18,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from streammf.cli.stream import generate, replay_command
 from streammf.config import KafkaSettings, Settings
-from streammf.stream.clients import kafka_producer
+from streammf.stream.clients import replay_producer
 from streammf.stream.events import Event, Invalid, decode
 from streammf.tools.generate import SyntheticStream
 from streammf.tools.replay import ensure_topic, replay
@@ -94,9 +94,7 @@ def test_synthetic_replay_arrives_complete_and_per_user_ordered(
 ):
     topic = make_topic(topic_name, 4)
     records = list(SyntheticStream("explicit", n_users=300, n_items=200, seed=21).records(5000))
-    producer = kafka_producer(
-        KafkaSettings(bootstrap_servers=kafka_bootstrap, client=kafka_client), linger_ms=10
-    )
+    producer = replay_producer(KafkaSettings(bootstrap_servers=kafka_bootstrap, client=kafka_client))
     try:
         report = replay(records, producer, topic, rate=None, progress=False, total=len(records))
     finally:
@@ -109,6 +107,24 @@ def test_synthetic_replay_arrives_complete_and_per_user_ordered(
     assert sorted((r.key, r.value) for r in received) == sorted(records)
     partitions_of_user = _assert_users_ordered_within_one_partition(received)
     assert set().union(*partitions_of_user.values()) == {0, 1, 2, 3}
+
+
+def test_both_clients_put_a_key_on_the_same_partition(kafka_bootstrap, make_topic, topic_name):
+    """A user's events share one partition whichever client produced them (and Kafka's Java client: murmur2;
+    librdkafka's default would hash them elsewhere)."""
+    topic = make_topic(topic_name, 4)
+    records = [(f"u{n}".encode(), b"{}") for n in range(200)]
+    for client in ("kafka-python", "confluent"):
+        producer = replay_producer(KafkaSettings(bootstrap_servers=kafka_bootstrap, client=client))
+        try:
+            assert replay(records, producer, topic).sent == len(records)
+        finally:
+            producer.close(timeout=30)
+    partitions: dict[bytes, set[int]] = {}
+    for record in _consume(kafka_bootstrap, topic, 2 * len(records)):
+        partitions.setdefault(record.key, set()).add(record.partition)
+    assert len(partitions) == len(records) and all(len(p) == 1 for p in partitions.values())
+    assert len(set().union(*partitions.values())) == 4
 
 
 def test_replay_command_sends_a_movielens_file_in_time_order(

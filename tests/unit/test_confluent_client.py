@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from confluent_kafka import (
     OFFSET_BEGINNING,
     OFFSET_STORED,
@@ -142,7 +143,9 @@ def test_defaults_map_to_librdkafka_properties() -> None:
     assert config["reconnect.backoff.max.ms"] == 1000
     assert not any(key.startswith(("sasl.", "ssl.")) for key in config)
     producer = producer_config(KafkaSettings())
-    assert producer["linger.ms"] == 5 and producer["acks"] == "all" and producer["enable.idempotence"]
+    assert producer["linger.ms"] == 5 and producer["acks"] == "all"
+    # Keys on the partitions kafka-python and the Java client choose; no idempotence (see kafka_producer).
+    assert producer["partitioner"] == "murmur2_random" and "enable.idempotence" not in producer
     assert not any(key.startswith(("group.", "session.")) for key in producer)
 
 
@@ -565,6 +568,16 @@ def test_a_futures_callbacks_run_once_each() -> None:
     assert seen == [None, None]
 
 
+def test_a_callback_that_raises_is_logged_and_the_others_still_run(caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeProducer()
+    delivery = ConfluentProducer({}, producer=fake).send("t", value=b"v")
+    seen: list[object] = []
+    delivery.add_callback(lambda _: 1 / 0).add_callback(seen.append)  # chained, as kafka-python's
+    fake.flush(timeout=1)  # the delivery report runs the callbacks inside the producer's flush
+    assert seen == [None]
+    assert "a delivery callback raised" in caplog.text and "ZeroDivisionError" in caplog.text
+
+
 def test_a_flush_that_leaves_records_behind_is_a_timeout() -> None:
     fake = FakeProducer()
     producer = ConfluentProducer({}, producer=fake)
@@ -583,11 +596,11 @@ def test_a_flush_that_leaves_records_behind_is_a_timeout() -> None:
 
 
 def test_the_daemon_and_replay_build_the_configured_client() -> None:
-    from streammf.stream.clients import kafka_consumer, kafka_producer
+    from streammf.stream.clients import kafka_consumer, kafka_producer, replay_producer
 
     settings = KafkaSettings(client="confluent")
     consumer = kafka_consumer(settings, group_id="g")
-    producer, replaying = kafka_producer(settings), kafka_producer(settings, linger_ms=10)  # config checked
+    producer, replaying = kafka_producer(settings), replay_producer(settings)  # librdkafka checks them
     try:
         assert isinstance(consumer, ConfluentConsumer)
         assert isinstance(producer, ConfluentProducer) and isinstance(replaying, ConfluentProducer)
@@ -600,6 +613,7 @@ def test_the_daemon_and_replay_build_the_configured_client() -> None:
 def test_a_missing_confluent_kafka_is_named_with_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
+    from streammf.cli import cli
     from streammf.stream.clients import KafkaClientMissingError, kafka_consumer
 
     monkeypatch.delitem(sys.modules, "streammf.stream.confluent_client")
@@ -607,3 +621,7 @@ def test_a_missing_confluent_kafka_is_named_with_the_install_command(monkeypatch
     monkeypatch.setitem(sys.modules, "confluent_kafka", None)  # import fails as if not installed
     with pytest.raises(KafkaClientMissingError, match=r"pip install 'streammf\[confluent\]'"):
         kafka_consumer(KafkaSettings(client="confluent"), group_id="g")
+    # streammf replay says so too, before it creates any topic (no broker is asked).
+    args = ["replay", "--synthetic", "5", "--partitions", "2", "--no-progress"]
+    result = CliRunner().invoke(cli, args, env={"STREAMMF_KAFKA__CLIENT": "confluent"})
+    assert result.exit_code == 1 and "pip install 'streammf[confluent]'" in result.output, result.output

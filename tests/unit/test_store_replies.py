@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from redis.connection import Connection
+from redis._parsers.encoders import Encoder
+from redis.connection import PythonRespSerializer
 
 from streammf.store.contract import StoreError
 from streammf.store.layout import ModelKeys
@@ -40,4 +41,6 @@ def test_calls_are_packed_to_the_bytes_redis_py_sends() -> None:
         ("EVALSHA", "f" * 40, 2, "k1", "streammf:{m}:inter:ü", "", b"\x00\r\n", 0, -17, 2**40, 0.1, "a\0b"),
         ("EVALSHA", "e" * 40, 0, *[f"i{n}" for n in range(1000)], *["%.17g" % (n / 7) for n in range(1000)]),
     ]
-    assert b"".join(_packed(calls)) == b"".join(Connection().pack_commands(calls))
+    # redis-py's own pure-Python packer, which it uses without hiredis: the protocol bytes, independently.
+    python_packer = PythonRespSerializer(6000, Encoder("utf-8", "strict", decode_responses=False).encode)
+    assert b"".join(_packed(calls)) == b"".join(b"".join(python_packer.pack(*call)) for call in calls)

@@ -515,15 +515,14 @@ class Delivery:
         and the others still run (they run inside the producer's poll, which must not raise)."""
         if not self._done:
             return
-        error = self._error
         pending: list[Callable[[Any], object]]
-        if error is None:
-            pending, self._callbacks = list(self._callbacks), []
+        if self._error is None:
+            pending, self._callbacks = self._callbacks, []
         else:
-            pending, self._errbacks = list(self._errbacks), []
+            pending, self._errbacks = self._errbacks, []
         for callback in pending:
             try:
-                callback(error)
+                callback(self._error)
             except Exception:
                 log.exception("a delivery callback raised")
 

@@ -93,6 +93,9 @@ class BenchRun:
     # `offered_events_per_s` when the producer cannot keep up), and the Kafka client that sent it.
     sent_events_per_s: float = float("nan")
     load_kafka_client: str = ""
+    # AOF rewrites the Redis servers finished over the live phase (every primary's, summed): a rewrite
+    # forks and copies the dataset, a core's work for seconds on a shared box, which shows in the tail.
+    redis_aof_rewrites_live: int = 0
 
 
 @dataclass(frozen=True)
@@ -194,11 +197,13 @@ def _run_mode(
                 for node in sorted(usec_before.keys() | usec_after.keys())
             }
             before = _samples_once_counted(daemons, plan.events)
+            rewrites_before = _aof_rewrites(client)
             live = int(plan.offered_rate * plan.live_seconds)
             say(f"{name}: live, {live:,} events offered at {plan.offered_rate:,.0f}/s")
             sent_rate = _replay(env, live, rate=plan.offered_rate, partitions=None)
             _wait_applied(client, stats, plan.events + live, daemons, timeout_s=plan.live_seconds * 10 + 120)
             after = _samples_once_counted(daemons, plan.events + live)
+            rewrites = _aof_rewrites(client) - rewrites_before
             by_replica = daemons.scrape_each()
         latency = _histogram_delta(before, after, "streammf_update_latency_seconds")
         freshness = _histogram_delta(before, after, "streammf_freshness_seconds")
@@ -227,6 +232,7 @@ def _run_mode(
             learner_cpu_us_per_event=learner_cpu,
             sent_events_per_s=sent_rate,
             load_kafka_client=_load_client(),
+            redis_aof_rewrites_live=rewrites,
         )
     finally:
         _delete_bench_model(client, model, shards)
@@ -548,10 +554,19 @@ def _redis_usec_by_node(client: redis.Redis) -> dict[str, float]:
 def _redis_cpu_info_by_node(client: redis.Redis) -> dict[str, dict[str, Any]]:
     """`INFO cpu` of each primary of a Redis Cluster (replicas serve no reads of ours), else of the one
     server."""
+    return _info_by_node(client, "cpu")
+
+
+def _info_by_node(client: redis.Redis, section: str) -> dict[str, dict[str, Any]]:
     if isinstance(client, RedisCluster):
         # One node per call: its own INFO.
-        return {node.name: client.info("cpu", target_nodes=node) for node in client.get_primaries()}
-    return {_server_name(client): client.info("cpu")}
+        return {node.name: client.info(section, target_nodes=node) for node in client.get_primaries()}
+    return {_server_name(client): client.info(section)}
+
+
+def _aof_rewrites(client: redis.Redis) -> int:
+    """AOF rewrites finished so far, summed over the servers (`INFO persistence`; 0 without an AOF)."""
+    return sum(int(info.get("aof_rewrites", 0)) for info in _info_by_node(client, "persistence").values())
 
 
 def main_thread_cpu_us(cpu: dict[str, Any]) -> float:
@@ -671,6 +686,7 @@ COLUMNS = (
     ("latency p50 ms", "update_latency_p50_ms", "{:.1f}"),
     ("latency p99 ms", "update_latency_p99_ms", "{:.1f}"),
     ("freshness p99 ms", "freshness_p99_ms", "{:.0f}"),
+    ("AOF rewrites live", "redis_aof_rewrites_live", "{}"),
 )
 
 

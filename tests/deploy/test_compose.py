@@ -51,6 +51,8 @@ def test_stack_has_every_part_and_redis_is_durable_and_never_evicts():
     settings = dict(zip(redis_args[1::2], redis_args[2::2], strict=True))
     assert settings["--appendonly"] == "yes"
     assert settings["--appendfsync"] == "everysec"
+    # The default (64mb) rewrites the AOF every few seconds under a steady stream: latency tails.
+    assert settings["--auto-aof-rewrite-min-size"] == "1gb"
     assert settings["--maxmemory-policy"] == "noeviction"
     assert services["replay"]["profiles"] == ["replay"]  # a job, not started by `up`
     daemon = services["streammf"]

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 from click.testing import CliRunner, Result
 
 from streammf.cli import cli
+from streammf.tools import bench
 
 FIELDS = (
     "mode", "events", "raw_consume_events_per_s", "daemon_events_per_s", "ratio_to_raw",
@@ -55,7 +57,31 @@ def test_bench_prints_a_table_and_writes_every_figure(kafka_bootstrap, redis_url
         # The live load as the replay sent it: paced, so never above the rate offered (1,000/s here).
         assert 0 < run["sent_events_per_s"] <= 1000 * 1.01, run["sent_events_per_s"]
         assert run["load_kafka_client"] in ("kafka-python", "confluent")
+        assert isinstance(run["redis_aof_rewrites_live"], int) and run["redis_aof_rewrites_live"] >= 0
     assert "CPU us/event" in result.output and "sent/s" in result.output
+    assert "AOF rewrites live" in result.output
+
+
+def test_aof_rewrites_are_counted_on_the_real_server(redis_client):
+    """The live phase's rewrite count is the difference of `INFO persistence` counts: one BGREWRITEAOF
+    shows as one more (the local stack's Redis keeps an append-only file)."""
+    if redis_client.info("persistence").get("aof_enabled") != 1:
+        raise AssertionError("this test needs a Redis with appendonly yes (the local stack's)")
+    _wait_no_rewrite(redis_client)
+    before = bench._aof_rewrites(redis_client)
+    redis_client.bgrewriteaof()
+    _wait_no_rewrite(redis_client)
+    assert bench._aof_rewrites(redis_client) == before + 1
+
+
+def _wait_no_rewrite(client: Any) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        info = client.info("persistence")
+        if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+            return
+        assert time.monotonic() < deadline, "an AOF rewrite did not finish within 60 s"
+        time.sleep(0.05)
 
 
 def test_bench_with_shards_on_a_cluster_gives_each_primary_its_figure(

@@ -357,17 +357,19 @@ def test_after_an_offset_conflict_in_flight_the_next_batch_waits_for_the_resync(
 class JournalingLearner:
     """A `Learner` that notes when each batch (by its first offset) is handed over and answered."""
 
-    def __init__(self, learner: Learner, hold_s: float = 0.0) -> None:
-        """`hold_s`: the first batch's answer waits up to this long for a second batch to be handed over."""
+    def __init__(self, learner: Learner, hold_s: float = 0.0, hold_for: int = 2) -> None:
+        """`hold_s`: the first batch's answer waits up to this long for `hold_for` batches in all to be
+        handed over."""
         self.learner = learner
         self.hold_s = hold_s
+        self.hold_for = hold_for
         self.journal: list[tuple[str, int]] = []
         self.second_handed = threading.Event()
 
     def submit(self, events: Any, offsets: dict[int, tuple[int, int]], after: Any = None) -> Any:
         first = offsets[0][0]
         self.journal.append(("handed", first))
-        if len(self.journal) > 1:
+        if len(self.journal) >= self.hold_for:
             self.second_handed.set()
         pending = self.learner.submit(events, offsets, after.pending if after is not None else None)
         return _Journaled(self, pending, first)
@@ -400,6 +402,28 @@ def test_the_next_batch_is_handed_over_before_the_one_in_flight_is_answered() ->
     assert learner.journal.index(("handed", 5)) < learner.journal.index(("answered", 0))
     assert learner.journal.index(("answered", 0)) < learner.journal.index(("answered", 5))
     assert store.events_applied() == 10 and store.applied_offsets() == {0: 10}
+
+
+def _handed_before_first_answer(max_poll_records: int) -> list[tuple[str, int]]:
+    """Three polls of 5 records; the first batch's answer is held until three are handed over (or 1 s)."""
+    store, stop = MemoryStore("m", "implicit", 4), threading.Event()
+    polls = [(False, {TP: _records(first, 5)}) for first in (0, 5, 10)]
+    loop = _loop(
+        ScriptedConsumer(polls, stop), CountingProducer(), store, {"max_poll_records": max_poll_records}
+    )
+    learner = JournalingLearner(loop.learner, hold_s=1.0, hold_for=3)  # type: ignore[arg-type]
+    loop.learner = learner
+    loop.run(stop)
+    assert store.events_applied() == 15 and store.applied_offsets() == {0: 15}
+    return learner.journal[: learner.journal.index(("answered", 0))]
+
+
+def test_with_a_backlog_two_batches_wait_behind_the_one_in_flight_else_one() -> None:
+    """Full polls (a backlog): the third batch is handed over while the first is still learnt, so the
+    learner's process finds the next one there to compute while Redis applies. Small polls (the loop keeps
+    up): only one waits behind the batch in flight, which keeps the update latency low."""
+    assert _handed_before_first_answer(max_poll_records=5) == [("handed", 0), ("handed", 5), ("handed", 10)]
+    assert _handed_before_first_answer(max_poll_records=100) == [("handed", 0), ("handed", 5)]
 
 
 def test_a_batch_with_records_to_dead_letter_waits_for_the_batches_in_flight() -> None:

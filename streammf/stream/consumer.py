@@ -404,7 +404,8 @@ class ConsumeLoop:
     def _dead_letter_invalid(self, batch: _Batch, stop: threading.Event) -> None:
         for _, invalid in batch.dead:
             self.metrics.events_invalid.labels(invalid.reason).inc()
-        self._with_retry(lambda: self._dead_letter(batch.dead), stop, dependency="kafka")
+        acknowledged: set[tuple[int, int]] = set()  # across the tries: a retry sends only the rest
+        self._with_retry(lambda: self._dead_letter(batch.dead, acknowledged), stop, dependency="kafka")
 
     def _await_learnt(
         self, pending: PendingBatch, batch: _Batch, stop: threading.Event, received: float
@@ -413,11 +414,12 @@ class ConsumeLoop:
         for a transient reason submits the batch again. Raises _Abandoned."""
         events, sources = batch.events, batch.sources
         tries = iter([pending])
+        acknowledged: set[tuple[int, int]] = set()  # dead letters of this batch already written
 
         def dead_letter_diverged(positions: list[int]) -> None:
             diverged = [(sources[t], _diverged(events.row(t))) for t in positions]
             self.metrics.events_invalid.labels("diverged").inc(len(diverged))
-            self._dead_letter(diverged)
+            self._dead_letter(diverged, acknowledged)
 
         def learn() -> StepResult:
             attempt = next(tries, None) or self.learner.submit(events, batch.offsets)
@@ -490,21 +492,34 @@ class ConsumeLoop:
                 self.positions.applied(partition, nxt)
         return learnt.result
 
-    def _dead_letter(self, dead: list[tuple[Any, Invalid]]) -> None:
+    def _dead_letter(
+        self, dead: list[tuple[Any, Invalid]], acknowledged: set[tuple[int, int]] | None = None
+    ) -> None:
         """Produce bad records with their original bytes, cut to `max_record_bytes` (a record near the
         broker's size limit plus our headers would not fit: the copy says it was truncated, and from what
         size). Raises unless every one is acknowledged; a write the broker refuses for good (too large
         after all, not authorised) is retried once as metadata only, then counted and logged, never retried
-        forever."""
-        futures = [(record, invalid, self._send_dead_letter(record, invalid)) for record, invalid in dead]
+        forever. `acknowledged` holds the (partition, offset) of records an earlier try of the same batch
+        wrote: they are not sent again, and it gains those this try writes, so a retry after a partial
+        failure (a flush that timed out) sends only the rest instead of duplicating dead letters."""
+        acknowledged = set() if acknowledged is None else acknowledged
+        unsent = [(r, invalid) for r, invalid in dead if (r.partition, r.offset) not in acknowledged]
+        futures = [(record, invalid, self._send_dead_letter(record, invalid)) for record, invalid in unsent]
         self.producer.flush(timeout=10)
+        failed: KafkaError | None = None
         for record, invalid, future in futures:
             try:
-                future.get(timeout=10)  # raises KafkaError if the write failed
+                # After a transient failure the others are only looked at, not waited for: the broker is
+                # likely gone, and each wait would take the whole timeout.
+                future.get(timeout=10 if failed is None else 0)  # raises KafkaError if the write failed
             except KafkaError as exc:
                 if _transient_kafka_error(exc):
-                    raise
+                    failed = failed or exc
+                    continue
                 self._dead_letter_metadata_only(record, invalid, exc)
+            acknowledged.add((record.partition, record.offset))
+        if failed is not None:
+            raise failed
         self.metrics.events_dead_lettered.inc(len(dead))
         log.info(
             "dead-lettered %d records", len(dead), extra={"reasons": sorted({i.reason for _, i in dead})}

@@ -299,6 +299,39 @@ def test_a_permanently_refused_dead_letter_falls_back_to_metadata_and_the_batch_
     assert memory.events_applied() == 9 and memory.applied_offsets() == {0: 10}
 
 
+def test_a_dead_letter_retry_after_a_partial_failure_sends_only_what_was_not_acknowledged() -> None:
+    """Three bad records; the first try's write of one times out (the broker slow, say) while the others
+    are acknowledged. The retry sends that one alone: no dead letter is written twice, none is lost."""
+    from kafka.errors import KafkaTimeoutError
+
+    class OneTimesOutOnce(CountingProducer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.offsets: list[int] = []
+            self.timed_out = False
+
+        def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> Any:
+            offset = int(dict(headers)["streammf.source.offset"])
+            self.offsets.append(offset)
+            fail = offset == 5 and not self.timed_out
+            self.timed_out = self.timed_out or fail
+
+            class Future:
+                def get(self, timeout: float) -> None:
+                    if fail:
+                        raise KafkaTimeoutError("not acknowledged in time")
+
+            return Future()
+
+    memory, producer = MemoryStore("m", "implicit", 4), OneTimesOutOnce()
+    loop = _loop(ScriptedConsumer([], threading.Event()), producer, memory, sleep=lambda s: None)
+    assert loop.process({TP: _records(0, 10, poison_at=frozenset({3, 5, 7}))}, threading.Event()) is not None
+    assert producer.offsets == [3, 5, 7, 5]
+    assert memory.events_applied() == 7 and memory.applied_offsets() == {0: 10}
+    dead = loop.metrics.registry.get_sample_value("streammf_events_dead_lettered_total")
+    assert dead == 3
+
+
 # ------------------------------------------------------------ pipelining: a batch in flight, the next polled
 
 TP1 = TopicPartition(TOPIC, 1)

@@ -20,6 +20,7 @@ from streammf.store.connect import redis_client
 from streammf.store.contract import StoreLostStateError
 from streammf.store.layout import (
     ModelKeys,
+    aof_rewrite_warning,
     delete_model,
     hold_lease,
     model_exists,
@@ -105,6 +106,8 @@ def run_daemon(
             return
         client = redis_client(settings)
         require_no_eviction(client, settings.redis.allow_eviction)
+        if advice := aof_rewrite_warning(client):
+            log.warning(advice)
         if not _model_kept_or_rebuilt(client, consumer, settings, rebuild, stop):
             return
         producer = kafka_producer(settings.kafka)

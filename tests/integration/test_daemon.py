@@ -133,12 +133,12 @@ def _ratings_payloads(log: RatingsLog, limit: int | None = None) -> list[tuple[b
     ]
 
 
-def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.2) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():
             return
-        time.sleep(0.2)
+        time.sleep(every_s)
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
@@ -484,16 +484,21 @@ def test_sigkill_restarts_apply_every_event_exactly_once(
     topic = make_topic(topic_name, 1)
     _produce(kafka_bootstrap, topic, _ratings_payloads(movielens))
     settings = _settings(kafka_bootstrap, redis_url, topic, model, 0, kafka_client)
+    # Batches of 1,000, not 10,000: progress moves in finer steps, so the kills land inside the stream.
+    finer = settings.kafka.model_copy(update={"max_poll_records": 1000})
+    settings = settings.model_copy(update={"kafka": finer})
     rng = random.Random(11)
     log_path = tmp_path / "daemon.log"
     for kill in range(5):
         process = _spawn(settings, log_path)
         before = _applied(redis_client, model)
         # Kill somewhere inside the stream, at a random point up to 8,000 events past the last restart's
-        # position (a time-based point stopped landing mid-stream once the daemon passed ~20,000 events/s:
-        # five kills with the 0.2 s polling overshoot still leave most of the 100,000 events unapplied).
+        # position (a time-based point stopped landing mid-stream once the daemon passed ~20,000 events/s),
+        # looked for every 10 ms: at ~100,000 events/s the 0.2 s of other waits here would overshoot by
+        # 20,000 events a kill, and five kills could then see the whole stream applied.
         target = before + rng.randint(1, 8000)
-        _wait_for(lambda t=target: _applied(redis_client, model) >= t, 120, f"progress before kill {kill}")
+        reached = lambda t=target: _applied(redis_client, model) >= t  # noqa: E731
+        _wait_for(reached, 120, f"progress before kill {kill}", every_s=0.01)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
     assert _applied(redis_client, model) < len(movielens), "the kills should land mid-stream"

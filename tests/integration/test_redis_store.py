@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from streammf.store.contract import ApplyOutcome, BatchUpdate, StoreError, StoreLostStateError
-from streammf.store.layout import ModelKeys, delete_model
+from streammf.store.layout import ModelKeys, aof_rewrite_warning, delete_model
 from streammf.store.redis_store import ModelMismatchError, RedisStore
 
 K = 4
@@ -363,3 +363,24 @@ def test_a_writer_of_a_model_deleted_and_created_again_is_refused(
         is ApplyOutcome.APPLIED
     )
     assert RedisStore.attach(client, name).incarnation == new.incarnation  # a reader sees the new one
+
+
+def test_an_aof_rewritten_from_a_small_size_is_reported_to_the_operator(redis_client: redis.Redis) -> None:
+    """Redis' default auto-aof-rewrite-min-size (64mb) rewrites the AOF every few seconds under a steady
+    stream; the daemon warns at start (`aof_rewrite_warning`). Not when automatic rewrites are off or the
+    size is large, nor without an AOF (the local stack's Redis keeps one)."""
+    if redis_client.info("persistence").get("aof_enabled") != 1:
+        raise AssertionError("this test needs a Redis with appendonly yes (the local stack's)")
+    before = redis_client.config_get("auto-aof-rewrite-*")
+    try:
+        redis_client.config_set("auto-aof-rewrite-min-size", "64mb")
+        warning = aof_rewrite_warning(redis_client)
+        assert warning is not None and "auto-aof-rewrite-min-size 67108864 bytes" in warning, warning
+        redis_client.config_set("auto-aof-rewrite-percentage", "0")  # no automatic rewrite at all
+        assert aof_rewrite_warning(redis_client) is None
+        redis_client.config_set("auto-aof-rewrite-percentage", "100")
+        redis_client.config_set("auto-aof-rewrite-min-size", "1gb")
+        assert aof_rewrite_warning(redis_client) is None
+    finally:
+        for name, value in before.items():
+            redis_client.config_set(name, value)

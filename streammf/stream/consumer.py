@@ -505,24 +505,35 @@ class ConsumeLoop:
         acknowledged = set() if acknowledged is None else acknowledged
         unsent = [(r, invalid) for r, invalid in dead if (r.partition, r.offset) not in acknowledged]
         futures = [(record, invalid, self._send_dead_letter(record, invalid)) for record, invalid in unsent]
-        self.producer.flush(timeout=10)
         failed: KafkaError | None = None
+        try:
+            self.producer.flush(timeout=10)
+        except KafkaError as exc:  # both clients raise when a record is still unacknowledged
+            if not _transient_kafka_error(exc):
+                raise
+            failed = exc
+        handled = 0
         for record, invalid, future in futures:
             try:
                 # After a transient failure the others are only looked at, not waited for: the broker is
                 # likely gone, and each wait would take the whole timeout.
                 future.get(timeout=10 if failed is None else 0)  # raises KafkaError if the write failed
             except KafkaError as exc:
-                if _transient_kafka_error(exc):
-                    failed = failed or exc
+                if failed is not None or _transient_kafka_error(exc):
+                    failed = failed or exc  # left for the retry (a refusal for good too: it is judged then)
                     continue
-                self._dead_letter_metadata_only(record, invalid, exc)
+                try:
+                    self._dead_letter_metadata_only(record, invalid, exc)
+                except KafkaError as transient:  # it raises only transient errors
+                    failed = transient
+                    continue
             acknowledged.add((record.partition, record.offset))
+            handled += 1
+        self.metrics.events_dead_lettered.inc(handled)  # written, even by a try that fails part-way
         if failed is not None:
             raise failed
-        self.metrics.events_dead_lettered.inc(len(dead))
         log.info(
-            "dead-lettered %d records", len(dead), extra={"reasons": sorted({i.reason for _, i in dead})}
+            "dead-lettered %d records", handled, extra={"reasons": sorted({i.reason for _, i in unsent})}
         )
 
     def _send_dead_letter(self, record: Any, invalid: Invalid, metadata_only: bool = False) -> Any:

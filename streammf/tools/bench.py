@@ -93,8 +93,9 @@ class BenchRun:
     # `offered_events_per_s` when the producer cannot keep up), and the Kafka client that sent it.
     sent_events_per_s: float = float("nan")
     load_kafka_client: str = ""
-    # AOF rewrites the Redis servers finished over the live phase (every primary's, summed): a rewrite
-    # forks and copies the dataset, a core's work for seconds on a shared box, which shows in the tail.
+    # AOF rewrites that ran during the live phase (started in it, or already running when it began; every
+    # primary's, summed): a rewrite forks and copies the dataset, a core's work for seconds on a shared
+    # box, which shows in the tail.
     redis_aof_rewrites_live: int = 0
 
 
@@ -197,7 +198,7 @@ def _run_mode(
                 for node in sorted(usec_before.keys() | usec_after.keys())
             }
             before = _samples_once_counted(daemons, plan.events)
-            rewrites_before = _aof_rewrites(client)
+            rewrites_before = _aof_rewrites(client, running_as_new=True)
             live = int(plan.offered_rate * plan.live_seconds)
             say(f"{name}: live, {live:,} events offered at {plan.offered_rate:,.0f}/s")
             sent_rate = _replay(env, live, rate=plan.offered_rate, partitions=None)
@@ -564,9 +565,14 @@ def _info_by_node(client: redis.Redis, section: str) -> dict[str, dict[str, Any]
     return {_server_name(client): client.info(section)}
 
 
-def _aof_rewrites(client: redis.Redis) -> int:
-    """AOF rewrites finished so far, summed over the servers (`INFO persistence`; 0 without an AOF)."""
-    return sum(int(info.get("aof_rewrites", 0)) for info in _info_by_node(client, "persistence").values())
+def _aof_rewrites(client: redis.Redis, running_as_new: bool = False) -> int:
+    """AOF rewrites started so far, summed over the servers (`INFO persistence`: Redis counts a rewrite
+    when it forks it; 0 without an AOF); with `running_as_new`, one running now is left out, so that a
+    count taken later counts it as one of its own."""
+    infos = _info_by_node(client, "persistence").values()
+    started = sum(int(info.get("aof_rewrites", 0)) for info in infos)
+    running = sum(int(info.get("aof_rewrite_in_progress", 0)) for info in infos)
+    return started - running if running_as_new else started
 
 
 def main_thread_cpu_us(cpu: dict[str, Any]) -> float:

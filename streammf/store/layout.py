@@ -381,7 +381,7 @@ def aof_rewrite_warning(client: redis.Redis) -> str | None:
         try:
             if not int(client.info("persistence", **on).get("aof_enabled", 0)):
                 continue
-            config: dict[Any, Any] = dict(client.config_get("auto-aof-rewrite-*", **on))
+            config: dict[Any, Any] = client.config_get("auto-aof-rewrite-*", **on)
         except redis.ResponseError:
             return None
         min_size = int(config.get("auto-aof-rewrite-min-size", 0))

@@ -492,9 +492,7 @@ class ConsumeLoop:
                 self.positions.applied(partition, nxt)
         return learnt.result
 
-    def _dead_letter(
-        self, dead: list[tuple[Any, Invalid]], acknowledged: set[tuple[int, int]] | None = None
-    ) -> None:
+    def _dead_letter(self, dead: list[tuple[Any, Invalid]], acknowledged: set[tuple[int, int]]) -> None:
         """Produce bad records with their original bytes, cut to `max_record_bytes` (a record near the
         broker's size limit plus our headers would not fit: the copy says it was truncated, and from what
         size). Raises unless every one is acknowledged; a write the broker refuses for good (too large
@@ -502,7 +500,6 @@ class ConsumeLoop:
         forever. `acknowledged` holds the (partition, offset) of records an earlier try of the same batch
         wrote: they are not sent again, and it gains those this try writes, so a retry after a partial
         failure (a flush that timed out) sends only the rest instead of duplicating dead letters."""
-        acknowledged = set() if acknowledged is None else acknowledged
         unsent = [(r, invalid) for r, invalid in dead if (r.partition, r.offset) not in acknowledged]
         futures = [(record, invalid, self._send_dead_letter(record, invalid)) for record, invalid in unsent]
         failed: KafkaError | None = None

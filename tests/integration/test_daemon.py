@@ -497,7 +497,10 @@ def test_sigkill_restarts_apply_every_event_exactly_once(
         # looked for every 10 ms: at ~100,000 events/s the 0.2 s of other waits here would overshoot by
         # 20,000 events a kill, and five kills could then see the whole stream applied.
         target = before + rng.randint(1, 8000)
-        reached = lambda t=target: _applied(redis_client, model) >= t  # noqa: E731
+
+        def reached(target: int = target) -> bool:
+            return _applied(redis_client, model) >= target
+
         _wait_for(reached, 120, f"progress before kill {kill}", every_s=0.01)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)

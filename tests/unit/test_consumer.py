@@ -403,13 +403,13 @@ class JournalingLearner:
         self.hold_s = hold_s
         self.hold_for = hold_for
         self.journal: list[tuple[str, int]] = []
-        self.second_handed = threading.Event()
+        self.enough_handed = threading.Event()
 
     def submit(self, events: Any, offsets: dict[int, tuple[int, int]], after: Any = None) -> Any:
         first = offsets[0][0]
         self.journal.append(("handed", first))
         if len(self.journal) >= self.hold_for:
-            self.second_handed.set()
+            self.enough_handed.set()
         pending = self.learner.submit(events, offsets, after.pending if after is not None else None)
         return _Journaled(self, pending, first)
 
@@ -425,7 +425,7 @@ class _Journaled:
 
     def wait(self, on_diverged: Any = None) -> Any:
         if self.owner.journal[0] == ("handed", self.first):
-            self.owner.second_handed.wait(self.owner.hold_s)
+            self.owner.enough_handed.wait(self.owner.hold_s)
         result = self.pending.wait(on_diverged)
         self.owner.journal.append(("answered", self.first))
         return result
